@@ -1,0 +1,34 @@
+"""The small interface every backend implements.
+
+A step is reduce -> finalize -> mask.  reduce and finalize are separate so that
+a collective (an lm_head sharded across ranks) can all-reduce ``state.acc``
+between them; a backend may fuse them in ``step`` when nothing sits between.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..config import GateConfig
+from ..state import GateState
+
+
+class Backend:
+    name = "abstract"
+
+    def reduce(self, grads: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
+        """Write sum(g.float()**2) over all ``grads`` into ``acc`` (float64[1]); no host sync."""
+        raise NotImplementedError
+
+    def finalize(self, state: GateState, config: GateConfig) -> None:
+        """Energy in ``state.acc`` -> statistic -> z -> decision -> updated state and stats."""
+        raise NotImplementedError
+
+    def step(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
+        self.reduce(grads, state.acc)
+        self.finalize(state, config)
+
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        """Overwrite every tensor in ``grads`` with zeros when ``decision`` (uint8[]) is 1; else touch nothing."""
+        raise NotImplementedError

@@ -1,0 +1,101 @@
+"""Random gradient sequences shared by every backend's tests.
+
+Never zeros: Gaussian gradients whose scale drifts, with spikes, NaN, +/-Inf,
+float32-overflowing values, and new_batch() at random points.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sequence:
+    shapes: list
+    dtype: torch.dtype
+    events: list = field(default_factory=list)  # ("new_batch",) or ("step", [grad tensors])
+
+
+def make_sequence(seed, steps, shapes, dtype=torch.float32, p_new_batch=0.2, p_spike=0.1, p_bad=0.06):
+    g = torch.Generator().manual_seed(seed)
+
+    def u():
+        return float(torch.rand((), generator=g))
+
+    seq = Sequence(shapes=list(shapes), dtype=dtype)
+    log_scale = 0.0
+    max_scale = 50.0 if dtype == torch.float16 else 1e3
+    for _ in range(steps):
+        if u() < p_new_batch:
+            seq.events.append(("new_batch",))
+        log_scale = max(-4.0, min(math.log(max_scale), log_scale + 0.3 * (u() - 0.5)))
+        scale = math.exp(log_scale) * (1.0 + 0.1 * u())
+        if u() < p_spike:
+            scale *= 1.5 + 8 * u()
+        grads = [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
+        if u() < p_bad:
+            t = grads[int(u() * len(grads))].view(-1)
+            i = int(u() * t.numel())
+            kind = int(u() * 4)
+            t[i] = [math.nan, math.inf, -math.inf, 1e20 if dtype == torch.float32 else math.inf][kind]
+        seq.events.append(("step", grads))
+    return seq
+
+
+def run_gate(gate, seq, params_extra=()):
+    """Play ``seq`` through ``gate`` (monitor tensors = gate.monitor, in order).
+
+    Returns one record per step: closed (bool), stats (dict of Python numbers),
+    should_stop, and whether every param grad was left untouched / zeroed.
+    """
+    records = []
+    for ev in seq.events:
+        if ev[0] == "new_batch":
+            gate.new_batch()
+            continue
+        for t, grad in zip(gate.monitor, ev[1]):
+            t.grad = grad.to(t.device).clone()
+        for p in params_extra:
+            p.grad = torch.randn_like(p)
+        before = [p.grad.clone() if p.grad is not None else None for p in gate.params]
+        closed = gate.step()
+        stats = {k: v.item() for k, v in gate.stats().items()}
+        after = [p.grad for p in gate.params]
+        untouched = all(b is None or bit_equal(a, b) for a, b in zip(after, before))
+        zeroed = all(a is None or (a == 0).all().item() for a in after)
+        records.append(dict(closed=bool(closed.item()), stats=stats, should_stop=gate.should_stop(), untouched=untouched, zeroed=zeroed))
+    return records
+
+
+_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
+
+
+def bit_equal(a, b):
+    """Same bits (NaN payloads included)."""
+    return a.dtype == b.dtype and torch.equal(a.view(_INT_OF[a.dtype]), b.view(_INT_OF[b.dtype]))
+
+
+def close(a, b, rel=1e-5, abs_=0.0):
+    """Equal within float32 rounding; NaN equals NaN and inf equals inf of the same sign."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= abs_ + rel * max(abs(a), abs(b))
+
+
+def assert_stats_match(got: dict, want: dict, step: int, err_scale: float):
+    """Compare a step's float stats within float32 rounding.
+
+    ``err_scale`` is the size of the numbers the stats were computed from (for
+    "increment", the energies that were differenced): rounding is relative to
+    it, not to the stat itself.
+    """
+    for key in ("energy", "norm"):
+        assert close(got[key], want[key], 2e-5), (step, key, got[key], want[key])
+    for key in ("statistic", "mean", "std"):
+        assert close(got[key], want[key], 2e-5, abs_=2e-5 * err_scale), (step, key, got[key], want[key])
+    ztol = 2e-5 * err_scale / (abs(want["std"]) + 1e-8) + 1e-5
+    assert close(got["z"], want["z"], 2e-5, abs_=ztol), (step, "z", got["z"], want["z"])
