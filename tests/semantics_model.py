@@ -62,3 +62,15 @@ class GateModel:
         if closed or self.reuse >= self.max_reuse:
             self.stop = True
         return dict(closed=closed, energy=energy, norm=norm, statistic=s, mean=mean, std=std, z=z, err_scale=err_scale)
+
+
+def play(cfg: dict, seq) -> list:
+    """The model's record for each step of a sequences.Sequence: (step dict, stop flag)."""
+    m = GateModel(**{k: v for k, v in cfg.items() if k != "backend"})
+    out = []
+    for ev in seq.events:
+        if ev[0] == "new_batch":
+            m.new_batch()
+        else:
+            out.append((m.step(energy_of(ev[1])), m.stop))
+    return out

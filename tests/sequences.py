@@ -74,7 +74,26 @@ _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float1
 
 def bit_equal(a, b):
     """Same bits (NaN payloads included)."""
-    return a.dtype == b.dtype and torch.equal(a.view(_INT_OF[a.dtype]), b.view(_INT_OF[b.dtype]))
+    if a.dtype != b.dtype:
+        return False
+    if a.dtype not in _INT_OF:
+        return torch.equal(a, b)
+    return torch.equal(a.view(_INT_OF[a.dtype]), b.view(_INT_OF[b.dtype]))
+
+
+def _nan_tagged(x):
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if isinstance(x, dict):
+        return {k: _nan_tagged(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_tagged(v) for v in x]
+    return x
+
+
+def same_records(a, b) -> bool:
+    """run_gate records equal exactly, with NaN equal to NaN."""
+    return _nan_tagged(a) == _nan_tagged(b)
 
 
 def close(a, b, rel=1e-5, abs_=0.0):

@@ -17,8 +17,8 @@ from ..state import GateState
 class Backend:
     name = "abstract"
 
-    def reduce(self, grads: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
-        """Write sum(g.float()**2) over all ``grads`` into ``acc`` (float64[1]); no host sync."""
+    def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
+        """Write sum(g.float()**2) over all ``grads`` into ``state.acc`` (float64[1]); no host sync."""
         raise NotImplementedError
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
@@ -26,7 +26,7 @@ class Backend:
         raise NotImplementedError
 
     def step(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
-        self.reduce(grads, state.acc)
+        self.reduce(grads, state, config)
         self.finalize(state, config)
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:

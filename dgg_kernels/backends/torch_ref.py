@@ -78,11 +78,11 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
 class TorchBackend(Backend):
     name = "torch"
 
-    def reduce(self, grads: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
+    def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
         # vector_norm accumulates without materializing g.float()**2; squaring the
         # float32 norm in float64 keeps the energy within float32 rounding.
         norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-        acc.copy_((torch.stack(norms).to(torch.float64) ** 2).sum().reshape(1))
+        state.acc.copy_((torch.stack(norms).to(torch.float64) ** 2).sum().reshape(1))
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
         finalize_reference(state, config)

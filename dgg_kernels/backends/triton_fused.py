@@ -1,0 +1,271 @@
+"""backend="triton": the gate step as one Triton launch per monitor tensor (one launch for an lm_head).
+
+Kernels:
+- ``_gate_step_kernel``: every program strides over the gradient (int64
+  offsets), accumulates x*x in float32 and writes one float32 partial.  In the
+  launch for the last monitor tensor each program then takes an atomic ticket;
+  the program holding the last ticket adds all partials in a fixed order in
+  float64 (deterministic: same gradient, same bits), runs the finalize of
+  ``torch_ref.finalize_reference`` on the device state, and resets the ticket
+  to 0 so the next launch (or a CUDA-graph replay) needs no memset.
+- ``_gate_mask_kernel``: reads the decision first and does nothing more when
+  the gate is open; when closed it zeroes every gradient listed in a device
+  table of (address, numel), one launch per dtype.
+
+Both run under TRITON_INTERPRET=1 on CPU tensors, which is how CI tests them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import state as S
+from ..config import GateConfig
+from ..state import GateState
+from .base import Backend
+
+_FLT_MAX = 3.4028234663852886e38
+
+# What the last program of a launch does after the partials are written.
+_LAST_NOTHING, _LAST_WRITE_ACC, _LAST_FINALIZE = 0, 1, 2
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
+
+
+@triton.jit
+def _finalize(
+    energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+):
+    # Mirrors torch_ref.finalize_reference line for line; all float64.
+    energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
+    finite = energy <= 3.4028234663852886e38
+    norm = tl.sqrt(energy)
+    has_prev_i = tl.load(ints_ptr + 6)  # HAS_PREV
+    prev = tl.load(prev_ptr)
+    if STAT == 0:
+        stat = norm
+    elif STAT == 1:
+        stat = energy
+    else:
+        stat = tl.where(has_prev_i > 0, energy - prev, 0.0)
+
+    count = tl.load(ints_ptr + 1)  # COUNT
+    widx = tl.arange(0, WBLOCK)
+    ring = tl.load(ring_ptr + widx, mask=widx < WINDOW, other=0.0)
+    valid = widx < count
+    n = tl.maximum(count, 1).to(tl.float64)
+    mean = tl.sum(tl.where(valid, ring, 0.0), 0) / n
+    dev = tl.where(valid, ring - mean, 0.0)
+    std = tl.sqrt(tl.sum(dev * dev, 0) / n)
+    full = count == WINDOW
+    reuse = tl.load(ints_ptr + 4) + 1  # REUSE
+    threshold = tl.load(hyper_ptr + 0)
+    eps = tl.load(hyper_ptr + 1)
+    z = tl.where(full, (stat - mean) / (std + eps), 0.0)
+    closed = (finite == 0) | (full & (reuse > 1) & (z > threshold))
+    accept = closed == 0
+    if STAT == 2:
+        push = accept & (has_prev_i > 0)  # the first accepted increment has nothing to push
+    else:
+        push = accept
+
+    pos = tl.load(ints_ptr + 0)  # POS
+    tl.store(ring_ptr + pos, stat, mask=push)
+    tl.store(prev_ptr, tl.where(accept, energy, prev))
+    tl.store(ints_ptr + 0, tl.where(push, (pos + 1) % WINDOW, pos))
+    tl.store(ints_ptr + 1, tl.where(push, tl.minimum(count + 1, WINDOW), count))
+    tl.store(ints_ptr + 2, tl.load(ints_ptr + 2) + accept.to(tl.int64))
+    tl.store(ints_ptr + 3, tl.load(ints_ptr + 3) + closed.to(tl.int64))
+    tl.store(ints_ptr + 4, reuse)
+    stop = tl.load(ints_ptr + 5)
+    tl.store(ints_ptr + 5, tl.where(closed | (reuse >= max_reuse), 1, stop))
+    tl.store(ints_ptr + 6, tl.where(accept, 1, has_prev_i))
+
+    tl.store(stats_ptr + 0, energy.to(tl.float32))
+    tl.store(stats_ptr + 1, norm.to(tl.float32))
+    tl.store(stats_ptr + 2, stat.to(tl.float32))
+    tl.store(stats_ptr + 3, mean.to(tl.float32))
+    tl.store(stats_ptr + 4, std.to(tl.float32))
+    tl.store(stats_ptr + 5, z.to(tl.float32))
+    tl.store(stats_ptr + 6, closed.to(tl.float32))
+    tl.store(decision_ptr, closed.to(tl.uint8))
+
+
+@triton.jit
+def _sum_partials(partials_ptr, n_partials, PBLOCK: tl.constexpr):
+    # Fixed order: the same partials always give the same bits.
+    total = tl.zeros([PBLOCK], tl.float64)
+    for start in range(0, n_partials, PBLOCK):
+        offs = start + tl.arange(0, PBLOCK)
+        total += tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0, cache_modifier=".cg").to(tl.float64)
+    return tl.sum(total, 0)
+
+
+@triton.jit
+def _gate_step_kernel(
+    x_ptr, n_elements, partials_ptr, slot0, slots_per_tensor, n_partials, ticket_ptr, acc_ptr,
+    ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    BLOCK: tl.constexpr, PBLOCK: tl.constexpr, LAST: tl.constexpr,
+    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    # int64 from the start: a 262144 x 8192 lm_head has more than 2^31 entries.
+    start0 = pid.to(tl.int64) * BLOCK
+    stride = nprog.to(tl.int64) * BLOCK
+    for start in range(start0, n_elements, stride):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n_elements, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc += x * x
+    tl.store(partials_ptr + slot0 + pid, tl.sum(acc, 0))
+    if pid == 0:
+        # Slots this launch does not fill must read as 0 to the finalize.
+        rest = nprog + tl.arange(0, PBLOCK)
+        for s in range(0, slots_per_tensor, PBLOCK):
+            tl.store(partials_ptr + slot0 + s + rest, tl.zeros([PBLOCK], tl.float32), mask=s + rest < slots_per_tensor)
+    if LAST != 0:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == nprog - 1:
+            energy = _sum_partials(partials_ptr, n_partials, PBLOCK)
+            if LAST == 1:
+                tl.store(acc_ptr, energy)
+            else:
+                _finalize(energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+                          WINDOW, WBLOCK, STAT)
+            tl.store(ticket_ptr, 0)
+
+
+@triton.jit
+def _gate_finalize_kernel(
+    acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+):
+    _finalize(tl.load(acc_ptr), ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+              WINDOW, WBLOCK, STAT)
+
+
+@triton.jit
+def _gate_mask_kernel(decision_ptr, table_ptr, n_tensors, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    closed = tl.load(decision_ptr)
+    if closed != 0:
+        pid = tl.program_id(0).to(tl.int64)
+        stride = tl.num_programs(0).to(tl.int64) * BLOCK
+        for t in range(0, n_tensors):
+            addr = tl.load(table_ptr + 2 * t)
+            numel = tl.load(table_ptr + 2 * t + 1)
+            ptr = addr.to(tl.pointer_type(DTYPE), bitcast=True)
+            for start in range(pid * BLOCK, numel, stride):
+                offs = start + tl.arange(0, BLOCK)
+                tl.store(ptr + offs, tl.zeros([BLOCK], DTYPE), mask=offs < numel)
+
+
+def _check_grads(grads: Sequence[torch.Tensor], what: str) -> None:
+    for i, g in enumerate(grads):
+        if g.dtype not in _TL_DTYPE:
+            raise TypeError(f"{what}[{i}] has dtype {g.dtype}; the triton backend takes float32, bfloat16, float16, float64")
+
+
+class TritonBackend(Backend):
+    """Fused Triton gate.
+
+    Block sizes: BLOCK elements per program iteration, ``programs_per_sm``
+    programs per SM on CUDA (``cpu_programs`` under the interpreter).
+    """
+
+    name = "triton"
+
+    def __init__(self, block: int | None = None, programs_per_sm: int = 4, num_warps: int = 8, cpu_programs: int = 4):
+        self.block = block
+        self.programs_per_sm = programs_per_sm
+        self.num_warps = num_warps
+        self.cpu_programs = cpu_programs
+        self._scratch: dict = {}  # (device, n_tensors) -> (partials, ticket)
+        self._tables: dict = {}  # dtype -> (key, device table)
+
+    # -- launch configuration -------------------------------------------------
+    def _config(self, device: torch.device) -> tuple[int, int]:
+        """(BLOCK, max programs per tensor) for ``device``."""
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            return self.block or 4096, self.programs_per_sm * sms
+        return self.block or 256, self.cpu_programs
+
+    def _scratch_for(self, device: torch.device, n_tensors: int, slots: int):
+        key = (str(device), n_tensors)
+        if key not in self._scratch:
+            partials = torch.zeros(n_tensors * slots, dtype=torch.float32, device=device)
+            ticket = torch.zeros(1, dtype=torch.int32, device=device)
+            self._scratch[key] = (partials, ticket)
+        return self._scratch[key]
+
+    def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
+        _check_grads(grads, "monitor grad")
+        device = grads[0].device
+        block, slots = self._config(device)
+        partials, ticket = self._scratch_for(device, len(grads), slots)
+        pblock = triton.next_power_of_2(min(max(slots, 16), 1024))
+        wblock = triton.next_power_of_2(config.window)
+        for i, g in enumerate(grads):
+            x = g if g.is_contiguous() else g.contiguous()
+            n = x.numel()
+            nprog = max(1, min(slots, triton.cdiv(n, block)))
+            _gate_step_kernel[(nprog,)](
+                x, n, partials, i * slots, slots, partials.numel(), ticket, state.acc,
+                state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
+                BLOCK=block, PBLOCK=pblock, LAST=last if i == len(grads) - 1 else _LAST_NOTHING,
+                WINDOW=config.window, WBLOCK=wblock, STAT=config.statistic_id,
+                num_warps=self.num_warps if device.type == "cuda" else 1,
+            )
+
+    # -- Backend interface ----------------------------------------------------
+    def step(self, grads, state: GateState, config: GateConfig) -> None:
+        self._launch_reduce(grads, state, config, _LAST_FINALIZE)
+
+    def reduce(self, grads, state: GateState, config: GateConfig) -> None:
+        self._launch_reduce(grads, state, config, _LAST_WRITE_ACC)
+
+    def finalize(self, state: GateState, config: GateConfig) -> None:
+        _gate_finalize_kernel[(1,)](
+            state.acc, state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
+            WINDOW=config.window, WBLOCK=triton.next_power_of_2(config.window), STAT=config.statistic_id,
+        )
+
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        _check_grads(grads, "params grad")
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        closed = None
+        for g in grads:
+            if g.is_contiguous():
+                by_dtype.setdefault(g.dtype, []).append(g)
+            else:  # a strided view cannot be zeroed through a flat table
+                closed = decision.view(torch.bool) if closed is None else closed
+                g.masked_fill_(closed, 0)
+        for dtype, group in by_dtype.items():
+            table = self._table(dtype, group)
+            device = group[0].device
+            block = 4096 if device.type == "cuda" else 256
+            nprog = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+            _gate_mask_kernel[(nprog,)](decision, table, len(group), DTYPE=_TL_DTYPE[dtype], BLOCK=block,
+                                        num_warps=4 if device.type == "cuda" else 1)
+
+    def _table(self, dtype: torch.dtype, group: list[torch.Tensor]) -> torch.Tensor:
+        """Device int64[n, 2] of (address, numel), rebuilt only when a grad moved (no host sync)."""
+        key = tuple((g.data_ptr(), g.numel()) for g in group)
+        cached = self._tables.get(dtype)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        device = group[0].device
+        host = torch.tensor([v for pair in key for v in pair], dtype=torch.int64)
+        if device.type == "cuda":
+            # pinned + non_blocking: an async copy, not a synchronizing one
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host
+        self._tables[dtype] = (key, table)
+        return table
