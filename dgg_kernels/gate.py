@@ -12,6 +12,7 @@ import torch
 
 from . import state as S
 from .backends import resolve_backend
+from .backends.base import Backend
 from .config import GateConfig
 from .state import GateState
 
@@ -43,6 +44,15 @@ class DynamicGradientGate:
             (default: the monitor tensors).  Entries whose ``.grad`` is None
             at step() are skipped.
         window, threshold, statistic, eps, max_reuse, backend: see GateConfig.
+        overlap: launch the monitor reduction from a post-accumulate-grad hook
+            during backward (on a side stream on CUDA), so step() only
+            finalizes and masks.  step() uses that reduction only if every
+            monitor ``.grad`` is still the tensor, at the version, the hook
+            read; otherwise (the gradient changed after backward, e.g.
+            GradScaler.unscale_ or clipping, or a hook did not fire) it
+            reduces again itself.  With gradient accumulation the hook runs on
+            every micro-batch and the last one, on the fully accumulated
+            gradient, is the one used.  Monitor tensors must be leaves.
     """
 
     def __init__(
@@ -56,6 +66,7 @@ class DynamicGradientGate:
         eps: float = 1e-8,
         max_reuse: int = 4,
         backend: str = "auto",
+        overlap: bool = False,
     ) -> None:
         self.config = GateConfig(
             window=window, threshold=threshold, statistic=statistic, eps=eps, max_reuse=max_reuse, backend=backend
@@ -70,6 +81,53 @@ class DynamicGradientGate:
         self.device = devices.pop()
         self._backend = resolve_backend(self.config.backend, self.device)
         self.state = GateState.new(self.config.window, self.config.threshold, self.config.eps, self.device)
+        self.overlap = bool(overlap)
+        self._overlap_hooks: list = []
+        if self.overlap:
+            self._setup_overlap()
+
+    # -- overlap ------------------------------------------------------------------
+    def _setup_overlap(self) -> None:
+        if type(self._backend).reduce_partial is Backend.reduce_partial:
+            raise ValueError(f"overlap=True is not supported by the {self.backend} backend")
+        for i, t in enumerate(self.monitor):
+            if not (t.is_leaf and t.requires_grad):
+                raise ValueError(f"overlap=True needs leaf monitor tensors that require grad; monitor[{i}] is not")
+        n = len(self.monitor)
+        self._seen: list = [None] * n  # per monitor tensor: (grad tensor, its _version) the hook reduced
+        self._events: list = [None] * n
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for i, t in enumerate(self.monitor):
+            self._overlap_hooks.append(t.register_post_accumulate_grad_hook(self._make_hook(i)))
+
+    def _make_hook(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if self._side is None:
+                self._backend.reduce_partial(index, grad, len(self.monitor), self.state, self.config)
+            else:
+                # The side stream must not overwrite scratch the main stream's last finalize still reads.
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._side):
+                    self._backend.reduce_partial(index, grad, len(self.monitor), self.state, self.config)
+                    event = torch.cuda.Event()
+                    event.record(self._side)
+                grad.record_stream(self._side)  # the allocator must not reuse grad's memory before the read ends
+                self._events[index] = event
+            self._seen[index] = (grad, grad._version)
+
+        return hook
+
+    def _overlapped_result_is_current(self, grads) -> bool:
+        # Host metadata only (identity and version counters): no device read.
+        return all(seen is not None and seen[0] is g and seen[1] == g._version for seen, g in zip(self._seen, grads))
+
+    def remove_hooks(self) -> None:
+        """Remove the overlap hooks (the gate then reduces inside step())."""
+        for h in self._overlap_hooks:
+            h.remove()
+        self._overlap_hooks.clear()
+        self.overlap = False
 
     @property
     def backend(self) -> str:
@@ -97,8 +155,23 @@ class DynamicGradientGate:
         the gate closed (the params' gradients are now zero).  No host sync.
         """
         grads = self._monitor_grads()
+        if self.overlap:
+            current = self._overlapped_result_is_current(grads)
+            self._seen = [None] * len(grads)
+            if current:
+                if self._side is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    for event in self._events:
+                        stream.wait_event(event)
+                self._backend.finalize_partials(len(grads), self.state, self.config)
+                self._backend.mask(self.state.decision, self._param_grads())
+                return self.state.decision.view(torch.bool).clone()
+        return self._step_on(grads, self._param_grads())
+
+    def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One step judging ``grads``; when closed, writes zeros into every tensor of ``zero``."""
         self._backend.step(grads, self.state, self.config)
-        self._backend.mask(self.state.decision, self._param_grads())
+        self._backend.mask(self.state.decision, zero)
         return self.state.decision.view(torch.bool).clone()
 
     def attach(self, optimizer: torch.optim.Optimizer):

@@ -29,6 +29,15 @@ class Backend:
         self.reduce(grads, state, config)
         self.finalize(state, config)
 
+    # -- overlap: one tensor's reduction at a time, combined later ------------------
+    def reduce_partial(self, index: int, grad: torch.Tensor, n_tensors: int, state: GateState, config: GateConfig) -> None:
+        """Reduce monitor tensor ``index`` of ``n_tensors`` into this backend's per-tensor scratch."""
+        raise NotImplementedError(f"the {self.name} backend does not support overlap=True")
+
+    def finalize_partials(self, n_tensors: int, state: GateState, config: GateConfig) -> None:
+        """Combine the per-tensor scratch of ``reduce_partial`` and finalize, as ``step`` would."""
+        raise NotImplementedError(f"the {self.name} backend does not support overlap=True")
+
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         """Overwrite every tensor in ``grads`` with zeros when ``decision`` (uint8[]) is 1; else touch nothing."""
         raise NotImplementedError

@@ -87,6 +87,16 @@ class TorchBackend(Backend):
     def finalize(self, state: GateState, config: GateConfig) -> None:
         finalize_reference(state, config)
 
+    def reduce_partial(self, index, grad, n_tensors, state, config) -> None:
+        if getattr(self, "_parts", None) is None or self._parts.numel() != n_tensors or self._parts.device != grad.device:
+            self._parts = torch.zeros(n_tensors, dtype=torch.float64, device=grad.device)
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        self._parts[index].copy_(norm.to(torch.float64) ** 2)
+
+    def finalize_partials(self, n_tensors, state, config) -> None:
+        state.acc.copy_(self._parts.sum().reshape(1))
+        finalize_reference(state, config)
+
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         closed = decision.view(torch.bool)
         for g in grads:

@@ -143,10 +143,17 @@ def _gate_step_kernel(
 
 @triton.jit
 def _gate_finalize_kernel(
-    acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    acc_ptr, partials_ptr, n_partials, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    FROM_PARTIALS: tl.constexpr, PBLOCK: tl.constexpr,
     WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
 ):
-    _finalize(tl.load(acc_ptr), ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    # FROM_PARTIALS: the overlapped path, where each monitor tensor was reduced
+    # separately during backward; otherwise the energy is in acc (after a collective).
+    if FROM_PARTIALS:
+        energy = _sum_partials(partials_ptr, n_partials, PBLOCK)
+    else:
+        energy = tl.load(acc_ptr)
+    _finalize(energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
               WINDOW, WBLOCK, STAT)
 
 
@@ -204,24 +211,29 @@ class TritonBackend(Backend):
             self._scratch[key] = (partials, ticket)
         return self._scratch[key]
 
+    def _launch_one(self, index, g, n_tensors, state: GateState, config: GateConfig, last: int) -> None:
+        device = g.device
+        block, slots = self._config(device)
+        partials, ticket = self._scratch_for(device, n_tensors, slots)
+        x = g if g.is_contiguous() else g.contiguous()
+        n = x.numel()
+        nprog = max(1, min(slots, triton.cdiv(n, block)))
+        _gate_step_kernel[(nprog,)](
+            x, n, partials, index * slots, slots, partials.numel(), ticket, state.acc,
+            state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
+            BLOCK=block, PBLOCK=self._pblock(slots), LAST=last,
+            WINDOW=config.window, WBLOCK=triton.next_power_of_2(config.window), STAT=config.statistic_id,
+            num_warps=self.num_warps if device.type == "cuda" else 1,
+        )
+
+    @staticmethod
+    def _pblock(slots: int) -> int:
+        return triton.next_power_of_2(min(max(slots, 16), 1024))
+
     def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
         _check_grads(grads, "monitor grad")
-        device = grads[0].device
-        block, slots = self._config(device)
-        partials, ticket = self._scratch_for(device, len(grads), slots)
-        pblock = triton.next_power_of_2(min(max(slots, 16), 1024))
-        wblock = triton.next_power_of_2(config.window)
         for i, g in enumerate(grads):
-            x = g if g.is_contiguous() else g.contiguous()
-            n = x.numel()
-            nprog = max(1, min(slots, triton.cdiv(n, block)))
-            _gate_step_kernel[(nprog,)](
-                x, n, partials, i * slots, slots, partials.numel(), ticket, state.acc,
-                state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
-                BLOCK=block, PBLOCK=pblock, LAST=last if i == len(grads) - 1 else _LAST_NOTHING,
-                WINDOW=config.window, WBLOCK=wblock, STAT=config.statistic_id,
-                num_warps=self.num_warps if device.type == "cuda" else 1,
-            )
+            self._launch_one(i, g, len(grads), state, config, last if i == len(grads) - 1 else _LAST_NOTHING)
 
     # -- Backend interface ----------------------------------------------------
     def step(self, grads, state: GateState, config: GateConfig) -> None:
@@ -230,11 +242,24 @@ class TritonBackend(Backend):
     def reduce(self, grads, state: GateState, config: GateConfig) -> None:
         self._launch_reduce(grads, state, config, _LAST_WRITE_ACC)
 
-    def finalize(self, state: GateState, config: GateConfig) -> None:
+    def _finalize_launch(self, state: GateState, config: GateConfig, n_tensors: int, from_partials: bool) -> None:
+        _, slots = self._config(state.acc.device)
+        partials, _ = self._scratch_for(state.acc.device, n_tensors, slots)
         _gate_finalize_kernel[(1,)](
-            state.acc, state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
+            state.acc, partials, partials.numel(), state.ring, state.prev, state.ints, state.stats, state.decision,
+            state.hyper, config.max_reuse, FROM_PARTIALS=from_partials, PBLOCK=self._pblock(slots),
             WINDOW=config.window, WBLOCK=triton.next_power_of_2(config.window), STAT=config.statistic_id,
         )
+
+    def finalize(self, state: GateState, config: GateConfig) -> None:
+        self._finalize_launch(state, config, 1, from_partials=False)
+
+    def reduce_partial(self, index, grad, n_tensors, state, config) -> None:
+        _check_grads([grad], "monitor grad")
+        self._launch_one(index, grad, n_tensors, state, config, _LAST_NOTHING)
+
+    def finalize_partials(self, n_tensors, state, config) -> None:
+        self._finalize_launch(state, config, n_tensors, from_partials=True)
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         _check_grads(grads, "params grad")
