@@ -10,6 +10,7 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
+from . import ops
 from . import state as S
 from .backends import resolve_backend
 from .backends.base import Backend
@@ -80,6 +81,7 @@ class DynamicGradientGate:
             )
         self.device = devices.pop()
         self._backend = resolve_backend(self.config.backend, self.device)
+        self._op_key = ops.register_backend(self._backend)
         self.state = GateState.new(self.config.window, self.config.threshold, self.config.eps, self.device)
         self.overlap = bool(overlap)
         self._overlap_hooks: list = []
@@ -170,8 +172,15 @@ class DynamicGradientGate:
 
     def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor]) -> torch.Tensor:
         """One step judging ``grads``; when closed, writes zeros into every tensor of ``zero``."""
-        self._backend.step(grads, self.state, self.config)
-        self._backend.mask(self.state.decision, zero)
+        if torch.compiler.is_compiling():
+            # opaque custom ops: the compiler traces through step() without a graph break
+            st, c = self.state, self.config
+            ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
+                          c.window, c.statistic_id, c.max_reuse, self._op_key)
+            ops.gate_mask(st.decision, list(zero), self._op_key)
+        else:
+            self._backend.step(grads, self.state, self.config)
+            self._backend.mask(self.state.decision, zero)
         return self.state.decision.view(torch.bool).clone()
 
     def attach(self, optimizer: torch.optim.Optimizer):

@@ -1,0 +1,68 @@
+"""The gate's device work as torch.library custom ops, so torch.compile traces step() without graph breaks.
+
+``dgg::gate_step`` (reduce + finalize) and ``dgg::gate_mask`` mutate their
+tensor arguments and return nothing, so their fake (meta) kernels are
+trivial.  Eager step() calls the backend directly; under torch.compile the
+gate goes through these ops.  The backend object (with its launch
+configuration and scratch buffers) is found by an integer key, a constant in
+the compiled graph.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import List
+
+import torch
+
+from .config import STATISTICS, GateConfig
+from .state import GateState
+
+_backends: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_keys = itertools.count(1)
+
+
+def register_backend(backend) -> int:
+    """A key under which the ops find ``backend`` (kept only while the backend lives)."""
+    key = next(_keys)
+    _backends[key] = backend
+    return key
+
+
+def _lookup(key: int):
+    backend = _backends.get(key)
+    if backend is None:
+        raise RuntimeError(f"dgg ops: no live gate backend under key {key} (was its gate deleted?)")
+    return backend
+
+
+@torch.library.custom_op("dgg::gate_step", mutates_args=("ring", "prev", "ints", "stats", "decision", "acc"))
+def gate_step(
+    grads: List[torch.Tensor], ring: torch.Tensor, prev: torch.Tensor, ints: torch.Tensor, stats: torch.Tensor,
+    decision: torch.Tensor, acc: torch.Tensor, hyper: torch.Tensor, window: int, statistic: int, max_reuse: int,
+    backend_key: int,
+) -> None:
+    """One reduce + finalize on the state tensors (see dgg_kernels.state for their layout).
+
+    Threshold and eps are read from ``hyper`` by every backend; the config built
+    here only carries window, statistic and max_reuse.
+    """
+    state = GateState(ring=ring, prev=prev, ints=ints, stats=stats, decision=decision, hyper=hyper, acc=acc)
+    config = GateConfig(window=window, statistic=STATISTICS[statistic], max_reuse=max_reuse)
+    _lookup(backend_key).step(grads, state, config)
+
+
+@gate_step.register_fake
+def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, backend_key):
+    return None
+
+
+@torch.library.custom_op("dgg::gate_mask", mutates_args=("grads",))
+def gate_mask(decision: torch.Tensor, grads: List[torch.Tensor], backend_key: int) -> None:
+    """Zero every tensor of ``grads`` in place when ``decision`` (uint8[]) is 1."""
+    _lookup(backend_key).mask(decision, grads)
+
+
+@gate_mask.register_fake
+def _(decision, grads, backend_key):
+    return None
