@@ -58,7 +58,7 @@ CFGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_parity_with_torch_backend_cpu(cfg, dtype):
     shapes = [(61, 7), (3,)]  # two monitor tensors, odd sizes
-    seq = make_sequence(11 + cfg["window"], 160, shapes, dtype)
+    seq = make_sequence(11 + cfg["window"], 120, shapes, dtype)
     ga, gb = _gates(shapes, dtype, "cpu", cfg, block=64)
     _assert_parity(run_gate(ga, seq), run_gate(gb, seq), play(cfg, seq))
 
