@@ -39,6 +39,11 @@ class TinyPolicy(nn.Module):
         return self.lm_head(self.norm(h))
 
 
+def _host(stats: dict) -> dict:
+    """The stats as Python numbers, to print them: the demo's host read, outside the gate's step."""
+    return {k: v.item() for k, v in stats.items()}  # host-read-ok
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,14 +93,13 @@ def main(argv=None) -> None:
             gate.step()
             opt.step()
             updates += 1
-            s = gate.stats()  # reading the stats to print them is the demo's host sync, not the gate's
-            closed = bool(s["closed"])
-            print(f"{b:5d} {p:4d} {reward.mean().item():7.3f} {s['statistic'].item():10.4f} {s['z'].item():8.2f}  "
-                  f"{'CLOSED: update discarded, stop reusing this batch' if closed else 'open'}")
-            stops_by_gate += closed
+            s = _host(gate.stats())
+            print(f"{b:5d} {p:4d} {float(reward.mean()):7.3f} {s['statistic']:10.4f} {s['z']:8.2f}  "
+                  f"{'CLOSED: update discarded, stop reusing this batch' if s['closed'] else 'open'}")
+            stops_by_gate += s["closed"]
     dt = time.perf_counter() - t0
     print(f"done: {updates} updates over {args.batches} batches, {stops_by_gate} stopped by the gate, "
-          f"{gate.stats()['accepted'].item()} accepted, {dt:.1f} s")
+          f"{_host(gate.stats())['accepted']} accepted, {dt:.1f} s")
 
 
 if __name__ == "__main__":

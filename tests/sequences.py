@@ -11,6 +11,21 @@ from dataclasses import dataclass, field
 import torch
 
 
+# Gate settings every backend's parity tests run: each statistic, windows 2-16,
+# thresholds 0-2, max_reuse 1-8.
+GATE_CONFIGS = [
+    dict(window=2, threshold=0.0, statistic="norm", eps=1e-3, max_reuse=1),
+    dict(window=3, threshold=0.3, statistic="norm", max_reuse=4),
+    dict(window=8, threshold=0.1, statistic="energy", max_reuse=4),
+    dict(window=5, threshold=0.5, statistic="increment", max_reuse=8),
+    dict(window=16, threshold=2.0, statistic="norm", eps=1e-3, max_reuse=3),
+]
+
+
+def config_id(cfg: dict) -> str:
+    return f"{cfg['statistic']}-w{cfg['window']}-t{cfg['threshold']}"
+
+
 @dataclass
 class Sequence:
     shapes: list

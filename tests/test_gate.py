@@ -5,20 +5,12 @@ import pytest
 import torch
 
 import dgg_kernels as dgg
-from dgg_kernels.backends import triton_usable
 from semantics_model import play
-from sequences import assert_stats_match, make_sequence, run_gate, same_records
-
-CONFIGS = [
-    dict(window=2, threshold=0.0, statistic="norm", max_reuse=1),
-    dict(window=3, threshold=0.3, statistic="norm", max_reuse=4),
-    dict(window=8, threshold=0.1, statistic="energy", max_reuse=4),
-    dict(window=5, threshold=0.5, statistic="increment", max_reuse=8),
-    dict(window=16, threshold=2.0, statistic="norm", eps=1e-3, max_reuse=3),
-]
+from sequences import GATE_CONFIGS, assert_stats_match, config_id, make_sequence, run_gate, same_records
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['statistic']}-w{c['window']}-t{c['threshold']}")
+
+@pytest.mark.parametrize("cfg", GATE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_torch_backend_matches_model(cfg, dtype, seed):

@@ -11,7 +11,7 @@ import torch
 import dgg_kernels as dgg
 from dgg_kernels.backends import triton_usable
 from semantics_model import play
-from sequences import assert_stats_match, bit_equal, make_sequence, run_gate, same_records
+from sequences import GATE_CONFIGS, assert_stats_match, bit_equal, config_id, make_sequence, run_gate, same_records
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif(
@@ -46,15 +46,9 @@ def _assert_parity(ref, got, want):
     assert 0 < n_closed < len(ref)
 
 
-CFGS = [
-    dict(window=3, threshold=0.3, statistic="norm", max_reuse=4),
-    dict(window=8, threshold=0.1, statistic="energy", max_reuse=4),
-    dict(window=5, threshold=0.5, statistic="increment", max_reuse=8),
-    dict(window=2, threshold=0.0, statistic="norm", eps=1e-3, max_reuse=1),
-]
 
 
-@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: f"{c['statistic']}-w{c['window']}")
+@pytest.mark.parametrize("cfg", GATE_CONFIGS[:4], ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_parity_with_torch_backend_cpu(cfg, dtype):
     shapes = [(61, 7), (3,)]  # two monitor tensors, odd sizes
@@ -157,7 +151,7 @@ def test_unsupported_dtype_raises_before_anything_changes_cpu():
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: f"{c['statistic']}-w{c['window']}")
+@pytest.mark.parametrize("cfg", GATE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_parity_with_torch_backend_gpu(cfg, dtype):
     shapes = [(1531, 129), (4097,), (1,)]
