@@ -1,12 +1,181 @@
-"""backend="cuda": the csrc extension (built by setup.py, or just in time on first use)."""
+"""backend="cuda": the csrc/ CUDA C++ extension.
+
+The extension is the prebuilt ``dgg_kernels._C`` when ``pip install
+--no-build-isolation -e .`` built it (setup.py), else it is built just in time
+from csrc/ with torch.utils.cpp_extension.load (ninja) on first use and cached
+for the process.  Where neither works, constructing the backend raises a
+RuntimeError that names the reason.
+
+Per step: one launch reduces every monitor gradient and runs the finalize
+(csrc/gate_step), and one launch zeroes the params' gradients when the gate
+closed (csrc/gate_mask).  Neither synchronizes the host, and both can be
+captured in a CUDA graph.
+"""
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
+from .. import state as S
+from ..config import GateConfig
+from ..state import GateState
 from .base import Backend
+
+# Slot indices in the order of csrc/common/dgg_types.h StateSlots; the kernels
+# take them from here (state.py is their single source of truth).
+SLOTS = [
+    S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV,
+    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED,
+    S.THRESHOLD, S.EPS,
+]  # fmt: skip
+
+# Monitor tensors one reduce launch takes (csrc kMaxStepTensors); more take
+# one launch each per this many.  Checked against the module on load.
+MAX_STEP_TENSORS = 8
+
+# Reduce and mask grids: a few resident blocks per SM keep enough 16-byte
+# loads in flight to saturate HBM, while the last block's float64 sum over
+# the per-block partials stays short.
+BLOCKS_PER_SM = 4
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+JIT_NAME = "dgg_kernels_cuda_jit"
+
+_ext = None  # the loaded extension module, once loaded
+_ext_error: Optional[str] = None  # why it cannot be loaded, once that is known
+
+
+class CudaExtensionUnavailable(RuntimeError):
+    pass
+
+
+def find_nvcc() -> Optional[str]:
+    """Path of the nvcc torch's extension builder would use, or None."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME:
+        path = os.path.join(CUDA_HOME, "bin", "nvcc")
+        if os.path.exists(path):
+            return path
+    return shutil.which("nvcc")
+
+
+def _sources() -> list[str]:
+    cu = sorted(str(p) for p in CSRC.glob("*/*.cu"))
+    return [str(CSRC / "binding.cpp")] + cu
+
+
+def _import_prebuilt():
+    """dgg_kernels._C, or None when it is not installed; raises if it exists but cannot load."""
+    if importlib.util.find_spec("dgg_kernels._C") is None:
+        return None
+    return importlib.import_module("dgg_kernels._C")
+
+
+def _build_jit():
+    if getattr(torch.version, "hip", None):
+        raise CudaExtensionUnavailable(
+            f"torch {torch.__version__} is a ROCm build; the csrc/ kernels are CUDA only (use backend=\"triton\")"
+        )
+    if torch.version.cuda is None:
+        raise CudaExtensionUnavailable(
+            f"torch {torch.__version__} is a CPU build (torch.version.cuda is None); install a CUDA build of torch"
+        )
+    if find_nvcc() is None:
+        raise CudaExtensionUnavailable(
+            "nvcc was not found (set CUDA_HOME or put nvcc on PATH), so the kernels cannot be built just in time; "
+            "or build dgg_kernels._C ahead of time with `pip install --no-build-isolation -e .` where nvcc exists"
+        )
+    sources = _sources()
+    missing = [s for s in sources if not os.path.exists(s)]
+    if missing or len(sources) < 2:
+        raise CudaExtensionUnavailable(
+            f"the csrc/ sources are not next to the package (looked in {CSRC}); "
+            "install from a source checkout (`pip install --no-build-isolation -e .`)"
+        )
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    if not is_ninja_available():
+        raise CudaExtensionUnavailable("ninja is not installed (`pip install ninja`); the just-in-time build needs it")
+    try:
+        return load(
+            name=JIT_NAME,
+            sources=sources,
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+            verbose=os.environ.get("DGG_VERBOSE_BUILD") == "1",
+        )
+    except Exception as e:  # the compiler's output is in the message; keep its end, where the errors are
+        text = str(e).strip()
+        tail = text[-3000:]
+        raise CudaExtensionUnavailable(
+            f"the just-in-time build of csrc/ failed ({type(e).__name__}); set DGG_VERBOSE_BUILD=1 for the full log. "
+            f"Compiler output (tail):\n{tail}"
+        ) from e
+
+
+def load_extension():
+    """The compiled extension: prebuilt dgg_kernels._C, else a just-in-time build (cached per process).
+
+    Raises RuntimeError naming why neither is possible.  A failure is cached
+    too, so a broken build is not retried on every gate construction.
+    """
+    global _ext, _ext_error
+    if _ext is not None:
+        return _ext
+    if _ext_error is not None:
+        raise RuntimeError(_ext_error)
+    prebuilt_note = ""
+    try:
+        try:
+            mod = _import_prebuilt()
+        except ImportError as e:  # e.g. built against another torch: say so, then try the JIT build
+            mod, prebuilt_note = None, f" (the prebuilt dgg_kernels._C did not load: {e})"
+        if mod is None:
+            mod = _build_jit()
+    except CudaExtensionUnavailable as e:
+        _ext_error = (
+            f'backend="cuda" is unavailable: {e}{prebuilt_note}. Use backend="triton", "torch" or "auto".'
+        )
+        raise RuntimeError(_ext_error) from None
+    if getattr(mod, "MAX_STEP_TENSORS", None) != MAX_STEP_TENSORS:
+        raise RuntimeError(
+            f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (MAX_STEP_TENSORS "
+            f"{getattr(mod, 'MAX_STEP_TENSORS', None)} != {MAX_STEP_TENSORS}); rebuild it"
+        )
+    _ext = mod
+    return mod
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill one storage span exactly (any dim order), so it can be zeroed as bytes."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class CudaBackend(Backend):
+    """The csrc/ kernels on one CUDA device.
+
+    Each instance (one per gate) owns its reduce scratch: float32 partials
+    (one per block of a reduce launch) and a uint32 ticket the kernel resets
+    itself.  Two gates therefore never share scratch, on any stream; one gate
+    must not step on two streams at once.
+    """
+
     name = "cuda"
 
     def __init__(self, device: torch.device) -> None:
@@ -15,4 +184,120 @@ class CudaBackend(Backend):
                 f'backend="cuda" is unavailable: tensors are on {device}, and the CUDA C++ backend needs a CUDA device. '
                 'Use backend="torch" or "auto".'
             )
-        raise RuntimeError('backend="cuda" is not built yet in this version of dgg-kernels; use "triton" or "torch".')
+        self._ext = load_extension()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        self._max_blocks = BLOCKS_PER_SM * sms
+        self._partials = torch.empty(self._max_blocks, dtype=torch.float32, device=self.device)
+        self._ticket = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # The zero fill is queued on the current stream; a step may run on
+        # another (a graph-capture stream, say), so wait for it here, once,
+        # rather than ever in step().
+        torch.cuda.current_stream(self.device).synchronize()
+        self._mask_threads = int(self._ext.mask_threads())
+        self._mask_key: Optional[tuple] = None
+        self._mask_host: Optional[torch.Tensor] = None
+        self._mask_table = torch.empty((0, 2), dtype=torch.int64, device=self.device)
+        self._mask_blocks = 1
+        self._overlap: Optional[tuple] = None
+        # Tensors whose addresses a captured CUDA graph holds: kept alive for
+        # this backend's lifetime, so replacing a cached table or growing the
+        # scratch later never frees memory a graph replay still reads.
+        self._graph_refs: list[torch.Tensor] = []
+
+    def _pin_for_graph(self, *tensors: torch.Tensor) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            self._graph_refs.extend(tensors)
+
+    def _scratch_for(self, n_tensors: int) -> torch.Tensor:
+        need = self._max_blocks * max(1, math.ceil(n_tensors / MAX_STEP_TENSORS))
+        if self._partials.numel() < need:
+            # Grows only when more monitor tensors arrive than ever before; the
+            # old buffer is freed stream-ordered, so in-flight launches are safe.
+            self._partials = torch.empty(need, dtype=torch.float32, device=self.device)
+        return self._partials
+
+    def _state_args(self, state: GateState, config: GateConfig) -> tuple:
+        return (
+            state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, state.acc,
+            config.window, config.max_reuse, config.statistic_id, SLOTS,
+        )  # fmt: skip
+
+    def step(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
+        """Reduce every monitor grad and finalize in one launch (one per 8 monitor tensors beyond 8)."""
+        grads = list(grads)
+        partials = self._scratch_for(len(grads))
+        self._pin_for_graph(partials)
+        self._ext.step(grads, partials, self._ticket, self._max_blocks, *self._state_args(state, config))
+
+    def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
+        """Write the energy (float64) to state.acc, for a collective to all-reduce before finalize()."""
+        grads = list(grads)
+        partials = self._scratch_for(len(grads))
+        self._pin_for_graph(partials)
+        self._ext.reduce(grads, partials, self._ticket, state.acc, self._max_blocks)
+
+    def finalize(self, state: GateState, config: GateConfig) -> None:
+        """The finalize alone (one thread), on the energy in state.acc."""
+        self._ext.finalize(*self._state_args(state, config))
+
+    # -- overlap=True: one launch per monitor grad during backward -------------------
+    def _overlap_scratch_for(self, n_tensors: int):
+        """Per monitor tensor: its own partials range, ticket and float64 sum, so launches for
+        different tensors never share scratch (they may sit on a side stream)."""
+        if self._overlap is None or self._overlap[2].numel() != n_tensors:
+            self._overlap = (
+                torch.empty(n_tensors, self._max_blocks, dtype=torch.float32, device=self.device),
+                torch.zeros(n_tensors, dtype=torch.int32, device=self.device),
+                torch.zeros(n_tensors, dtype=torch.float64, device=self.device),
+            )
+        return self._overlap
+
+    def reduce_partial(self, index: int, grad: torch.Tensor, n_tensors: int, state: GateState, config: GateConfig) -> None:
+        """Sum of squares of monitor grad ``index`` into its own float64 slot (no finalize)."""
+        partials, tickets, sums = self._overlap_scratch_for(n_tensors)
+        self._pin_for_graph(partials, tickets, sums)
+        self._ext.reduce([grad], partials[index], tickets[index : index + 1], sums[index : index + 1], self._max_blocks)
+
+    def finalize_partials(self, n_tensors: int, state: GateState, config: GateConfig) -> None:
+        """acc = the per-tensor sums added in index order (float64), then the finalize; one launch."""
+        _, _, sums = self._overlap_scratch_for(n_tensors)
+        self._pin_for_graph(sums)
+        self._ext.finalize(*self._state_args(state, config), sums=sums)
+
+    def _table(self, dense: list[torch.Tensor]) -> torch.Tensor:
+        """The device table int64[n, 2] of (address, nbytes), rebuilt only when the grads' storage moved.
+
+        Built in pinned host memory and copied with non_blocking=True: no host
+        sync.  A new pinned buffer each rebuild: torch's pinned allocator does
+        not hand the old one out again before its copy has run.
+        """
+        key = tuple((g.data_ptr(), g.numel() * g.element_size()) for g in dense)
+        if key != self._mask_key:
+            host = torch.tensor(key, dtype=torch.int64).reshape(-1, 2).pin_memory()
+            table = torch.empty(host.shape, dtype=torch.int64, device=self.device)
+            table.copy_(host, non_blocking=True)
+            most = max((nb for _, nb in key), default=0)
+            vectors = math.ceil(most / 16)
+            self._mask_blocks = max(1, min(self._max_blocks, math.ceil(vectors / self._mask_threads)))
+            self._mask_key, self._mask_host, self._mask_table = key, host, table
+        return self._mask_table
+
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        dense, strided = [], []
+        for g in grads:
+            if g.device != self.device:
+                raise RuntimeError(f"backend=\"cuda\" on {self.device} got a params grad on {g.device}")
+            if g.numel() == 0:
+                continue
+            (dense if _dense(g) else strided).append(g)
+        if dense:
+            table = self._table(dense)
+            self._pin_for_graph(table, self._mask_host)  # a captured rebuild's copy node reads the pinned buffer
+            self._ext.mask(decision, table, self._mask_blocks)
+        # Gapped or overlapping views cannot be zeroed as one byte span; they
+        # are rare (a grad is normally its own dense tensor), so torch does them.
+        closed = decision.view(torch.bool)
+        for g in strided:
+            g.masked_fill_(closed, 0)

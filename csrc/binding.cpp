@@ -1,0 +1,219 @@
+// Python binding of the dgg CUDA kernels (module dgg_kernels._C, or the JIT
+// build's name).  Validates tensors, maps torch dtypes to the kernels' tags,
+// and launches on the current CUDA stream; never synchronizes the host.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/dgg_types.h"
+#include "gate_mask/gate_mask.cuh"
+#include "gate_step/gate_step.cuh"
+
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dgg ", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+void check_state_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
+                        const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "dgg: state.", name, " is on ", t.device(), ", the gradients on ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "dgg: state.", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == numel, "dgg: state.", name, " must have ", numel, " elements, got ", t.numel());
+  TORCH_CHECK(t.is_contiguous(), "dgg: state.", name, " must be contiguous");
+}
+
+int32_t dtype_tag(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return dgg::kF32;
+    case at::kBFloat16: return dgg::kBF16;
+    case at::kHalf: return dgg::kF16;
+    default: return -1;
+  }
+}
+
+// The monitor gradients as kernel tables of up to kMaxStepTensors each.  A
+// gradient the kernel cannot read in place (float64, or not one dense span)
+// is converted into `keep`, which the caller holds until the launch is queued;
+// the caching allocator keeps that memory stream-ordered after that.
+std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& grads, const at::Device& device,
+                                              std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(!grads.empty(), "dgg: no monitor gradients given");
+  std::vector<dgg::StepTensorTable> tables;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    at::Tensor g = grads[i];
+    TORCH_CHECK(g.device() == device, "dgg: monitor gradient ", i, " is on ", g.device(), ", expected ", device);
+    if (g.scalar_type() == at::kDouble) {
+      g = g.to(at::kFloat);  // the spec widens (here: narrows) every entry to float32 before squaring
+    } else {
+      TORCH_CHECK(dtype_tag(g.scalar_type()) >= 0, "dgg: monitor gradient ", i, " has dtype ", g.scalar_type(),
+                  "; the cuda backend reads float32, bfloat16, float16 (and float64 via a float32 copy)");
+    }
+    // A sum of squares does not care about element order, so any
+    // non-overlapping dense layout (e.g. a transposed weight's grad) is read
+    // as its storage span; only gapped or overlapping views are copied.
+    if (!g.is_non_overlapping_and_dense()) g = g.contiguous();
+    if (!g.is_same(grads[i])) keep.push_back(g);
+    if (tables.empty() || tables.back().count == dgg::kMaxStepTensors) {
+      dgg::StepTensorTable t{};
+      tables.push_back(t);
+    }
+    dgg::StepTensorTable& t = tables.back();
+    const int k = t.count++;
+    // data_ptr is the lowest address of a dense tensor: its strides are positive.
+    t.ptr[k] = g.data_ptr();
+    t.numel[k] = g.numel();
+    t.dtype[k] = dtype_tag(g.scalar_type());
+  }
+  return tables;
+}
+
+dgg::StateSlots make_slots(const std::vector<int64_t>& s) {
+  TORCH_CHECK(static_cast<int>(s.size()) == dgg::kNumSlots, "dgg: expected ", dgg::kNumSlots,
+              " state slot indices, got ", s.size());
+  // ints and stats have 7 entries, hyper 2 (checked in make_view); a slot
+  // outside them would make the finalize write out of bounds.
+  for (int i = 0; i < dgg::kNumSlots; ++i) {
+    const int64_t limit = i < 14 ? 7 : 2;
+    TORCH_CHECK(s[i] >= 0 && s[i] < limit, "dgg: state slot ", i, " = ", s[i], " is outside [0, ", limit, ")");
+  }
+  dgg::StateSlots sl;
+  int32_t* f = &sl.pos;  // the struct is 16 int32 in declaration order
+  static_assert(sizeof(dgg::StateSlots) == dgg::kNumSlots * sizeof(int32_t), "StateSlots must be 16 packed int32");
+  for (int i = 0; i < dgg::kNumSlots; ++i) f[i] = static_cast<int32_t>(s[i]);
+  return sl;
+}
+
+dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints,
+                             const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper,
+                             const at::Tensor& acc, int64_t window, int64_t max_reuse, int64_t statistic,
+                             const std::vector<int64_t>& slots) {
+  const at::Device device = acc.device();
+  TORCH_CHECK(device.is_cuda(), "dgg: the gate state is on ", device, "; the cuda backend needs a CUDA device");
+  TORCH_CHECK(window >= 2, "dgg: window must be >= 2, got ", window);
+  TORCH_CHECK(max_reuse >= 1, "dgg: max_reuse must be >= 1, got ", max_reuse);
+  TORCH_CHECK(statistic >= 0 && statistic <= 2, "dgg: statistic id must be 0, 1 or 2, got ", statistic);
+  check_state_tensor(ring, "ring", at::kDouble, window, device);
+  check_state_tensor(prev, "prev", at::kDouble, 1, device);
+  check_state_tensor(ints, "ints", at::kLong, 7, device);
+  check_state_tensor(stats, "stats", at::kFloat, 7, device);
+  check_state_tensor(decision, "decision", at::kByte, 1, device);
+  check_state_tensor(hyper, "hyper", at::kDouble, 2, device);
+  check_state_tensor(acc, "acc", at::kDouble, 1, device);
+  dgg::GateStateView v{};
+  v.ring = ring.data_ptr<double>();
+  v.prev = prev.data_ptr<double>();
+  v.ints = ints.data_ptr<int64_t>();
+  v.stats = stats.data_ptr<float>();
+  v.decision = decision.data_ptr<uint8_t>();
+  v.hyper = hyper.data_ptr<double>();
+  v.acc = acc.data_ptr<double>();
+  v.window = window;
+  v.max_reuse = max_reuse;
+  v.statistic = static_cast<int32_t>(statistic);
+  v.slots = make_slots(slots);
+  return v;
+}
+
+void reduce_impl(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+                 const at::Tensor& acc, int64_t max_blocks, const dgg::GateStateView* state) {
+  const at::Device device = acc.device();
+  TORCH_CHECK(device.is_cuda(), "dgg: acc is on ", device, "; the cuda backend needs a CUDA device");
+  check_state_tensor(acc, "acc", at::kDouble, 1, device);
+  TORCH_CHECK(partials.device() == device && partials.scalar_type() == at::kFloat && partials.is_contiguous(),
+              "dgg: partials must be a contiguous float32 tensor on ", device);
+  TORCH_CHECK(ticket.device() == device && ticket.scalar_type() == at::kInt && ticket.numel() == 1,
+              "dgg: ticket must be one int32 on ", device);
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> keep;
+  const auto tables = make_tables(grads, device, keep);
+  std::vector<int> grids(tables.size());
+  int64_t needed = 0;
+  for (size_t j = 0; j < tables.size(); ++j) {
+    grids[j] = dgg::gate_reduce_grid(tables[j], static_cast<int>(max_blocks));
+    needed += grids[j];
+  }
+  TORCH_CHECK(needed <= partials.numel(), "dgg: partials holds ", partials.numel(), " floats, this reduce needs ",
+              needed, " (", grads.size(), " monitor tensors)");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_cuda(dgg::launch_gate_reduce(tables.data(), grids.data(), static_cast<int>(tables.size()),
+                                     partials.data_ptr<float>(), partials.numel(),
+                                     reinterpret_cast<unsigned int*>(ticket.data_ptr<int32_t>()),
+                                     acc.data_ptr<double>(), state, stream),
+             "reduce");
+}
+
+void reduce(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+            const at::Tensor& acc, int64_t max_blocks) {
+  reduce_impl(grads, partials, ticket, acc, max_blocks, nullptr);
+}
+
+void step(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+          int64_t max_blocks, const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints,
+          const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper, const at::Tensor& acc,
+          int64_t window, int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots) {
+  const dgg::GateStateView v =
+      make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots);
+  reduce_impl(grads, partials, ticket, acc, max_blocks, &v);
+}
+
+void finalize(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints, const at::Tensor& stats,
+              const at::Tensor& decision, const at::Tensor& hyper, const at::Tensor& acc, int64_t window,
+              int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots,
+              const std::optional<at::Tensor>& sums) {
+  const dgg::GateStateView v =
+      make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots);
+  const double* sums_ptr = nullptr;
+  int64_t n_sums = 0;
+  if (sums.has_value()) {
+    const at::Tensor& t = *sums;
+    TORCH_CHECK(t.device() == acc.device() && t.scalar_type() == at::kDouble && t.is_contiguous() && t.numel() >= 1,
+                "dgg: sums must be a non-empty contiguous float64 tensor on ", acc.device());
+    sums_ptr = t.data_ptr<double>();
+    n_sums = t.numel();
+  }
+  c10::cuda::CUDAGuard guard(acc.device());
+  check_cuda(dgg::launch_gate_finalize(v, sums_ptr, n_sums,
+                                       c10::cuda::getCurrentCUDAStream(acc.device().index()).stream()),
+             "finalize");
+}
+
+void mask(const at::Tensor& decision, const at::Tensor& table, int64_t blocks) {
+  const at::Device device = decision.device();
+  TORCH_CHECK(device.is_cuda(), "dgg: decision is on ", device, "; the cuda backend needs a CUDA device");
+  TORCH_CHECK(decision.scalar_type() == at::kByte && decision.numel() == 1, "dgg: decision must be one uint8");
+  TORCH_CHECK(table.device() == device && table.scalar_type() == at::kLong && table.is_contiguous() &&
+                  table.dim() == 2 && table.size(1) == 2,
+              "dgg: the mask table must be a contiguous int64[n, 2] tensor of (address, nbytes) on ", device);
+  if (table.size(0) == 0) return;
+  c10::cuda::CUDAGuard guard(device);
+  check_cuda(dgg::launch_gate_mask(decision.data_ptr<uint8_t>(), table.data_ptr<int64_t>(), table.size(0),
+                                   static_cast<int>(blocks),
+                                   c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+             "mask");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dgg-kernels CUDA backend: fused gate step and one-launch gradient mask";
+  m.def("reduce", &reduce, "sum of squares of the monitor grads -> acc (float64[1])", py::arg("grads"),
+        py::arg("partials"), py::arg("ticket"), py::arg("acc"), py::arg("max_blocks"));
+  m.def("step", &step, "fused reduce + finalize in one launch", py::arg("grads"), py::arg("partials"),
+        py::arg("ticket"), py::arg("max_blocks"), py::arg("ring"), py::arg("prev"), py::arg("ints"),
+        py::arg("stats"), py::arg("decision"), py::arg("hyper"), py::arg("acc"), py::arg("window"),
+        py::arg("max_reuse"), py::arg("statistic"), py::arg("slots"));
+  m.def("finalize", &finalize, "finalize from acc, or from the sum of per-tensor sums (one thread)",
+        py::arg("ring"), py::arg("prev"), py::arg("ints"), py::arg("stats"), py::arg("decision"), py::arg("hyper"),
+        py::arg("acc"), py::arg("window"), py::arg("max_reuse"), py::arg("statistic"), py::arg("slots"),
+        py::arg("sums") = py::none());
+  m.def("mask", &mask, "zero every grad in the table when decision is 1", py::arg("decision"), py::arg("table"),
+        py::arg("blocks"));
+  m.def("mask_threads", &dgg::gate_mask_threads, "threads per block of the mask kernel");
+  m.attr("MAX_STEP_TENSORS") = dgg::kMaxStepTensors;
+}

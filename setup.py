@@ -1,0 +1,90 @@
+"""Builds the optional CUDA extension dgg_kernels._C from csrc/; everything else is in pyproject.toml.
+
+The extension is built only when torch is importable, is a CUDA build, and
+nvcc is found.  Otherwise one line says why, and the pure-Python package is
+installed (backend="cuda" then builds just in time on first use, or says why
+it cannot).  torch must be importable during the build to get the extension:
+pip's isolated build environment has no torch, so install with
+
+    pip install --no-build-isolation -e .
+
+Environment: DGG_NO_CUDA_EXT=1 skips the extension; TORCH_CUDA_ARCH_LIST, when
+set, replaces the default targets (sm_80 and sm_90, plus compute_90 PTX so
+newer GPUs can JIT it).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GENCODE = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def _say(msg):
+    # stderr: pip shows a build's stderr with -v, and on failure.
+    print(f"dgg-kernels: {msg}", file=sys.stderr, flush=True)
+
+
+def _not_built_reason():
+    """Why the CUDA extension cannot be built here, or None when it can."""
+    if os.environ.get("DGG_NO_CUDA_EXT") == "1":
+        return "DGG_NO_CUDA_EXT=1 is set"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # pip's isolated build env, or a broken torch
+        return (
+            f"torch is not importable in the build environment ({type(e).__name__}: {e}); "
+            "use `pip install --no-build-isolation -e .` with torch installed"
+        )
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if not nvcc or not os.path.exists(nvcc):
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _extension_kwargs():
+    reason = _not_built_reason()
+    if reason is not None:
+        _say(f"CUDA backend (dgg_kernels._C) NOT built: {reason}. Installing the pure-Python package; "
+             'backend="cuda" will try a just-in-time build on first use.')
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    csrc = os.path.join(HERE, "csrc")
+    # Relative paths: setuptools rejects absolute source paths in some versions.
+    sources = ["csrc/binding.cpp"] + sorted(
+        os.path.relpath(p, HERE) for p in glob.glob(os.path.join(csrc, "*", "*.cu"))
+    )
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc_flags += GENCODE  # an explicit arch flag also stops torch adding its own
+    _say("building the CUDA backend dgg_kernels._C from " + ", ".join(sources))
+    ext = CUDAExtension(
+        name="dgg_kernels._C",
+        sources=sources,
+        include_dirs=[csrc],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}}
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+setup(**_extension_kwargs())
