@@ -15,7 +15,7 @@ from dgg_kernels import state as S
 from dgg_kernels.backends import cuda_ext
 from dgg_kernels.state import GateState
 from semantics_model import play
-from sequences import assert_stats_match, bit_equal, make_sequence, run_gate
+from sequences import GATE_CONFIGS, assert_stats_match, bit_equal, config_id, make_sequence, run_gate
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
@@ -157,14 +157,6 @@ def _compare_with_torch(cfg, seq, n_steps):
     return got
 
 
-CFGS = [
-    dict(window=2, threshold=0.0, statistic="norm", max_reuse=1),
-    dict(window=3, threshold=0.3, statistic="norm", max_reuse=4),
-    dict(window=8, threshold=0.1, statistic="energy", max_reuse=4),
-    dict(window=5, threshold=0.5, statistic="increment", max_reuse=8),
-    dict(window=16, threshold=2.0, statistic="norm", eps=1e-3, max_reuse=3),
-]
-
 SHAPE_SETS = {
     "two": [(37, 11), (5,)],
     "one-elem": [(1,)],
@@ -176,7 +168,7 @@ SHAPE_SETS = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: f"{c['statistic']}-w{c['window']}")
+@pytest.mark.parametrize("cfg", GATE_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_parity_with_torch_backend(ext, cfg, dtype):
     seq = make_sequence(11 + len(cfg), 200, SHAPE_SETS["two"], dtype)
