@@ -120,9 +120,22 @@ class DynamicGradientGate:
 
         return hook
 
-    def _overlapped_result_is_current(self, grads) -> bool:
-        # Host metadata only (identity and version counters): no device read.
-        return all(seen is not None and seen[0] is g and seen[1] == g._version for seen, g in zip(self._seen, grads))
+    def _consume_overlap(self, grads) -> bool:
+        """Order this stream after the hooks' reads; True when they read exactly these gradients.
+
+        The wait happens either way: a stale read still in flight on the side
+        stream writes the same scratch a fresh reduce would.  Identity and
+        version counters are host metadata, so there is no device read.
+        """
+        current = all(seen is not None and seen[0] is g and seen[1] == g._version for seen, g in zip(self._seen, grads))
+        if self._side is not None:
+            stream = torch.cuda.current_stream(self.device)
+            for event in self._events:
+                if event is not None:
+                    stream.wait_event(event)
+        self._seen = [None] * len(grads)
+        self._events = [None] * len(grads)
+        return current
 
     def remove_hooks(self) -> None:
         """Remove the overlap hooks (the gate then reduces inside step())."""
@@ -157,17 +170,9 @@ class DynamicGradientGate:
         the gate closed (the params' gradients are now zero).  No host sync.
         """
         grads = self._monitor_grads()
-        if self.overlap:
-            current = self._overlapped_result_is_current(grads)
-            self._seen = [None] * len(grads)
-            if current:
-                if self._side is not None:
-                    stream = torch.cuda.current_stream(self.device)
-                    for event in self._events:
-                        stream.wait_event(event)
-                self._backend.finalize_partials(len(grads), self.state, self.config)
-                self._backend.mask(self.state.decision, self._param_grads())
-                return self.state.decision.view(torch.bool).clone()
+        if self.overlap and self._consume_overlap(grads):
+            self._backend.finalize_partials(len(grads), self.state, self.config)
+            return self._mask(self._param_grads())
         return self._step_on(grads, self._param_grads())
 
     def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -178,9 +183,12 @@ class DynamicGradientGate:
             ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
                           c.window, c.statistic_id, c.max_reuse, self._op_key)
             ops.gate_mask(st.decision, list(zero), self._op_key)
-        else:
-            self._backend.step(grads, self.state, self.config)
-            self._backend.mask(self.state.decision, zero)
+            return self.state.decision.view(torch.bool).clone()
+        self._backend.step(grads, self.state, self.config)
+        return self._mask(zero)
+
+    def _mask(self, zero: Sequence[torch.Tensor]) -> torch.Tensor:
+        self._backend.mask(self.state.decision, zero)
         return self.state.decision.view(torch.bool).clone()
 
     def attach(self, optimizer: torch.optim.Optimizer):
