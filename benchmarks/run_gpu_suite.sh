@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The whole GPU check in ONE device call (10-minute limit, no network):
+#   GPU tests (pytest -m gpu), benchmarks/overhead.py, benchmarks/train_step.py,
+# each bounded in time, with logs and results written under $OUT (at most 8
+# files come back, so the full results travel as one tarball).
+#
+#   bash benchmarks/run_gpu_suite.sh        # from the repo root, on the device machine
+#
+# Optional packages (zclip, transformers and its dependencies, matplotlib) travel
+# as wheels in .whl/ at the repo root; they are installed without network into
+# /tmp/site.  Without them the ZClip row is n/a, train_step falls back to the
+# built-in decoder, and no PNG is drawn: everything else still runs.
+# Time budgets (seconds) can be overridden: T_TESTS, T_OVERHEAD, T_TRAIN.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/dgg_out}
+mkdir -p "$OUT"
+RES=$(mktemp -d /tmp/dgg_results.XXXX)
+T_TESTS=${T_TESTS:-150}
+T_OVERHEAD=${T_OVERHEAD:-240}
+T_TRAIN=${T_TRAIN:-150}
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+SUMMARY="$OUT/summary.txt"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$SUMMARY"; }
+
+{
+  echo "== dgg-kernels GPU suite $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+} > "$SUMMARY"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >> "$SUMMARY" 2>&1 \
+    && stamp "installed wheels: $(ls .whl | tr '\n' ' ')" || stamp "wheel install failed (see above)"
+  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  stamp "no .whl/ folder: zclip/transformers/matplotlib rows fall back (n/a, built-in decoder, no plot)"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 - >> "$SUMMARY" 2>&1 <<'EOF'
+import importlib, importlib.metadata, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for m in ("triton", "zclip", "transformers", "matplotlib"):
+    try:
+        importlib.import_module(m)
+        print(m, importlib.metadata.version(m))
+    except Exception as e:
+        print(m, "unavailable:", type(e).__name__, e)
+EOF
+
+stamp "GPU tests (limit ${T_TESTS}s)"
+timeout -k 10 "$T_TESTS" python3 -m pytest -m gpu -q -x -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+stamp "pytest -m gpu exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
+
+# Each script stops starting new work at its --budget-s and still writes its results.
+stamp "overhead.py (limit ${T_OVERHEAD}s)"
+timeout -k 10 "$T_OVERHEAD" python3 benchmarks/overhead.py --budget-s $(( T_OVERHEAD - 45 )) --out-dir "$RES" \
+  > "$OUT/overhead.log" 2>&1
+stamp "overhead.py exit $?"
+
+stamp "train_step.py (limit ${T_TRAIN}s)"
+timeout -k 10 "$T_TRAIN" python3 benchmarks/train_step.py --budget-s $(( T_TRAIN - 30 )) --out-dir "$RES" \
+  > "$OUT/train_step.log" 2>&1
+stamp "train_step.py exit $?"
+
+# The two Markdown summaries come back as files to read at once; everything
+# (json, md, png) also goes in one tarball to unpack into benchmarks/results/.
+cp "$RES"/overhead_*.md "$OUT/overhead.md" 2>/dev/null || true
+cp "$RES"/train_step_*.md "$OUT/train_step.md" 2>/dev/null || true
+tar -czf "$OUT/results.tgz" -C "$RES" . && stamp "results.tgz: $(ls "$RES" | tr '\n' ' ')"
+stamp "done"

@@ -1,0 +1,172 @@
+"""CPU smoke tests of the benchmarks: both scripts run in --quick CPU mode and write well-formed results.
+
+No timing assertions: CPU numbers on a shared CI machine mean nothing.  What is
+checked is that every implementation has a row, each row is either measured or
+says why not, the goals are stated (and 'not measured' without a GPU), and the
+host-read counts separate the peers that read the host from the gate.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import common as C  # noqa: E402
+from benchmarks import peers as P  # noqa: E402
+
+GOAL_STATUSES = {"met", "missed", "not measured"}
+
+
+def _run(script: str, out_dir: Path) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu",
+                           "--out-dir", str(out_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    name = script.removesuffix(".py")
+    jsons = sorted(out_dir.glob(f"{name}_cpu_*.json"))
+    assert len(jsons) == 1, f"expected one {name}_cpu_<date>.json in {list(out_dir.iterdir())}"
+    md = jsons[0].with_suffix(".md")
+    assert md.exists()
+    return {"json": json.loads(jsons[0].read_text()), "md": md.read_text(), "stdout": proc.stdout,
+            "png": jsons[0].with_suffix(".png")}
+
+
+@pytest.fixture(scope="module")
+def overhead(tmp_path_factory):
+    return _run("overhead.py", tmp_path_factory.mktemp("overhead"))
+
+
+@pytest.fixture(scope="module")
+def train_step(tmp_path_factory):
+    return _run("train_step.py", tmp_path_factory.mktemp("train_step"))
+
+
+def _check_stamp(stamp: dict):
+    for key in ("device", "date", "torch", "triton", "mode", "dgg_kernels"):
+        assert key in stamp, key
+    assert stamp["device_type"] == "cpu"
+    assert stamp["torch"] == torch.__version__
+
+
+def _check_goals(goals: list):
+    assert goals
+    for g in goals:
+        assert set(g) == {"goal", "target", "status", "detail"}
+        assert g["status"] in GOAL_STATUSES
+        # Without a GPU no goal can be judged, and each says so.
+        assert g["status"] == "not measured" and C.NOT_MEASURED_CPU in g["detail"]
+
+
+def test_overhead_results_are_well_formed(overhead):
+    data = overhead["json"]
+    _check_stamp(data["stamp"])
+    _check_goals(data["goals"])
+    assert data["read_GBps"] > 0
+    rows = data["rows"]
+    names = {i.name for i in P.IMPLS}
+    assert {r["impl"] for r in rows} == names
+    cases = {(r["case"], r["dtype"]) for r in rows}
+    assert {d for _, d in cases} == {"float32", "bfloat16"}
+    assert len(rows) == len(cases) * len(names)  # every implementation has a row for every case
+    for r in rows:
+        assert r["MB"] > 0 and r["status"]
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["GBps"] > 0 and r["pct_floor"] > 0
+            assert isinstance(r["host_syncs"], int)
+        else:
+            assert r["ms"] is None and r["status"].startswith(("n/a", "skipped", "error")), r
+    ok = {r["impl"] for r in rows if r["status"] == "ok"}
+    for must in ("vector_norm (bound)", "hand-written dgg", "olmo-style skip", "dgg torch", "dgg triton"):
+        assert must in ok, must
+    assert not [r for r in rows if r["status"].startswith("error")], [r for r in rows if r["status"].startswith("error")]
+    cuda = [r for r in rows if r["impl"] == "dgg cuda"]
+    assert all(r["status"].startswith("n/a") for r in cuda)
+
+
+def test_overhead_host_reads_separate_gate_from_peers(overhead):
+    rows = [r for r in overhead["json"]["rows"] if r["status"] == "ok"]
+    for r in rows:
+        if r["kind"] == "dgg":
+            assert r["host_syncs"] == 0, r  # the gate never reads the host in step()
+        if r["impl"] in ("hand-written dgg", "zclip"):
+            assert r["host_syncs"] >= 1, r  # they read the norm every step
+
+
+def test_overhead_zclip_row(overhead):
+    rows = [r for r in overhead["json"]["rows"] if r["impl"] == "zclip"]
+    if importlib.util.find_spec("zclip") is None:
+        assert all("zclip" in r["status"] for r in rows)
+    else:
+        assert all(r["status"] == "ok" for r in rows)
+
+
+def test_overhead_mask_rows_and_files(overhead):
+    masks = overhead["json"]["mask_rows"]
+    assert {m["gate"] for m in masks} == {"open", "closed"}
+    assert all(m["tensors"] == 339 for m in masks)
+    assert any(m["impl"] == "dgg triton" and m["gate"] == "open" and m["status"] == "ok" for m in masks)
+    md = overhead["md"]
+    assert "CPU MODE" in md and "## Goals" in md and "## Mask cost" in md
+    assert "| goal |" in overhead["stdout"]  # the table also goes to stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert overhead["png"].exists() and overhead["png"].stat().st_size > 0
+
+
+def test_train_step_results_are_well_formed(train_step):
+    data = train_step["json"]
+    _check_stamp(data["stamp"])
+    _check_goals(data["goals"])
+    eager = {r["mechanism"]: r for r in data["eager"]}
+    for must in ("no gate", "dgg torch", "zclip", "hand-written dgg", "olmo-style skip"):
+        assert must in eager, must
+    for name in ("no gate", "dgg torch", "hand-written dgg", "olmo-style skip"):
+        r = eager[name]
+        assert r["status"] == "ok", r
+        assert r["step_ms"] > 0 and r["rounds"] >= 1 and "overhead_pct" in r
+    assert eager["dgg cuda"]["status"].startswith("n/a")
+    # Extra host reads per step over the no-gate baseline: 0 for the gate, >= 1 for the hand-written DGG.
+    base = eager["no gate"]["host_syncs"]
+    assert eager["dgg torch"]["host_syncs"] == base
+    assert eager["hand-written dgg"]["host_syncs"] >= base + 1
+    for r in data["cuda_graph"]:
+        assert r["status"] == C.NOT_MEASURED_CPU
+    assert "CPU MODE" in train_step["md"]
+    assert "built-in" in data["setup"]["model"] or "transformers" in data["setup"]["model"]
+
+
+def test_builtin_decoder_matches_qwen2_shapes():
+    from benchmarks import train_step as T
+
+    s = T.SHAPES["quick"]
+    model, loss_fn, lm_head, desc = T.build_model(s, torch.device("cpu"), torch.float32, want_hf=False)
+    assert "built-in" in desc and tuple(lm_head.shape) == (s["vocab"], s["hidden"])
+    ids = torch.randint(0, s["vocab"], (1, 8))
+    loss = loss_fn(ids)
+    loss.backward()
+    assert torch.isfinite(loss) and lm_head.grad is not None
+
+
+def test_host_read_counter_restores_tensor_methods():
+    # Setting inherited originals back as attributes would shadow the C slots and slow every later op.
+    before = {k: torch.Tensor.__dict__.get(k) for k in C._HOST_READ_METHODS}
+    x = torch.ones(3)
+    n, how = C.count_host_syncs(lambda: (x.sum().item(), bool(x[0])), torch.device("cpu"))
+    assert n == 2 and "proxy" in how
+    assert {k: torch.Tensor.__dict__.get(k) for k in C._HOST_READ_METHODS} == before
+
+
+def test_cuda_backend_row_is_unavailable_with_reason():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    p.grad = torch.randn(4, 4)
+    cuda = next(i for i in P.IMPLS if i.name == "dgg cuda")
+    with pytest.raises(P.Unavailable, match="cuda"):
+        P.build(cuda, P.Case(monitor=[p], params=[p]))
