@@ -10,12 +10,18 @@
 # as wheels in .whl/ at the repo root; they are installed without network into
 # /tmp/site.  Without them the ZClip row is n/a, train_step falls back to the
 # built-in decoder, and no PNG is drawn: everything else still runs.
-# Time budgets (seconds) can be overridden: T_TESTS, T_OVERHEAD, T_TRAIN.
+# Time budgets (seconds) can be overridden: T_BUILD, T_TESTS, T_OVERHEAD, T_TRAIN.
+# PHASES picks what runs (default: all, about 11 minutes, more than one call):
+#   PHASES="build tests sanitize" bash benchmarks/run_gpu_suite.sh   # call 1
+#   PHASES="build overhead train" bash benchmarks/run_gpu_suite.sh   # call 2 (build is a no-op when warm)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dgg_out}
 mkdir -p "$OUT"
 RES=$(mktemp -d /tmp/dgg_results.XXXX)
+PHASES=${PHASES:-build tests sanitize overhead train}
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+T_BUILD=${T_BUILD:-240}
 T_TESTS=${T_TESTS:-150}
 T_OVERHEAD=${T_OVERHEAD:-240}
 T_TRAIN=${T_TRAIN:-150}
@@ -49,20 +55,42 @@ for m in ("triton", "zclip", "transformers", "matplotlib"):
         print(m, "unavailable:", type(e).__name__, e)
 EOF
 
-stamp "GPU tests (limit ${T_TESTS}s)"
-timeout -k 10 "$T_TESTS" python3 -m pytest -m gpu -q -x -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
-stamp "pytest -m gpu exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
+if want build; then
+  # The csrc extension, ahead of time and in place (dgg_kernels/_C*.so is git-ignored,
+  # so a warm machine keeps it between calls); without it backend="cuda" would
+  # spend the test budget on a just-in-time build.
+  stamp "build csrc (limit ${T_BUILD}s)"
+  MAX_JOBS=16 timeout -k 10 "$T_BUILD" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  stamp "build exit $? : $(ls dgg_kernels/_C*.so 2>/dev/null || echo 'no _C built')"
+fi
+
+if want tests; then
+  stamp "GPU tests (limit ${T_TESTS}s)"
+  timeout -k 10 "$T_TESTS" python3 -m pytest -m gpu -q -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+  stamp "pytest -m gpu exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
+fi
+
+if want sanitize; then
+  stamp "compute-sanitizer memcheck on a short cuda-backend run"
+  timeout -k 10 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/sanitize_cuda.py \
+    > "$OUT/sanitizer.log" 2>&1
+  stamp "memcheck exit $? : $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -n 1)"
+fi
 
 # Each script stops starting new work at its --budget-s and still writes its results.
-stamp "overhead.py (limit ${T_OVERHEAD}s)"
-timeout -k 10 "$T_OVERHEAD" python3 benchmarks/overhead.py --budget-s $(( T_OVERHEAD - 45 )) --out-dir "$RES" \
-  > "$OUT/overhead.log" 2>&1
-stamp "overhead.py exit $?"
+if want overhead; then
+  stamp "overhead.py (limit ${T_OVERHEAD}s)"
+  timeout -k 10 "$T_OVERHEAD" python3 benchmarks/overhead.py --budget-s $(( T_OVERHEAD - 45 )) --out-dir "$RES" \
+    > "$OUT/overhead.log" 2>&1
+  stamp "overhead.py exit $?"
+fi
 
-stamp "train_step.py (limit ${T_TRAIN}s)"
-timeout -k 10 "$T_TRAIN" python3 benchmarks/train_step.py --budget-s $(( T_TRAIN - 30 )) --out-dir "$RES" \
-  > "$OUT/train_step.log" 2>&1
-stamp "train_step.py exit $?"
+if want train; then
+  stamp "train_step.py (limit ${T_TRAIN}s)"
+  timeout -k 10 "$T_TRAIN" python3 benchmarks/train_step.py --budget-s $(( T_TRAIN - 30 )) --out-dir "$RES" \
+    > "$OUT/train_step.log" 2>&1
+  stamp "train_step.py exit $?"
+fi
 
 # The two Markdown summaries come back as files to read at once; everything
 # (json, md, png) also goes in one tarball to unpack into benchmarks/results/.
