@@ -240,20 +240,23 @@ def run_eager(tr: Trainer, mechs, device, args, budget) -> list[dict]:
         if not ts:
             row["status"] = "skipped: time budget"
             continue
-        row["rounds"] = len(ts)
-        row["step_ms"] = statistics.median(ts)
-        row["step_ms_min"], row["step_ms_max"] = min(ts), max(ts)
-        n = min(len(ts), len(base))
-        if base and n:
-            row["overhead_pct"] = statistics.median([100 * (ts[i] - base[i]) / base[i] for i in range(n)])
-            row["overhead_ms"] = statistics.median([ts[i] - base[i] for i in range(n)])
-        if runner is not None:
-            try:
-                row.update(runner.report())
-            except Exception as e:
-                row["report_error"] = str(e)[:200]
-        row["status"] = "ok"
+        _fill_timing(row, ts, base, runner)
     return rows
+
+
+def _fill_timing(row: dict, ts: list, base: list, runner) -> None:
+    """Median step time (ms), overhead paired round by round against the no-gate rounds, and the runner's report."""
+    row.update(rounds=len(ts), step_ms=statistics.median(ts), step_ms_min=min(ts), step_ms_max=max(ts))
+    n = min(len(ts), len(base))
+    if n:
+        row["overhead_pct"] = statistics.median([100 * (ts[i] - base[i]) / base[i] for i in range(n)])
+        row["overhead_ms"] = statistics.median([ts[i] - base[i] for i in range(n)])
+    if runner is not None:
+        try:
+            row.update(runner.report())
+        except Exception as e:
+            row["report_error"] = str(e)[:200]
+    row["status"] = "ok"
 
 
 def run_graphs(model, loss_fn, lm_head, batches, mechs, device, args, budget) -> list[dict]:
@@ -335,17 +338,8 @@ def run_graphs(model, loss_fn, lm_head, batches, mechs, device, args, budget) ->
         if not ts:
             row["status"] = "skipped: time budget"
             continue
-        row.update(rounds=len(ts), step_ms=statistics.median(ts), step_ms_min=min(ts), step_ms_max=max(ts),
-                   host_syncs=0, syncs_counted_by="a replayed graph has no host work", status="ok")
-        n = min(len(ts), len(base))
-        if n:
-            row["overhead_pct"] = statistics.median([100 * (ts[i] - base[i]) / base[i] for i in range(n)])
-            row["overhead_ms"] = statistics.median([ts[i] - base[i] for i in range(n)])
-        if runner is not None:
-            try:
-                row.update(runner.report())
-            except Exception as e:
-                row["report_error"] = str(e)[:200]
+        row.update(host_syncs=0, syncs_counted_by="a replayed graph has no host work")
+        _fill_timing(row, ts, base, runner)
     del graphs
     return rows
 
