@@ -193,7 +193,7 @@ class TritonBackend(Backend):
         self.num_warps = num_warps
         self.cpu_programs = cpu_programs
         self._scratch: dict = {}  # (device, n_tensors) -> (partials, ticket)
-        self._tables: dict = {}  # dtype -> (key, device table)
+        self._tables: dict = {}  # dtype -> (key, device table, the host buffer it was copied from)
 
     # -- launch configuration -------------------------------------------------
     def _config(self, device: torch.device) -> tuple[int, int]:
@@ -288,9 +288,12 @@ class TritonBackend(Backend):
         device = group[0].device
         host = torch.tensor([v for pair in key for v in pair], dtype=torch.int64)
         if device.type == "cuda":
-            # pinned + non_blocking: an async copy, not a synchronizing one
-            table = host.pin_memory().to(device, non_blocking=True)
+            # pinned + non_blocking: an async copy, not a synchronizing one.  The pinned
+            # buffer lives as long as its table: a copy captured in a CUDA graph reads it
+            # again on every replay.
+            host = host.pin_memory()
+            table = host.to(device, non_blocking=True)
         else:
             table = host
-        self._tables[dtype] = (key, table)
+        self._tables[dtype] = (key, table, host)
         return table
