@@ -41,3 +41,35 @@ class Backend:
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         """Overwrite every tensor in ``grads`` with zeros when ``decision`` (uint8[]) is 1; else touch nothing."""
         raise NotImplementedError
+
+
+class DeviceTable:
+    """An int64[n, 2] table of (address, size) pairs on a device, rebuilt only when the pairs change.
+
+    The mask kernels read it to zero many gradients in one launch.  A rebuild
+    goes through pinned host memory with ``non_blocking=True``, which does not
+    synchronize the host.  The host buffer lives as long as its table, and a
+    table built during CUDA-graph capture is kept for good: the captured copy
+    and kernels read both again on every replay.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.table: torch.Tensor | None = None
+        self.host: torch.Tensor | None = None
+        self._captured: list = []
+
+    def update(self, key: tuple, device: torch.device) -> bool:
+        """Make ``table`` hold ``key`` (a tuple of (address, size) pairs); True when it was rebuilt."""
+        if key == self.key:
+            return False
+        host = torch.tensor(key, dtype=torch.int64).reshape(-1, 2)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            self.table = host.to(device, non_blocking=True)
+            if torch.cuda.is_current_stream_capturing():
+                self._captured.append((self.table, host))
+        else:
+            self.table = host
+        self.key, self.host = key, host
+        return True

@@ -196,9 +196,7 @@ class CudaBackend(Backend):
         # rather than ever in step().
         torch.cuda.current_stream(self.device).synchronize()
         self._mask_threads = int(self._ext.mask_threads())
-        self._mask_key: Optional[tuple] = None
-        self._mask_host: Optional[torch.Tensor] = None
-        self._mask_table = torch.empty((0, 2), dtype=torch.int64, device=self.device)
+        self._mask = DeviceTable()
         self._mask_blocks = 1
         self._overlap: Optional[tuple] = None
         # Tensors whose addresses a captured CUDA graph holds: kept alive for
@@ -267,22 +265,12 @@ class CudaBackend(Backend):
         self._ext.finalize(*self._state_args(state, config), sums=sums)
 
     def _table(self, dense: list[torch.Tensor]) -> torch.Tensor:
-        """The device table int64[n, 2] of (address, nbytes), rebuilt only when the grads' storage moved.
-
-        Built in pinned host memory and copied with non_blocking=True: no host
-        sync.  A new pinned buffer each rebuild: torch's pinned allocator does
-        not hand the old one out again before its copy has run.
-        """
+        """The device table int64[n, 2] of (address, nbytes), rebuilt only when the grads' storage moved."""
         key = tuple((g.data_ptr(), g.numel() * g.element_size()) for g in dense)
-        if key != self._mask_key:
-            host = torch.tensor(key, dtype=torch.int64).reshape(-1, 2).pin_memory()
-            table = torch.empty(host.shape, dtype=torch.int64, device=self.device)
-            table.copy_(host, non_blocking=True)
-            most = max((nb for _, nb in key), default=0)
-            vectors = math.ceil(most / 16)
+        if self._mask.update(key, self.device):
+            vectors = math.ceil(max(nb for _, nb in key) / 16)
             self._mask_blocks = max(1, min(self._max_blocks, math.ceil(vectors / self._mask_threads)))
-            self._mask_key, self._mask_host, self._mask_table = key, host, table
-        return self._mask_table
+        return self._mask.table
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         dense, strided = [], []
@@ -294,7 +282,6 @@ class CudaBackend(Backend):
             (dense if _dense(g) else strided).append(g)
         if dense:
             table = self._table(dense)
-            self._pin_for_graph(table, self._mask_host)  # a captured rebuild's copy node reads the pinned buffer
             self._ext.mask(decision, table, self._mask_blocks)
         # Gapped or overlapping views cannot be zeroed as one byte span; they
         # are rare (a grad is normally its own dense tensor), so torch does them.

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend
+from .base import Backend, DeviceTable
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -193,7 +193,7 @@ class TritonBackend(Backend):
         self.num_warps = num_warps
         self.cpu_programs = cpu_programs
         self._scratch: dict = {}  # (device, n_tensors) -> (partials, ticket)
-        self._tables: dict = {}  # dtype -> (key, device table, the host buffer it was copied from)
+        self._tables: dict[torch.dtype, DeviceTable] = {}
 
     # -- launch configuration -------------------------------------------------
     def _config(self, device: torch.device) -> tuple[int, int]:
@@ -280,20 +280,7 @@ class TritonBackend(Backend):
                                         num_warps=4 if device.type == "cuda" else 1)
 
     def _table(self, dtype: torch.dtype, group: list[torch.Tensor]) -> torch.Tensor:
-        """Device int64[n, 2] of (address, numel), rebuilt only when a grad moved (no host sync)."""
-        key = tuple((g.data_ptr(), g.numel()) for g in group)
-        cached = self._tables.get(dtype)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        device = group[0].device
-        host = torch.tensor([v for pair in key for v in pair], dtype=torch.int64)
-        if device.type == "cuda":
-            # pinned + non_blocking: an async copy, not a synchronizing one.  The pinned
-            # buffer lives as long as its table: a copy captured in a CUDA graph reads it
-            # again on every replay.
-            host = host.pin_memory()
-            table = host.to(device, non_blocking=True)
-        else:
-            table = host
-        self._tables[dtype] = (key, table, host)
-        return table
+        """Device (address, numel) pairs of ``group``, rebuilt only when a grad moved (no host sync)."""
+        table = self._tables.setdefault(dtype, DeviceTable())
+        table.update(tuple((g.data_ptr(), g.numel()) for g in group), group[0].device)
+        return table.table
