@@ -102,7 +102,7 @@ dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, con
   check_state_tensor(prev, "prev", at::kDouble, 1, device);
   check_state_tensor(ints, "ints", at::kLong, 7, device);
   check_state_tensor(stats, "stats", at::kFloat, 7, device);
-  check_state_tensor(decision, "decision", at::kByte, 1, device);
+  check_state_tensor(decision, "decision", at::kBool, 1, device);
   check_state_tensor(hyper, "hyper", at::kDouble, 2, device);
   check_state_tensor(acc, "acc", at::kDouble, 1, device);
   dgg::GateStateView v{};
@@ -110,7 +110,7 @@ dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, con
   v.prev = prev.data_ptr<double>();
   v.ints = ints.data_ptr<int64_t>();
   v.stats = stats.data_ptr<float>();
-  v.decision = decision.data_ptr<uint8_t>();
+  v.decision = decision.data_ptr<bool>();
   v.hyper = hyper.data_ptr<double>();
   v.acc = acc.data_ptr<double>();
   v.window = window;
@@ -186,13 +186,13 @@ void finalize(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& 
 void mask(const at::Tensor& decision, const at::Tensor& table, int64_t blocks) {
   const at::Device device = decision.device();
   TORCH_CHECK(device.is_cuda(), "dgg: decision is on ", device, "; the cuda backend needs a CUDA device");
-  TORCH_CHECK(decision.scalar_type() == at::kByte && decision.numel() == 1, "dgg: decision must be one uint8");
+  TORCH_CHECK(decision.scalar_type() == at::kBool && decision.numel() == 1, "dgg: decision must be one bool");
   TORCH_CHECK(table.device() == device && table.scalar_type() == at::kLong && table.is_contiguous() &&
                   table.dim() == 2 && table.size(1) == 2,
               "dgg: the mask table must be a contiguous int64[n, 2] tensor of (address, nbytes) on ", device);
   if (table.size(0) == 0) return;
   c10::cuda::CUDAGuard guard(device);
-  check_cuda(dgg::launch_gate_mask(decision.data_ptr<uint8_t>(), table.data_ptr<int64_t>(), table.size(0),
+  check_cuda(dgg::launch_gate_mask(decision.data_ptr<bool>(), table.data_ptr<int64_t>(), table.size(0),
                                    static_cast<int>(blocks),
                                    c10::cuda::getCurrentCUDAStream(device.index()).stream()),
              "mask");

@@ -183,13 +183,13 @@ class DynamicGradientGate:
             ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
                           c.window, c.statistic_id, c.max_reuse, self._op_key)
             ops.gate_mask(st.decision, list(zero), self._op_key)
-            return self.state.decision.view(torch.bool).clone()
+            return self.state.decision.clone()
         self._backend.step(grads, self.state, self.config)
         return self._mask(zero)
 
     def _mask(self, zero: Sequence[torch.Tensor]) -> torch.Tensor:
         self._backend.mask(self.state.decision, zero)
-        return self.state.decision.view(torch.bool).clone()
+        return self.state.decision.clone()
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Make a closed gate skip ``optimizer.step()`` on device; returns a handle with ``.remove()``.

@@ -59,7 +59,7 @@ def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, m
 
 @torch.library.custom_op("dgg::gate_mask", mutates_args=("grads",))
 def gate_mask(decision: torch.Tensor, grads: List[torch.Tensor], backend_key: int) -> None:
-    """Zero every tensor of ``grads`` in place when ``decision`` (uint8[]) is 1."""
+    """Zero every tensor of ``grads`` in place when ``decision`` (bool[]) is True."""
     _lookup(backend_key).mask(decision, grads)
 
 

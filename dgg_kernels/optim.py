@@ -45,7 +45,7 @@ def attach(gate, optimizer: torch.optim.Optimizer) -> AttachHandle:
         return AttachHandle()
 
     flag = gate.state.stats[S.CLOSED]  # float32, exactly 1.0 when closed
-    closed = gate.state.decision.view(torch.bool)
+    closed = gate.state.decision
     ours = {"set": False, "fresh_momentum": []}
     is_sgd = isinstance(optimizer, torch.optim.SGD)
 

@@ -48,7 +48,8 @@ class GateState:
     prev:     float64[1]       energy of the last accepted step (for "increment")
     ints:     int64[N_INTS]    counters, see the slot constants
     stats:    float32[N_STATS] the last step's report
-    decision: uint8[]          1 when the last step closed the gate; step() returns it viewed as bool
+    decision: bool[]           True when the last step closed the gate (step() returns a copy);
+                               stats[CLOSED] holds the same bit as float32 for fused optimizers
     hyper:    float64[N_HYPER] threshold and eps (from the config, not saved)
     acc:      float64[1]       scratch: the squared sum the reduce writes and the finalize reads (not saved)
     """
@@ -69,7 +70,7 @@ class GateState:
             prev=torch.zeros(1, **f64),
             ints=torch.zeros(N_INTS, dtype=torch.int64, device=device),
             stats=torch.zeros(N_STATS, dtype=torch.float32, device=device),
-            decision=torch.zeros((), dtype=torch.uint8, device=device),
+            decision=torch.zeros((), dtype=torch.bool, device=device),
             hyper=torch.tensor([float(threshold), float(eps)], **f64),
             acc=torch.zeros(1, **f64),
         )

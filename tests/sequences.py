@@ -129,7 +129,12 @@ def assert_stats_match(got: dict, want: dict, step: int, err_scale: float):
     """
     for key in ("energy", "norm"):
         assert close(got[key], want[key], 2e-5), (step, key, got[key], want[key])
+    d = 2e-5 * err_scale  # how far statistic, mean and std may move by float32 rounding
     for key in ("statistic", "mean", "std"):
-        assert close(got[key], want[key], 2e-5, abs_=2e-5 * err_scale), (step, key, got[key], want[key])
-    ztol = 2e-5 * err_scale / (abs(want["std"]) + 1e-8) + 1e-5
+        assert close(got[key], want[key], 2e-5, abs_=d), (step, key, got[key], want[key])
+    # z = (s - mean) / std: an error d in the numerator moves z by d / std, and
+    # an error d in std moves it by |z| * d / std.  A small window of close
+    # values (a small std) makes z large and badly conditioned, so the
+    # tolerance grows with |z| / std; decisions are still compared exactly.
+    ztol = d * (1.0 + abs(want["z"])) / (abs(want["std"]) + 1e-8) + 1e-5
     assert close(got["z"], want["z"], 2e-5, abs_=ztol), (step, "z", got["z"], want["z"])

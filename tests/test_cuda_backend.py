@@ -275,10 +275,10 @@ def test_mask_one_launch_many_params(ext):
     grads = params + views + [gapped]
     before = [g.clone() for g in grads]
     backend = cuda_ext.CudaBackend(buf.device)
-    open_ = torch.zeros((), dtype=torch.uint8, device="cuda")
+    open_ = torch.zeros((), dtype=torch.bool, device="cuda")
     backend.mask(open_, grads)
     assert all(bit_equal(a, b) for a, b in zip(grads, before))
-    closed = torch.ones((), dtype=torch.uint8, device="cuda")
+    closed = torch.ones((), dtype=torch.bool, device="cuda")
     backend.mask(closed, grads)
     assert all((g == 0).all().item() for g in grads)
     assert not buf.any().item()  # the transposed view spans all of buf
@@ -290,7 +290,7 @@ def test_mask_leaves_neighbours_alone(ext):
     before = buf.clone()
     spans = [(1, 1), (3, 14), (40, 4097), (5000, 8)]
     grads = [buf[a : a + n] for a, n in spans]
-    cuda_ext.CudaBackend(buf.device).mask(torch.ones((), dtype=torch.uint8, device="cuda"), grads)
+    cuda_ext.CudaBackend(buf.device).mask(torch.ones((), dtype=torch.bool, device="cuda"), grads)
     inside = torch.zeros(10_000, dtype=torch.bool, device="cuda")
     for a, n in spans:
         inside[a : a + n] = True
@@ -310,7 +310,7 @@ def test_huge_bf16_tensor_beyond_int32_indexing(ext):
     acc = _cuda_energy([g], backend)
     # Every partial is a sum of small integers, exact in float32: the energy is exact.
     assert acc.item() == float(n - 1 + 9)
-    backend.mask(torch.ones((), dtype=torch.uint8, device="cuda"), [g])
+    backend.mask(torch.ones((), dtype=torch.bool, device="cuda"), [g])
     assert g[-1].item() == 0 and g[(1 << 31) - 1].item() == 0 and not g.any().item()
 
 

@@ -43,4 +43,4 @@ def test_compiled_step_fullgraph_matches_eager():
 
 def test_unknown_backend_key_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no live gate backend"):
-        ops.gate_mask(torch.zeros((), dtype=torch.uint8), [torch.randn(3)], 10**9)
+        ops.gate_mask(torch.zeros((), dtype=torch.bool), [torch.randn(3)], 10**9)

@@ -214,7 +214,8 @@ def test_cuda_graph_replay_matches_eager_gpu():
         static_grad.copy_(grad)
         g.replay()
         assert out.item() == want.item(), i
-        assert torch.equal(graphed.state.stats, eager.state.stats), i
+        # the same kernel on the same input: the same bits, NaN stats included (NaN != NaN under torch.equal)
+        assert bit_equal(graphed.state.stats, eager.state.stats), i
         assert torch.equal(graphed.state.ints, eager.state.ints), i
 
 
@@ -239,12 +240,12 @@ def test_two_gates_interleaved_gpu():
 def test_more_than_2_pow_31_elements_gpu():
     n = 2**31 + 4097
     free, _ = torch.cuda.mem_get_info()
-    if free < n * 2 * 1.5:
-        pytest.skip("not enough GPU memory for a 4.3 GB bf16 tensor")
-    w = torch.nn.Parameter(torch.empty(0, device="cuda", dtype=torch.bfloat16))
+    if free < n * 2 * 2.2:
+        pytest.skip("not enough GPU memory for a 4.3 GB bf16 parameter and its grad")
+    # a real Parameter of that size: autograd refuses a grad whose shape differs from its tensor's
+    w = torch.nn.Parameter(torch.empty(n, device="cuda", dtype=torch.bfloat16))
     gate = dgg.DynamicGradientGate(w, backend="triton")
-    w.grad = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-    w.grad.fill_(0.5)
+    w.grad = torch.full_like(w, 0.5)
     w.grad[-7:] = 3.0  # the far end must be read: int32 offsets would wrap before it
     gate.step()
     want = (n - 7) * 0.25 + 7 * 9.0

@@ -44,14 +44,14 @@ constexpr int32_t kStatIncrement = 2;
 
 // Device pointers of one gate's state (dgg_kernels/state.py GateState) plus
 // the settings the finalize needs.  Shapes: ring float64[window],
-// prev float64[1], ints int64[7], stats float32[7], decision uint8[],
+// prev float64[1], ints int64[7], stats float32[7], decision bool[],
 // hyper float64[2], acc float64[1].
 struct GateStateView {
   double* ring;
   double* prev;
   int64_t* ints;
   float* stats;
-  uint8_t* decision;
+  bool* decision;
   const double* hyper;
   double* acc;
   int64_t window;

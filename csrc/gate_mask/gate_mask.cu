@@ -1,4 +1,4 @@
-// Masking kernel: writes zeros over every params gradient when decision == 1.
+// Masking kernel: writes zeros over every params gradient when decision is true.
 // Written, never multiplied: 0 * NaN would keep the NaN.
 #include "gate_mask/gate_mask.cuh"
 
@@ -8,10 +8,10 @@ namespace dgg {
 namespace {
 
 __global__ void __launch_bounds__(kThreads)
-    gate_mask_kernel(const uint8_t* __restrict__ decision, const int64_t* __restrict__ table, int64_t n_entries) {
+    gate_mask_kernel(const bool* __restrict__ decision, const int64_t* __restrict__ table, int64_t n_entries) {
   // Every thread reads the flag itself (one cached byte) instead of a block
   // broadcast: the open case, the common one, then costs no barrier.
-  if (*decision == 0) return;
+  if (!*decision) return;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
 
 int gate_mask_threads() { return kThreads; }
 
-cudaError_t launch_gate_mask(const uint8_t* decision, const int64_t* table, int64_t n_entries, int blocks,
+cudaError_t launch_gate_mask(const bool* decision, const int64_t* table, int64_t n_entries, int blocks,
                              cudaStream_t stream) {
   if (n_entries <= 0) return cudaSuccess;
   if (blocks < 1) blocks = 1;

@@ -111,7 +111,7 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   st.stats[sl.std] = static_cast<float>(stdev);
   st.stats[sl.z] = static_cast<float>(z);
   st.stats[sl.closed] = closed ? 1.0f : 0.0f;
-  *st.decision = closed ? 1 : 0;
+  *st.decision = closed;
 }
 
 __global__ void __launch_bounds__(kThreads)

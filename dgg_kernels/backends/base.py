@@ -39,7 +39,7 @@ class Backend:
         raise NotImplementedError(f"the {self.name} backend does not support overlap=True")
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        """Overwrite every tensor in ``grads`` with zeros when ``decision`` (uint8[]) is 1; else touch nothing."""
+        """Overwrite every tensor in ``grads`` with zeros when ``decision`` (bool[]) is True; else touch nothing."""
         raise NotImplementedError
 
 
@@ -63,7 +63,9 @@ class DeviceTable:
         """Make ``table`` hold ``key`` (a tuple of (address, size) pairs); True when it was rebuilt."""
         if key == self.key:
             return False
-        host = torch.tensor(key, dtype=torch.int64).reshape(-1, 2)
+        # device="cpu": under torch.set_default_device("cuda") a bare torch.tensor lands on
+        # the GPU, and pin_memory() of a CUDA tensor raises.
+        host = torch.tensor(key, dtype=torch.int64, device="cpu").reshape(-1, 2)
         if device.type == "cuda":
             host = host.pin_memory()
             self.table = host.to(device, non_blocking=True)

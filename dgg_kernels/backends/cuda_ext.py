@@ -26,7 +26,7 @@ import torch
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend
+from .base import Backend, DeviceTable
 
 # Slot indices in the order of csrc/common/dgg_types.h StateSlots; the kernels
 # take them from here (state.py is their single source of truth).
@@ -285,6 +285,5 @@ class CudaBackend(Backend):
             self._ext.mask(decision, table, self._mask_blocks)
         # Gapped or overlapping views cannot be zeroed as one byte span; they
         # are rare (a grad is normally its own dense tensor), so torch does them.
-        closed = decision.view(torch.bool)
         for g in strided:
-            g.masked_fill_(closed, 0)
+            g.masked_fill_(decision, 0)

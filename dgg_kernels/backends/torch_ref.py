@@ -98,6 +98,5 @@ class TorchBackend(Backend):
         finalize_reference(state, config)
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        closed = decision.view(torch.bool)
         for g in grads:
-            g.masked_fill_(closed, 0)  # writes zeros: multiplying by a 0/1 mask would keep NaN
+            g.masked_fill_(decision, 0)  # writes zeros: multiplying by a 0/1 mask would keep NaN

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
 from .base import Backend, DeviceTable
@@ -92,7 +91,7 @@ def _finalize(
     tl.store(stats_ptr + 4, std.to(tl.float32))
     tl.store(stats_ptr + 5, z.to(tl.float32))
     tl.store(stats_ptr + 6, closed.to(tl.float32))
-    tl.store(decision_ptr, closed.to(tl.uint8))
+    tl.store(decision_ptr, closed)  # a torch.bool tensor: Triton stores int1 as one byte
 
 
 @triton.jit
@@ -264,13 +263,11 @@ class TritonBackend(Backend):
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
         _check_grads(grads, "params grad")
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        closed = None
         for g in grads:
             if g.is_contiguous():
                 by_dtype.setdefault(g.dtype, []).append(g)
             else:  # a strided view cannot be zeroed through a flat table
-                closed = decision.view(torch.bool) if closed is None else closed
-                g.masked_fill_(closed, 0)
+                g.masked_fill_(decision, 0)
         for dtype, group in by_dtype.items():
             table = self._table(dtype, group)
             device = group[0].device
