@@ -1,12 +1,17 @@
 """Builds the optional CUDA extension dgg_kernels._C from csrc/; everything else is in pyproject.toml.
 
 The extension is built only when torch is importable, is a CUDA build, and
-nvcc is found.  Otherwise one line says why, and the pure-Python package is
-installed (backend="cuda" then builds just in time on first use, or says why
-it cannot).  torch must be importable during the build to get the extension:
-pip's isolated build environment has no torch, so install with
+nvcc is found.  Otherwise the pure-Python package is installed, and the
+backends "triton" and "torch" work as usual; backend="cuda" can then only be
+built just in time from csrc/ in a source checkout (an editable install), not
+from an installed wheel, which carries no csrc/.  torch must be importable
+during the build to get the extension: pip's isolated build environment has no
+torch, so install with
 
     pip install --no-build-isolation -e .
+
+Every build says once (on stderr: `pip install -v` shows it) what was and was
+not built.
 
 Environment: DGG_NO_CUDA_EXT=1 skips the extension; TORCH_CUDA_ARCH_LIST, when
 set, replaces the default targets (sm_80 and sm_90, plus compute_90 PTX so
@@ -27,7 +32,20 @@ GENCODE = [
 ]
 
 
+# Commands that build or install something.  pip runs this file in several
+# processes per install (build requirements, metadata, the build itself);
+# only the ones that build report, so the report appears once.
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+# Set once reported: setuptools may execute this file more than once in one
+# process, and the processes it starts inherit the environment.
+_REPORTED_ENV = "DGG_KERNELS_SETUP_REPORTED"
+
+
 def _say(msg):
+    """Print the build report once per process (and its children), only for commands that build."""
+    if os.environ.get(_REPORTED_ENV) == "1" or not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return
+    os.environ[_REPORTED_ENV] = "1"
     # stderr: pip shows a build's stderr with -v, and on failure.
     print(f"dgg-kernels: {msg}", file=sys.stderr, flush=True)
 
@@ -55,8 +73,10 @@ def _not_built_reason():
 def _extension_kwargs():
     reason = _not_built_reason()
     if reason is not None:
-        _say(f"CUDA backend (dgg_kernels._C) NOT built: {reason}. Installing the pure-Python package; "
-             'backend="cuda" will try a just-in-time build on first use.')
+        _say(f"CUDA backend (dgg_kernels._C) NOT built: {reason}. Only the pure-Python package is built: "
+             'backend="triton" (needs the triton package) and backend="torch" work; backend="cuda" '
+             "can only be built just in time from csrc/ in a source checkout or editable install, "
+             "with a CUDA build of torch, nvcc and ninja; in any other install it is unavailable.")
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -68,7 +88,8 @@ def _extension_kwargs():
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc_flags += GENCODE  # an explicit arch flag also stops torch adding its own
-    _say("building the CUDA backend dgg_kernels._C from " + ", ".join(sources))
+    _say("building the CUDA backend dgg_kernels._C from " + ", ".join(sources)
+         + '; backends "triton" and "torch" are pure Python and need no build')
     ext = CUDAExtension(
         name="dgg_kernels._C",
         sources=sources,

@@ -22,6 +22,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +36,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_DIR = REPO / "benchmarks" / "results"  # the committed results: write here only on purpose (--out)
 NOT_MEASURED_CPU = "not measured (no GPU this session)"
+
+
+TEMP_OUT = Path(tempfile.gettempdir()) / "dgg-kernels-bench"
+
+
+def default_out_dir() -> Path:
+    """Where results go without --out: $DGG_BENCH_OUT if set, else TEMP_OUT.
+
+    Outside the source tree, so a run never leaves untracked files in a checkout
+    or overwrites the committed results by accident.
+    """
+    return Path(os.environ.get("DGG_BENCH_OUT") or TEMP_OUT)
+
+
+def add_out_argument(ap) -> None:
+    """The --out flag every benchmark script takes (--out-dir: its older name)."""
+    ap.add_argument("--out", "--out-dir", dest="out", type=Path, default=default_out_dir(), metavar="DIR",
+                    help=f"folder for the results, created if missing (default: $DGG_BENCH_OUT if set, else "
+                         f"{TEMP_OUT}); pass {RESULTS_DIR.relative_to(REPO)} to replace the committed ones")
 
 
 # ----------------------------------------------------------------------------- stamp
@@ -170,7 +190,7 @@ def read_bandwidth_GBps(device: torch.device, nbytes: int) -> tuple[float, float
     n = nbytes // 4
     x = torch.rand(n, device=device)
     ms = bench_ms(lambda: x.sum(), device, warmup_ms=50, rep_ms=300, cpu_reps=5)
-    del x
+    x = None  # frees it before empty_cache; rebound, not del'd: the lambda above shares it
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return n * 4 / (ms * 1e-3) / 1e9, n * 4

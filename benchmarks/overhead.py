@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # GPU mode on a CUDA machine, CPU mode otherwise
     python benchmarks/overhead.py --quick         # CPU smoke test (seconds; what tests/test_benchmarks.py runs)
     python benchmarks/overhead.py --budget-s 240  # stop starting new cases after 240 s (the GPU suite does)
+    python benchmarks/overhead.py --out benchmarks/results   # replace the committed results
 
 Per (shape, dtype, implementation): median time of one step on random
 gradients (rotating buffers plus do_bench's L2 flush, so the 50 MB L2 of an
@@ -10,7 +11,8 @@ H100 does not flatter small sizes), effective GB/s (gradient bytes / time), %
 of the read bandwidth measured in this same run (bytes / time of a big
 tensor.sum()), and host syncs per step.  Then the mask cost, open and closed,
 on a 7B-class parameter list (339 gradients).  Writes
-benchmarks/results/overhead_<device>_<date>.{json,md,png}.
+overhead_<device>_<date>.{json,md,png} into --out (default: $DGG_BENCH_OUT, else
+a folder under the system temp dir; never the checkout unless asked).
 
 Gates run with a threshold of 1e9 here so they stay open and the buffers keep
 their random data (a closed gate zeroes them): the decision is computed either
@@ -159,7 +161,9 @@ def measure_case(case: dict, dtype_name: str, impls, device, mode, args, budget,
                    status="ok")
         C.log(f"  {case['case']:>22} {dtype_name:>8} {impl.name:<24} {ms:9.4f} ms {GBps:8.1f} GB/s "
               f"{row['pct_floor']:6.1f}% syncs={syncs}")
-    del bufs, param
+    # Rebind rather than del: the closures above share these cells, and a None
+    # frees the buffers (before empty_cache) as well as del would.
+    bufs = param = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -224,7 +228,8 @@ def measure_masks(device, mode, args, budget) -> list[dict]:
             row.update(us=ms * 1e3, host_syncs=syncs, syncs_counted_by=how, status="ok",
                        GBps_written=(nbytes / (ms * 1e-3) / 1e9) if state == "closed" else None)
             C.log(f"  mask {state:>6} {name:<34} {ms * 1e3:10.1f} us syncs={syncs}")
-    del grads
+    # Rebound, not del'd (the closures above share it): frees the 15 GB (GPU) before empty_cache.
+    grads = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -296,19 +301,32 @@ def pivot(rows, value_key, impls, group) -> tuple[list[dict], list[tuple[str, st
     return out, cols
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes (seconds; what the tests run)")
+    C.add_out_argument(ap)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new cases after this many seconds (default: no limit)")
+    ap.add_argument("--reserve-s", type=float, default=5.0,
+                    help="seconds of the budget kept back for writing results (default 5)")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated gradient dtypes (default float32,bfloat16)")
+    ap.add_argument("--impls", default="",
+                    help="comma-separated subset of implementation names, e.g. 'vector_norm (bound),dgg triton' "
+                         "(default: all)")
+    ap.add_argument("--rep-ms", type=float, default=100.0,
+                    help="milliseconds do_bench spends timing each row on a GPU (default 100)")
+    ap.add_argument("--cpu-reps", type=int, default=None,
+                    help="timed calls per row on a CPU (default 3 with --quick, else 10)")
+    ap.add_argument("--no-plot", action="store_true", help="do not draw the PNG (drawn when matplotlib is installed)")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes (seconds)")
-    ap.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new cases after this many seconds")
-    ap.add_argument("--reserve-s", type=float, default=5.0, help="seconds kept back for writing results")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--impls", default="", help="comma-separated subset of implementation names")
-    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench rep time per row (GPU)")
-    ap.add_argument("--cpu-reps", type=int, default=None)
-    ap.add_argument("--no-plot", action="store_true")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     device = C.pick_device(args.device)
     if device.type == "cuda":
@@ -337,7 +355,7 @@ def main(argv=None) -> int:
     masks = measure_masks(device, mode, args, budget)
     goals = evaluate_goals(rows, masks, device)
 
-    paths = C.results_paths(args.out_dir, "overhead", stamp)
+    paths = C.results_paths(args.out, "overhead", stamp)
     names = [i.name for i in impls]
     payload = {
         "benchmark": "overhead",
@@ -408,7 +426,8 @@ def main(argv=None) -> int:
     ] if x)
     paths["md"].write_text(md + "\n")
     print(md)
-    C.log(f"wrote {paths['json']}, {paths['md']}" + (f", {paths['png']}" if plotted else ""))
+    written = [paths["json"].name, paths["md"].name] + ([paths["png"].name] if plotted else [])
+    C.log(f"results written to {args.out.resolve()}: {', '.join(written)}")
     return 0
 
 

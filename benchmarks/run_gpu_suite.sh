@@ -6,6 +6,13 @@
 #
 #   bash benchmarks/run_gpu_suite.sh        # from the repo root, on the device machine
 #
+# Where things go (nothing lands in the checkout but the in-place csrc build):
+#   $OUT            summary, logs, overhead.md, train_step.md, results.tgz
+#                   (default /tmp/dgg_out; the device tool sets it)
+#   $DGG_BENCH_OUT  the folder overhead.py and train_step.py write their
+#                   json/md/png into, passed to them as --out (default: a fresh
+#                   /tmp/dgg_results.XXXX); results.tgz packs it
+#
 # Optional packages (zclip, transformers and its dependencies, matplotlib) travel
 # as wheels in .whl/ at the repo root; they are installed without network into
 # /tmp/site.  Without them the ZClip row is n/a, train_step falls back to the
@@ -18,7 +25,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dgg_out}
 mkdir -p "$OUT"
-RES=$(mktemp -d /tmp/dgg_results.XXXX)
+RES=${DGG_BENCH_OUT:-$(mktemp -d /tmp/dgg_results.XXXX)}
+mkdir -p "$RES"
 PHASES=${PHASES:-build tests sanitize overhead train}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 T_BUILD=${T_BUILD:-240}
@@ -80,14 +88,14 @@ fi
 # Each script stops starting new work at its --budget-s and still writes its results.
 if want overhead; then
   stamp "overhead.py (limit ${T_OVERHEAD}s)"
-  timeout -k 10 "$T_OVERHEAD" python3 benchmarks/overhead.py --budget-s $(( T_OVERHEAD - 45 )) --out-dir "$RES" \
+  timeout -k 10 "$T_OVERHEAD" python3 benchmarks/overhead.py --budget-s $(( T_OVERHEAD - 45 )) --out "$RES" \
     > "$OUT/overhead.log" 2>&1
   stamp "overhead.py exit $?"
 fi
 
 if want train; then
   stamp "train_step.py (limit ${T_TRAIN}s)"
-  timeout -k 10 "$T_TRAIN" python3 benchmarks/train_step.py --budget-s $(( T_TRAIN - 30 )) --out-dir "$RES" \
+  timeout -k 10 "$T_TRAIN" python3 benchmarks/train_step.py --budget-s $(( T_TRAIN - 30 )) --out "$RES" \
     > "$OUT/train_step.log" 2>&1
   stamp "train_step.py exit $?"
 fi
@@ -97,4 +105,4 @@ fi
 cp "$RES"/overhead_*.md "$OUT/overhead.md" 2>/dev/null || true
 cp "$RES"/train_step_*.md "$OUT/train_step.md" 2>/dev/null || true
 tar -czf "$OUT/results.tgz" -C "$RES" . && stamp "results.tgz: $(ls "$RES" | tr '\n' ' ')"
-stamp "done"
+stamp "done: logs and summaries in $OUT, benchmark results in $RES"

@@ -9,10 +9,12 @@ Covers the fused step (one and several pointer tables), reduce + finalize,
 the overlap path, and the mask (closed and open) on float32/bfloat16/float16
 gradients with odd sizes and misaligned views, and checks the decisions
 against backend="torch".  Exits non-zero on a mismatch; the sanitizer reports
-memory errors itself (its exit code is non-zero on any).
+memory errors itself (its exit code is non-zero on any).  It writes no files:
+everything it has to say goes to stdout/stderr.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +29,14 @@ from dgg_kernels.state import GateState  # noqa: E402
 from sequences import make_sequence, run_gate  # noqa: E402
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """No flags beyond --help, which describes the run instead of starting it."""
+    return argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main(argv=None) -> int:
+    build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_cuda: needs a CUDA device", file=sys.stderr)
         return 2

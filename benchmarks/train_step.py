@@ -3,6 +3,7 @@
     python benchmarks/train_step.py               # GPU mode on a CUDA machine, CPU mode otherwise
     python benchmarks/train_step.py --quick       # CPU smoke test (what tests/test_benchmarks.py runs)
     python benchmarks/train_step.py --budget-s 150
+    python benchmarks/train_step.py --out benchmarks/results   # replace the committed results
 
 The model is a transformers Qwen2ForCausalLM with random init (no download):
 24 layers, hidden 896, vocab 151936, untied lm_head, bf16, fused AdamW, batch 2
@@ -16,7 +17,8 @@ the step time is the median over rounds and the overhead is the median over
 rounds of (mechanism - no gate) / no gate from the same round.  A CUDA-graph
 variant captures the whole step where the mechanism allows it (peers that read
 the host every step cannot be captured: the table says so).  Writes
-benchmarks/results/train_step_<device>_<date>.{json,md}.
+train_step_<device>_<date>.{json,md} into --out (default: $DGG_BENCH_OUT, else a
+folder under the system temp dir; never the checkout unless asked).
 
 DGG runs as an RLVR trainer uses it: window 8, threshold 0.3, max_reuse 4,
 new_batch() every 4 steps, attached to the fused optimizer; closed steps are
@@ -25,7 +27,6 @@ counted and reported (a closed step skips AdamW on device, which is cheaper).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -373,22 +374,35 @@ def evaluate_goals(eager, graph, device) -> list[dict]:
     return goals
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes (seconds)")
-    ap.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
-    ap.add_argument("--budget-s", type=float, default=None)
-    ap.add_argument("--reserve-s", type=float, default=5.0)
-    ap.add_argument("--graph-reserve-s", type=float, default=None, help="seconds kept for the CUDA-graph section")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per mechanism per round")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes (seconds; what the tests run)")
+    C.add_out_argument(ap)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new rounds and variants after this many seconds (default: no limit)")
+    ap.add_argument("--reserve-s", type=float, default=5.0,
+                    help="seconds of the budget kept back for writing results (default 5)")
+    ap.add_argument("--graph-reserve-s", type=float, default=None,
+                    help="seconds of the budget kept for the CUDA-graph section (default 60 on a GPU, else 0)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds over all mechanisms (default 5 on a GPU, else 3)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per mechanism per round (default 5 on a GPU, else 2)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
+    ap.add_argument("--seq", type=int, default=None,
+                    help="tokens per sequence (default 2048 on a GPU, 128 on a CPU, 32 with --quick)")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="model dtype (default bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--builtin", action="store_true", help="use the built-in decoder even if transformers is there")
-    ap.add_argument("--no-graph", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variant (GPU only)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = C.pick_device(args.device)
     mode = "gpu" if device.type == "cuda" else ("quick" if args.quick else "cpu")
@@ -441,7 +455,7 @@ def main(argv=None) -> int:
             graph = run_graphs(model, loss_fn, lm_head, batches, graph_mechs, device, args, budget)
     goals = evaluate_goals(eager, graph, device)
 
-    paths = C.results_paths(args.out_dir, "train_step", stamp)
+    paths = C.results_paths(args.out, "train_step", stamp)
     setup = {"model": model_desc, "params_M": n_params / 1e6, "lm_head": list(lm_head.shape), "dtype": str(dtype),
              **s, "optimizer": "AdamW(fused=True, lr=1e-5); capturable=True for the CUDA-graph variant",
              "rounds": args.rounds, "steps_per_round": args.steps, "max_reuse": MAX_REUSE,
@@ -474,7 +488,7 @@ def main(argv=None) -> int:
     ] if x)
     paths["md"].write_text(md + "\n")
     print(md)
-    C.log(f"wrote {paths['json']}, {paths['md']}")
+    C.log(f"results written to {args.out.resolve()}: {paths['json'].name}, {paths['md'].name}")
     return 0
 
 

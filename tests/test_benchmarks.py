@@ -3,7 +3,9 @@
 No timing assertions: CPU numbers on a shared CI machine mean nothing.  What is
 checked is that every implementation has a row, each row is either measured or
 says why not, the goals are stated (and 'not measured' without a GPU), and the
-host-read counts separate the peers that read the host from the gate.
+host-read counts separate the peers that read the host from the gate.  The
+scripts write into pytest's tmp_path (--out) and nothing into the checkout;
+their default folder lies outside it, and --help documents every flag.
 """
 from __future__ import annotations
 
@@ -26,12 +28,34 @@ from benchmarks import peers as P  # noqa: E402
 GOAL_STATUSES = {"met", "missed", "not measured"}
 
 
+# Folders of the checkout the scripts have no business writing to (or that
+# change on their own: git, caches, the venv), skipped when looking for output.
+_NOT_OUTPUT = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "build", "dist", ".whl"}
+
+
+def _result_files_in_checkout(name: str) -> dict[Path, int]:
+    """Files named like a result of benchmark ``name`` anywhere in the checkout, with their mtimes."""
+    found = {}
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in _NOT_OUTPUT and not d.endswith(".egg-info")]
+        for f in files:
+            if f.startswith(f"{name}_"):
+                path = Path(root) / f
+                found[path] = path.stat().st_mtime_ns
+    return found
+
+
 def _run(script: str, out_dir: Path) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu",
-                           "--out-dir", str(out_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     name = script.removesuffix(".py")
+    before = _result_files_in_checkout(name)
+    # DGG_BENCH_OUT points elsewhere on purpose: --out must win over it.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), DGG_BENCH_OUT=str(out_dir / "not-here"))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu",
+                           "--out", str(out_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert _result_files_in_checkout(name) == before, "the benchmark wrote (or rewrote) results in the checkout"
+    assert not (out_dir / "not-here").exists()
+    assert str(out_dir.resolve()) in proc.stderr  # the user is told where the files are
     jsons = sorted(out_dir.glob(f"{name}_cpu_*.json"))
     assert len(jsons) == 1, f"expected one {name}_cpu_<date>.json in {list(out_dir.iterdir())}"
     md = jsons[0].with_suffix(".md")
@@ -66,6 +90,7 @@ def _check_goals(goals: list):
         assert g["status"] == "not measured" and C.NOT_MEASURED_CPU in g["detail"]
 
 
+@pytest.mark.triton  # expects the dgg triton rows to be measured
 def test_overhead_results_are_well_formed(overhead):
     data = overhead["json"]
     _check_stamp(data["stamp"])
@@ -109,6 +134,7 @@ def test_overhead_zclip_row(overhead):
         assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.triton  # expects the dgg triton rows to be measured
 def test_overhead_mask_rows_and_files(overhead):
     masks = overhead["json"]["mask_rows"]
     assert {m["gate"] for m in masks} == {"open", "closed"}
@@ -170,3 +196,30 @@ def test_cuda_backend_row_is_unavailable_with_reason():
     cuda = next(i for i in P.IMPLS if i.name == "dgg cuda")
     with pytest.raises(P.Unavailable, match="cuda"):
         P.build(cuda, P.Case(monitor=[p], params=[p]))
+
+
+@pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda"])
+def test_help_documents_every_flag(script):
+    module = importlib.import_module(f"benchmarks.{script}")
+    ap = module.build_parser()
+    for action in ap._actions:
+        assert action.help and action.help.strip(), f"{script}: {action.option_strings} has no help"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for action in ap._actions:
+        for flag in action.option_strings:
+            assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize("script", ["overhead", "train_step"])
+def test_default_out_is_outside_the_checkout(script, monkeypatch, tmp_path):
+    module = importlib.import_module(f"benchmarks.{script}")
+    monkeypatch.delenv("DGG_BENCH_OUT", raising=False)
+    out = module.build_parser().parse_args([]).out
+    assert out == C.TEMP_OUT
+    assert not out.resolve().is_relative_to(REPO.resolve()), out
+    monkeypatch.setenv("DGG_BENCH_OUT", str(tmp_path))
+    assert module.build_parser().parse_args([]).out == tmp_path
+    assert module.build_parser().parse_args(["--out", "elsewhere"]).out == Path("elsewhere")

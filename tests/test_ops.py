@@ -6,7 +6,7 @@ import dgg_kernels as dgg
 from dgg_kernels import ops
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck(backend):
     w = torch.nn.Parameter(torch.empty(33, 5))
     b = torch.nn.Parameter(torch.empty(5))

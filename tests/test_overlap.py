@@ -6,7 +6,7 @@ import torch.nn as nn
 import dgg_kernels as dgg
 from sequences import bit_equal
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]  # skips without triton
 
 
 def _pair(backend, shapes=((31, 6), (31,)), **kw):
