@@ -76,15 +76,18 @@ std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& gra
 dgg::StateSlots make_slots(const std::vector<int64_t>& s) {
   TORCH_CHECK(static_cast<int>(s.size()) == dgg::kNumSlots, "dgg: expected ", dgg::kNumSlots,
               " state slot indices, got ", s.size());
-  // ints and stats have 7 entries, hyper 2 (checked in make_view); a slot
-  // outside them would make the finalize write out of bounds.
+  // ints, stats and hyper have kNumIntSlots, kNumStatSlots and kNumHyperSlots
+  // entries (checked in make_view); a slot outside them would make the
+  // finalize write out of bounds.
   for (int i = 0; i < dgg::kNumSlots; ++i) {
-    const int64_t limit = i < 14 ? 7 : 2;
+    const int64_t limit = i < dgg::kNumIntSlots                         ? dgg::kNumIntSlots
+                          : i < dgg::kNumIntSlots + dgg::kNumStatSlots ? dgg::kNumStatSlots
+                                                                       : dgg::kNumHyperSlots;
     TORCH_CHECK(s[i] >= 0 && s[i] < limit, "dgg: state slot ", i, " = ", s[i], " is outside [0, ", limit, ")");
   }
   dgg::StateSlots sl;
-  int32_t* f = &sl.pos;  // the struct is 16 int32 in declaration order
-  static_assert(sizeof(dgg::StateSlots) == dgg::kNumSlots * sizeof(int32_t), "StateSlots must be 16 packed int32");
+  int32_t* f = &sl.pos;  // the struct is kNumSlots int32 in declaration order
+  static_assert(sizeof(dgg::StateSlots) == dgg::kNumSlots * sizeof(int32_t), "StateSlots must be packed int32");
   for (int i = 0; i < dgg::kNumSlots; ++i) f[i] = static_cast<int32_t>(s[i]);
   return sl;
 }
@@ -97,13 +100,15 @@ dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, con
   TORCH_CHECK(device.is_cuda(), "dgg: the gate state is on ", device, "; the cuda backend needs a CUDA device");
   TORCH_CHECK(window >= 2, "dgg: window must be >= 2, got ", window);
   TORCH_CHECK(max_reuse >= 1, "dgg: max_reuse must be >= 1, got ", max_reuse);
-  TORCH_CHECK(statistic >= 0 && statistic <= 2, "dgg: statistic id must be 0, 1 or 2, got ", statistic);
-  check_state_tensor(ring, "ring", at::kDouble, window, device);
+  TORCH_CHECK(statistic >= dgg::kStatNorm && statistic <= dgg::kStatEnergyIncrement,
+              "dgg: statistic id must be 0, 1, 2 or 3, got ", statistic);
+  const int64_t n_rings = statistic == dgg::kStatEnergyIncrement ? 2 : 1;
+  check_state_tensor(ring, "ring", at::kDouble, n_rings * window, device);
   check_state_tensor(prev, "prev", at::kDouble, 1, device);
-  check_state_tensor(ints, "ints", at::kLong, 7, device);
-  check_state_tensor(stats, "stats", at::kFloat, 7, device);
+  check_state_tensor(ints, "ints", at::kLong, dgg::kNumIntSlots, device);
+  check_state_tensor(stats, "stats", at::kFloat, dgg::kNumStatSlots, device);
   check_state_tensor(decision, "decision", at::kBool, 1, device);
-  check_state_tensor(hyper, "hyper", at::kDouble, 2, device);
+  check_state_tensor(hyper, "hyper", at::kDouble, dgg::kNumHyperSlots, device);
   check_state_tensor(acc, "acc", at::kDouble, 1, device);
   dgg::GateStateView v{};
   v.ring = ring.data_ptr<double>();
@@ -216,4 +221,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocks"));
   m.def("mask_threads", &dgg::gate_mask_threads, "threads per block of the mask kernel");
   m.attr("MAX_STEP_TENSORS") = dgg::kMaxStepTensors;
+  // (len(ints), len(stats), len(hyper)) this build expects; the loader compares it with state.py
+  m.attr("STATE_LAYOUT") = py::make_tuple(dgg::kNumIntSlots, dgg::kNumStatSlots, dgg::kNumHyperSlots);
 }

@@ -46,6 +46,12 @@ class _GatedLinearFn(torch.autograd.Function):
 
 
 def _watch_list(gate, weight, bias) -> tuple:
+    if getattr(gate, "_sharding", None) is not None:
+        raise ValueError(
+            "a gated linear layer cannot use a gate on sharded (DTensor or process_group) monitor tensors: the dW "
+            "its backward sees is this rank's gradient before the engine reduces it across ranks, not the shard "
+            "the gate combines. Call gate.step() after backward instead (see docs/distributed.md)."
+        )
     watch = []
     for i, t in enumerate(gate.monitor):
         if t is weight:

@@ -12,6 +12,7 @@ import torch
 
 from . import ops
 from . import state as S
+from .distributed import is_dtensor, local_tensor, sharding_for
 from .backends import resolve_backend
 from .backends.base import Backend
 from .config import GateConfig
@@ -44,7 +45,14 @@ class DynamicGradientGate:
         params: Tensors whose ``.grad`` is zeroed when the gate closes
             (default: the monitor tensors).  Entries whose ``.grad`` is None
             at step() are skipped.
-        window, threshold, statistic, eps, max_reuse, backend: see GateConfig.
+        window, threshold, statistic, eps, max_reuse, backend, window_mode:
+            see GateConfig.  statistic="energy+increment" is the paper's rule
+            (energy and increment tests, closing when either fires);
+            threshold=float("inf") is the observer mode (z reported, never
+            closes on a finite gradient; see dgg_kernels.calibration);
+            window_mode="batch" keeps one statistic per rollout batch in the
+            window (the first pass after new_batch()).  The defaults are
+            GateConfig's.  docs/semantics.md has the exact rules.
         overlap: launch the monitor reduction from a post-accumulate-grad hook
             during backward (on a side stream on CUDA), so step() only
             finalizes and masks.  step() uses that reduction only if every
@@ -54,6 +62,17 @@ class DynamicGradientGate:
             reduces again itself.  With gradient accumulation the hook runs on
             every micro-batch and the last one, on the fully accumulated
             gradient, is the one used.  Monitor tensors must be leaves.
+            Refused for sharded monitor tensors (see process_group).
+        process_group: for monitor tensors that are plain-tensor shards (a
+            Megatron vocab-parallel or hand-sharded lm_head): the
+            torch.distributed group whose ranks hold the other shards.  Each
+            rank reduces its shard, the partial energies are combined over the
+            group (one small all-gather, summed in rank order on every rank)
+            and every rank reaches the same decision, bit for bit.  DTensor
+            monitor tensors (FSDP2, tensor parallel) need no group: the ranks
+            are read from their mesh and placements (a group given anyway must
+            hold exactly those ranks, e.g. to combine a 2-D mesh in one
+            collective).  See docs/distributed.md.
     """
 
     def __init__(
@@ -63,14 +82,17 @@ class DynamicGradientGate:
         *,
         window: int = 8,
         threshold: float = 0.3,
-        statistic: str = "norm",
+        statistic: str = GateConfig.statistic,
         eps: float = 1e-8,
         max_reuse: int = 4,
         backend: str = "auto",
         overlap: bool = False,
+        process_group=None,
+        window_mode: str = GateConfig.window_mode,
     ) -> None:
         self.config = GateConfig(
-            window=window, threshold=threshold, statistic=statistic, eps=eps, max_reuse=max_reuse, backend=backend
+            window=window, threshold=threshold, statistic=statistic, eps=eps, max_reuse=max_reuse, backend=backend,
+            window_mode=window_mode,
         )
         self.monitor = _tensor_list(monitor, "monitor")
         self.params = list(self.monitor) if params is None else _tensor_list(params, "params")
@@ -80,9 +102,23 @@ class DynamicGradientGate:
                 f"monitor and params must live on one device, got {sorted(str(d) for d in devices)}"
             )
         self.device = devices.pop()
-        self._backend = resolve_backend(self.config.backend, self.device)
+        # sharded monitor tensors: which ranks share them (checked here, once; None on a single rank)
+        self._sharding = sharding_for(self.monitor, process_group, self.device)
+        self._dtensor_params = any(is_dtensor(p) for p in self.params)
+        if overlap and self._sharding is not None:
+            raise ValueError(
+                "overlap=True is not supported with sharded (DTensor or process_group) monitor tensors: the "
+                "partial energy must be combined across ranks between the reduction and the finalize, which the "
+                "overlap hooks do not do. Use overlap=False (the default)."
+            )
+        self._backend = resolve_backend(self.config.backend, self.device, self.monitor)
         self._op_key = ops.register_backend(self._backend)
-        self.state = GateState.new(self.config.window, self.config.threshold, self.config.eps, self.device)
+        # the compiled path finds the combine by key, like the backend (0: no combine)
+        self._combine_key = ops.register_backend(self._sharding) if self.sharded else 0
+        self.state = GateState.new(
+            self.config.window, self.config.threshold, self.config.eps, self.device,
+            n_rings=self.config.n_rings, window_mode=self.config.window_mode,
+        )
         self.overlap = bool(overlap)
         self._overlap_hooks: list = []
         if self.overlap:
@@ -149,6 +185,11 @@ class DynamicGradientGate:
         """The backend in use: "torch", "triton" or "cuda" (what "auto" chose)."""
         return self._backend.name
 
+    @property
+    def sharded(self) -> bool:
+        """True when each step combines the partial energy across ranks (see process_group)."""
+        return self._sharding is not None and self._sharding.combines
+
     def _monitor_grads(self) -> list[torch.Tensor]:
         grads = []
         for i, t in enumerate(self.monitor):
@@ -161,7 +202,10 @@ class DynamicGradientGate:
         return grads
 
     def _param_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params if p.grad is not None]
+        if self._dtensor_params:  # zero the local shards in place (a view of each DTensor grad)
+            return [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
+        return [g for g in grads if g is not None]
 
     def step(self) -> torch.Tensor:
         """Run one gate step on the current gradients.
@@ -170,6 +214,8 @@ class DynamicGradientGate:
         the gate closed (the params' gradients are now zero).  No host sync.
         """
         grads = self._monitor_grads()
+        if self._sharding is not None:
+            grads = self._sharding.local_grads(grads)  # checks the layout, raises before any write
         if self.overlap and self._consume_overlap(grads):
             self._backend.finalize_partials(len(grads), self.state, self.config)
             return self._mask(self._param_grads())
@@ -181,10 +227,16 @@ class DynamicGradientGate:
             # opaque custom ops: the compiler traces through step() without a graph break
             st, c = self.state, self.config
             ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
-                          c.window, c.statistic_id, c.max_reuse, self._op_key)
+                          c.window, c.statistic_id, c.max_reuse, self._op_key, self._combine_key)
             ops.gate_mask(st.decision, list(zero), self._op_key)
             return self.state.decision.clone()
-        self._backend.step(grads, self.state, self.config)
+        if self._combine_key:
+            # sharded: this rank's partial energy -> the sum over the ranks sharing the tensor -> finalize
+            self._backend.reduce(grads, self.state, self.config)
+            self._sharding.combine(self.state.acc)
+            self._backend.finalize(self.state, self.config)
+        else:
+            self._backend.step(grads, self.state, self.config)
         return self._mask(zero)
 
     def _mask(self, zero: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -214,8 +266,18 @@ class DynamicGradientGate:
     def stats(self) -> dict[str, torch.Tensor]:
         """The last step's report as 0-dim device tensors (a snapshot; no host read).
 
-        energy, norm, statistic, mean, std, z (float32); closed (bool);
-        reuse_index, accepted, closed_total (int64).  z is 0 until the window is full.
+        energy, norm, statistic, mean, std, z, z_energy, z_increment (float32);
+        closed (bool); reuse_index, accepted, closed_total (int64).  A test's z
+        is 0 until its window is full.
+
+        z_energy is the z of the magnitude test (statistic "norm": of the norm;
+        "energy" and "energy+increment": of the energy), z_increment the z of the
+        increment test; a statistic without that test reports 0 there (as a
+        test whose window is still filling does).  For
+        "energy+increment", z is the larger of the two, and statistic, mean and
+        std are those of the test whose z is reported (the increment test only
+        when its z is strictly larger).  For every statistic the gate closed iff
+        the energy was not finite, or the reuse index is above 1 and z > threshold.
         """
         f = self.state.stats.clone()
         i = self.state.ints.clone()
@@ -230,6 +292,8 @@ class DynamicGradientGate:
             "reuse_index": i[S.REUSE],
             "accepted": i[S.ACCEPTED],
             "closed_total": i[S.CLOSED_TOTAL],
+            "z_energy": f[S.Z_ENERGY],
+            "z_increment": f[S.Z_INCREMENT],
         }
 
     def state_dict(self) -> dict:
@@ -244,11 +308,12 @@ class DynamicGradientGate:
             raise KeyError("gate state_dict needs the keys 'config' and 'state' (from DynamicGradientGate.state_dict())")
         mine = dataclasses.asdict(self.config)
         mine.pop("backend")
-        differ = sorted(k for k in set(mine) | set(sd["config"]) if mine.get(k) != sd["config"].get(k))
+        theirs = {"window_mode": "step", **sd["config"]}  # saved before window_mode existed: "step"
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise ValueError(
                 "gate state_dict was saved with other settings: "
-                + ", ".join(f"{k}={sd['config'].get(k)!r} (this gate: {mine.get(k)!r})" for k in differ)
+                + ", ".join(f"{k}={theirs.get(k)!r} (this gate: {mine.get(k)!r})" for k in differ)
             )
         self.state.load_state_dict(sd["state"])
 
@@ -256,5 +321,6 @@ class DynamicGradientGate:
         c = self.config
         return (
             f"DynamicGradientGate(window={c.window}, threshold={c.threshold}, statistic={c.statistic!r}, "
-            f"eps={c.eps}, max_reuse={c.max_reuse}, backend={self.backend!r}, device={self.device})"
+            f"eps={c.eps}, max_reuse={c.max_reuse}, window_mode={c.window_mode!r}, backend={self.backend!r}, "
+            f"device={self.device})"
         )

@@ -40,20 +40,29 @@ def _lookup(key: int):
 def gate_step(
     grads: List[torch.Tensor], ring: torch.Tensor, prev: torch.Tensor, ints: torch.Tensor, stats: torch.Tensor,
     decision: torch.Tensor, acc: torch.Tensor, hyper: torch.Tensor, window: int, statistic: int, max_reuse: int,
-    backend_key: int,
+    backend_key: int, combine_key: int = 0,
 ) -> None:
     """One reduce + finalize on the state tensors (see dgg_kernels.state for their layout).
 
-    Threshold and eps are read from ``hyper`` by every backend; the config built
-    here only carries window, statistic and max_reuse.
+    Threshold, eps and the window mode are read from ``hyper`` by every
+    backend; the config built here only carries window, statistic and
+    max_reuse.  A nonzero
+    ``combine_key`` names a sharded gate's distributed.Sharding: the partial
+    energy is then combined across ranks between the reduce and the finalize.
     """
     state = GateState(ring=ring, prev=prev, ints=ints, stats=stats, decision=decision, hyper=hyper, acc=acc)
     config = GateConfig(window=window, statistic=STATISTICS[statistic], max_reuse=max_reuse)
-    _lookup(backend_key).step(grads, state, config)
+    backend = _lookup(backend_key)
+    if combine_key:
+        backend.reduce(grads, state, config)
+        _lookup(combine_key).combine(acc)
+        backend.finalize(state, config)
+    else:
+        backend.step(grads, state, config)
 
 
 @gate_step.register_fake
-def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, backend_key):
+def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, backend_key, combine_key=0):
     return None
 
 

@@ -18,14 +18,41 @@ def energy_of(grads) -> float:
     return math.inf if e > FLT_MAX else e
 
 
+class _Test:
+    """One sliding-window Z-score test: its window of statistics and the magnitudes they came from."""
+
+    def __init__(self, size):
+        self.size = size
+        self.values: list[float] = []  # oldest first
+        self.magnitudes: list[float] = []  # the energies (or norms) each entry was computed from
+
+    def judge(self, s):
+        n = len(self.values)
+        mean = sum(self.values) / n if n else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.values) / n) if n else 0.0
+        full = n == self.size
+        return mean, std, full
+
+    def push(self, s, mag):
+        self.values = (self.values + [s])[-self.size :]
+        self.magnitudes = (self.magnitudes + [mag])[-self.size :]
+
+
 class GateModel:
-    def __init__(self, window=8, threshold=0.3, statistic="norm", eps=1e-8, max_reuse=4):
+    def __init__(self, window=8, threshold=0.3, statistic="norm", eps=1e-8, max_reuse=4, window_mode="step"):
         self.W, self.threshold, self.statistic, self.eps, self.max_reuse = window, threshold, statistic, eps, max_reuse
-        self.window: list[float] = []  # accepted statistics, oldest first
-        self.magnitudes: list[float] = []  # the energies (or norms) each window entry was computed from
+        self.window_mode = window_mode
+        # "energy+increment" runs two tests, each with a window of W; the others one
+        kinds = ["energy", "increment"] if statistic == "energy+increment" else [statistic]
+        self.tests = {k: _Test(window) for k in kinds}
         self.prev_energy: float | None = None
         self.accepted = self.closed_total = self.reuse = 0
         self.stop = False
+
+    @property
+    def window(self) -> list[float]:
+        """The (first) test's window, oldest first."""
+        return next(iter(self.tests.values())).values
 
     def new_batch(self):
         self.reuse = 0
@@ -34,34 +61,51 @@ class GateModel:
     def step(self, energy: float) -> dict:
         finite = math.isfinite(energy)
         norm = math.sqrt(energy) if not math.isnan(energy) else math.nan
-        if self.statistic == "norm":
-            s, pushable, mag = norm, True, norm
-        elif self.statistic == "energy":
-            s, pushable, mag = energy, True, energy
-        else:
-            pushable = self.prev_energy is not None
-            s = energy - self.prev_energy if pushable else 0.0
-            mag = energy + (self.prev_energy or 0.0)
-        # how large the float32 rounding of this step's stats can be, in their units
-        err_scale = max([mag if math.isfinite(mag) else 0.0] + self.magnitudes)
-        n = len(self.window)
-        mean = sum(self.window) / n if n else 0.0
-        std = math.sqrt(sum((x - mean) ** 2 for x in self.window) / n) if n else 0.0
-        full = n == self.W
+        has_prev = self.prev_energy is not None
+        # each watched test: its statistic, whether it may enter the window, and its magnitude
+        values = {
+            "norm": (norm, True, norm),
+            "energy": (energy, True, energy),
+            "increment": (energy - self.prev_energy if has_prev else 0.0, has_prev, energy + (self.prev_energy or 0.0)),
+        }
         self.reuse += 1
-        z = (s - mean) / (std + self.eps) if full else 0.0
-        closed = (not finite) or (full and self.reuse > 1 and z > self.threshold)
+        judged = {}
+        for kind, test in self.tests.items():
+            s, _, _ = values[kind]
+            mean, std, full = test.judge(s)
+            z = (s - mean) / (std + self.eps) if full else 0.0
+            judged[kind] = dict(statistic=s, mean=mean, std=std, z=z, full=full)
+        fires = any(j["full"] and j["z"] > self.threshold for j in judged.values())
+        closed = (not finite) or (self.reuse > 1 and fires)
+        # how large the float32 rounding of this step's stats can be, in their units
+        mags = [values[k][2] for k in self.tests]
+        err_scale = max([m if math.isfinite(m) else 0.0 for m in mags] + [m for t in self.tests.values() for m in t.magnitudes])
         if closed:
             self.closed_total += 1
         else:
             self.accepted += 1
             self.prev_energy = energy
-            if pushable:
-                self.window = (self.window + [s])[-self.W :]
-                self.magnitudes = (self.magnitudes + [mag])[-self.W :]
+            if self.window_mode == "step" or self.reuse == 1:
+                for kind, test in self.tests.items():
+                    s, pushable, mag = values[kind]
+                    if pushable:
+                        test.push(s, mag)
         if closed or self.reuse >= self.max_reuse:
             self.stop = True
-        return dict(closed=closed, energy=energy, norm=norm, statistic=s, mean=mean, std=std, z=z, err_scale=err_scale)
+        # the report: the one test, or for two the increment test when its z is strictly larger
+        if "increment" in judged and "energy" in judged and judged["increment"]["z"] > judged["energy"]["z"]:
+            shown = judged["increment"]
+        else:
+            shown = next(iter(judged.values()))
+        magnitude = judged.get("energy", judged.get("norm"))
+        out = dict(closed=closed, energy=energy, norm=norm, err_scale=err_scale,
+                   statistic=shown["statistic"], mean=shown["mean"], std=shown["std"], z=shown["z"])
+        # a test the statistic does not run reports z = 0 (std: None)
+        out["z_energy"] = magnitude["z"] if magnitude else 0.0
+        out["std_energy"] = magnitude["std"] if magnitude else None
+        out["z_increment"] = judged["increment"]["z"] if "increment" in judged else 0.0
+        out["std_increment"] = judged["increment"]["std"] if "increment" in judged else None
+        return out
 
 
 def play(cfg: dict, seq) -> list:

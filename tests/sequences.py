@@ -12,18 +12,32 @@ import torch
 
 
 # Gate settings every backend's parity tests run: each statistic, windows 2-16,
-# thresholds 0-2, max_reuse 1-8.
+# thresholds 0-2 and inf (the observer mode), max_reuse 1-8, both window modes.
+# GATE_CONFIGS[:4] (every single statistic) runs with every dtype under the
+# Triton interpreter; NEW_SETTINGS (the paper's rule, the batch window with
+# each statistic family, the observer) once each, in float32: they change only
+# the finalize, not the reduction.
 GATE_CONFIGS = [
     dict(window=2, threshold=0.0, statistic="norm", eps=1e-3, max_reuse=1),
     dict(window=3, threshold=0.3, statistic="norm", max_reuse=4),
     dict(window=8, threshold=0.1, statistic="energy", max_reuse=4),
     dict(window=5, threshold=0.5, statistic="increment", max_reuse=8),
     dict(window=16, threshold=2.0, statistic="norm", eps=1e-3, max_reuse=3),
+    # the paper's rule, per-step windows
+    dict(window=4, threshold=0.3, statistic="energy+increment", max_reuse=4),
+    # one statistic per batch (the first pass's), for each statistic family
+    dict(window=3, threshold=0.2, statistic="norm", window_mode="batch", max_reuse=4),
+    dict(window=4, threshold=0.0, statistic="increment", window_mode="batch", max_reuse=6),
+    dict(window=3, threshold=0.1, statistic="energy+increment", window_mode="batch", eps=1e-3, max_reuse=4),
+    # the observer: z reported, closes only on NaN/Inf
+    dict(window=5, threshold=float("inf"), statistic="energy+increment", max_reuse=4),
 ]
+NEW_SETTINGS = GATE_CONFIGS[5:]
 
 
 def config_id(cfg: dict) -> str:
-    return f"{cfg['statistic']}-w{cfg['window']}-t{cfg['threshold']}"
+    mode = "-batch" if cfg.get("window_mode", "step") == "batch" else ""
+    return f"{cfg['statistic']}-w{cfg['window']}-t{cfg['threshold']}{mode}"
 
 
 @dataclass
@@ -120,12 +134,14 @@ def close(a, b, rel=1e-5, abs_=0.0):
     return abs(a - b) <= abs_ + rel * max(abs(a), abs(b))
 
 
-def assert_stats_match(got: dict, want: dict, step: int, err_scale: float):
+def assert_stats_match(got: dict, want: dict, step: int, err_scale: float, model: dict | None = None):
     """Compare a step's float stats within float32 rounding.
 
     ``err_scale`` is the size of the numbers the stats were computed from (for
     "increment", the energies that were differenced): rounding is relative to
-    it, not to the stat itself.
+    it, not to the stat itself.  ``model`` is the semantics model's record of
+    the step (default: ``want``, when that is it): z_energy and z_increment are
+    compared with the tolerance of their own test's std.
     """
     for key in ("energy", "norm"):
         assert close(got[key], want[key], 2e-5), (step, key, got[key], want[key])
@@ -138,3 +154,17 @@ def assert_stats_match(got: dict, want: dict, step: int, err_scale: float):
     # tolerance grows with |z| / std; decisions are still compared exactly.
     ztol = d * (1.0 + abs(want["z"])) / (abs(want["std"]) + 1e-8) + 1e-5
     assert close(got["z"], want["z"], 2e-5, abs_=ztol), (step, "z", got["z"], want["z"])
+    model = want if model is None else model
+    for key in ("z_energy", "z_increment"):
+        if key not in want:
+            continue
+        # the test's own std; without a model record, the reported one (the same test for one statistic)
+        std = model.get("std_" + key[2:], want["std"])
+        if std is None:  # a test this statistic does not run: exactly 0
+            assert got[key] == 0.0 and want[key] == 0.0, (step, key, got[key], want[key])
+            continue
+        if math.isnan(want[key]) or math.isnan(std):
+            assert math.isnan(got[key]) == math.isnan(want[key]), (step, key, got[key], want[key])
+            continue
+        tol = d * (1.0 + abs(want[key])) / (abs(std) + 1e-8) + 1e-5
+        assert close(got[key], want[key], 2e-5, abs_=tol), (step, key, got[key], want[key])

@@ -96,10 +96,23 @@ def test_slot_order_matches_the_kernel_struct():
     header = (CSRC / "common" / "dgg_types.h").read_text()
     body = re.search(r"struct StateSlots \{(.*?)\};", header, re.S).group(1)
     fields = re.findall(r"(\w+)(?=[,;])", re.sub(r"//[^\n]*", "", body).replace("int32_t", ""))
-    names = {"std": "STD", "pos": "POS", "count": "COUNT"}
-    want = [getattr(S, names.get(f, f.upper())) for f in fields]
-    assert len(fields) == 16 and cuda_ext.SLOTS == want
+    want = [getattr(S, f.upper()) for f in fields]
+    assert len(fields) == len(cuda_ext.SLOTS) and cuda_ext.SLOTS == want
     assert f"kMaxStepTensors = {cuda_ext.MAX_STEP_TENSORS};" in header
+    # the group sizes the binding checks ints, stats and hyper against
+    assert f"kNumIntSlots = {S.N_INTS};" in header and f"kNumStatSlots = {S.N_STATS};" in header
+    assert f"kNumHyperSlots = {S.N_HYPER};" in header
+    # every slot of each group is named once, so the finalize can reach all of them
+    n_ints, n_stats = S.N_INTS, S.N_STATS
+    assert sorted(want[:n_ints]) == list(range(n_ints))
+    assert sorted(want[n_ints : n_ints + n_stats]) == list(range(n_stats))
+    assert sorted(want[n_ints + n_stats :]) == list(range(S.N_HYPER))
+    # the statistic and window-mode ids the kernels compare with
+    from dgg_kernels.config import STATISTICS, WINDOW_MODES
+
+    assert f"kStatEnergyIncrement = {STATISTICS.index('energy+increment')};" in header
+    assert f"kWindowStep = {WINDOW_MODES.index('step')};" in header
+    assert f"kWindowBatch = {WINDOW_MODES.index('batch')};" in header
 
 
 def test_dense_detects_byte_spans():
@@ -153,7 +166,7 @@ def _compare_with_torch(cfg, seq, n_steps):
         assert g["untouched"] if not g["closed"] else g["zeroed"], i
         for k in ("reuse_index", "accepted", "closed_total"):
             assert g["stats"][k] == w["stats"][k], (i, k)
-        assert_stats_match(g["stats"], w["stats"], i, m["err_scale"])
+        assert_stats_match(g["stats"], w["stats"], i, m["err_scale"], model=m)
     return got
 
 
@@ -226,14 +239,19 @@ def test_reduce_is_bit_deterministic(ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("statistic", ["norm", "energy", "increment"])
-def test_reduce_then_finalize_equals_fused_step(ext, statistic):
-    cfg = dgg.GateConfig(window=3, threshold=0.2, statistic=statistic, backend="cuda")
+@pytest.mark.parametrize("window_mode", ["step", "batch"])
+@pytest.mark.parametrize("statistic", ["norm", "energy", "increment", "energy+increment"])
+def test_reduce_then_finalize_equals_fused_step(ext, statistic, window_mode):
+    cfg = dgg.GateConfig(window=3, threshold=0.2, statistic=statistic, backend="cuda", window_mode=window_mode)
     backend = cuda_ext.CudaBackend(torch.device("cuda"))
-    fused, split = (GateState.new(3, 0.2, 1e-8, torch.device("cuda")) for _ in range(2))
+    fused, split = (GateState.new(3, 0.2, 1e-8, torch.device("cuda"), n_rings=cfg.n_rings, window_mode=window_mode)
+                    for _ in range(2))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for i in range(40):
         g = [torch.randn(999, device="cuda", generator=gen) * (1 + (i % 7 == 6) * 5)]
+        if i % 3 == 0:  # batches of three passes (the batch window keeps the first)
+            for st in (fused, split):
+                st.ints[S.REUSE : S.STOP + 1].zero_()
         backend.step(g, fused, cfg)
         backend.reduce(g, split, cfg)
         backend.finalize(split, cfg)
@@ -333,7 +351,7 @@ def test_step_never_syncs(ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("statistic", ["norm", "increment"])
+@pytest.mark.parametrize("statistic", ["norm", "increment", "energy+increment"])
 def test_cuda_graph_replay_matches_eager(ext, statistic):
     cfg = dict(window=4, threshold=0.3, statistic=statistic, max_reuse=100)
     shapes = [(257, 129), (3,)]
@@ -416,12 +434,12 @@ def test_two_gates_interleaved_back_to_back(ext):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("statistic", ["norm", "increment"])
+@pytest.mark.parametrize("statistic", ["norm", "increment", "energy+increment"])
 def test_reduce_partial_then_finalize_partials_matches_step(ext, statistic):
     """The overlap=True path: one reduce launch per monitor grad (each its own scratch), then one finalize."""
     cfg = dgg.GateConfig(window=3, threshold=0.2, statistic=statistic, backend="cuda")
     backend = cuda_ext.CudaBackend(torch.device("cuda"))
-    fused, parts = (GateState.new(3, 0.2, 1e-8, torch.device("cuda")) for _ in range(2))
+    fused, parts = (GateState.new(3, 0.2, 1e-8, torch.device("cuda"), n_rings=cfg.n_rings) for _ in range(2))
     gen = torch.Generator(device="cuda").manual_seed(4)
     closed = 0
     for i in range(40):

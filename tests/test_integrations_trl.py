@@ -1,7 +1,6 @@
 """DGGGRPOTrainer on a tiny random-init Qwen2 and a locally built tokenizer (no downloads, CPU)."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -31,21 +31,32 @@ struct StepTensorTable {
 // dgg_kernels/state.py at run time (the single source of truth), never from
 // constants compiled in here.
 struct StateSlots {
-  int32_t pos, count, accepted, closed_total, reuse, stop, has_prev;       // ints (int64)
-  int32_t energy, norm, statistic, mean, std, z, closed;                   // stats (float32)
-  int32_t threshold, eps;                                                  // hyper (float64)
+  int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2;     // ints (int64)
+  int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment;        // stats (float32)
+  int32_t threshold, eps, window_mode;                                                 // hyper (float64)
 };
-constexpr int kNumSlots = 16;
+// Slots per group, in StateSlots order, and the lengths of ints, stats and hyper
+// (state.py N_INTS, N_STATS, N_HYPER; the binding checks both).
+constexpr int kNumIntSlots = 9;
+constexpr int kNumStatSlots = 9;
+constexpr int kNumHyperSlots = 3;
+constexpr int kNumSlots = kNumIntSlots + kNumStatSlots + kNumHyperSlots;
 
 // The statistic, as GateConfig.statistic_id numbers it.
 constexpr int32_t kStatNorm = 0;
 constexpr int32_t kStatEnergy = 1;
 constexpr int32_t kStatIncrement = 2;
+constexpr int32_t kStatEnergyIncrement = 3;  // the paper's rule: two tests, two rings
+
+// hyper[window_mode], as GateConfig.window_mode_id numbers it (stored as a float64).
+constexpr int32_t kWindowStep = 0;
+constexpr int32_t kWindowBatch = 1;
 
 // Device pointers of one gate's state (dgg_kernels/state.py GateState) plus
-// the settings the finalize needs.  Shapes: ring float64[window],
-// prev float64[1], ints int64[7], stats float32[7], decision bool[],
-// hyper float64[2], acc float64[1].
+// the settings the finalize needs.  Shapes: ring float64[n_rings * window]
+// (n_rings 2 for kStatEnergyIncrement, else 1), prev float64[1],
+// ints int64[kNumIntSlots], stats float32[kNumStatSlots], decision bool[],
+// hyper float64[kNumHyperSlots], acc float64[1].
 struct GateStateView {
   double* ring;
   double* prev;

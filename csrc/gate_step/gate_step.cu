@@ -49,6 +49,31 @@ __device__ float thread_sumsq(const void* base, int64_t n, int64_t tid, int64_t 
   return s;
 }
 
+// One Z-score test (torch_ref._window_test): mean and population std of the
+// `count` filled slots of `ring`, z = (stat - mean) / (std + eps) once the
+// window is full, else 0.  Float64, in slot order, without fused multiply-adds.
+struct WindowTest {
+  double mean, stdev, z;
+  bool full;
+};
+
+__device__ WindowTest window_test(const double* ring, int64_t count, int64_t window, double stat, double eps) {
+  const double n = static_cast<double>(count > 1 ? count : 1);
+  double sum = 0.0;
+  for (int64_t k = 0; k < window && k < count; ++k) sum += ring[k];
+  WindowTest t;
+  t.mean = sum / n;
+  double sq = 0.0;
+  for (int64_t k = 0; k < window && k < count; ++k) {
+    const double d = ring[k] - t.mean;
+    sq = __dadd_rn(sq, __dmul_rn(d, d));  // no fused multiply-add: rounds like the torch reference
+  }
+  t.stdev = sqrt(sq / n);
+  t.full = count == window;
+  t.z = t.full ? (stat - t.mean) / (t.stdev + eps) : 0.0;
+  return t;
+}
+
 // finalize_reference, one thread, all arithmetic in float64.
 __device__ void gate_finalize(double energy, const GateStateView& st) {
   const StateSlots& sl = st.slots;
@@ -60,40 +85,64 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   const bool finite = energy <= flt_max;
   const double norm = sqrt(energy);
   const bool has_prev = ints[sl.has_prev] > 0;
-  double stat;
-  bool pushable;
-  if (st.statistic == kStatNorm) {
-    stat = norm;
-    pushable = true;
-  } else if (st.statistic == kStatEnergy) {
-    stat = energy;
-    pushable = true;
-  } else {  // increment: the first accepted step has nothing to subtract
-    stat = has_prev ? energy - st.prev[0] : 0.0;
-    pushable = has_prev;
-  }
-
+  // the first accepted step has nothing to subtract: increment 0, enters no increment window
+  const double increment = has_prev ? energy - st.prev[0] : 0.0;
+  const int64_t reuse = ints[sl.reuse] + 1;
+  const double threshold = st.hyper[sl.threshold];
+  const double eps = st.hyper[sl.eps];
+  // window mode "batch": only the first pass of a batch (reuse index 1) enters a window
+  const bool enters = st.hyper[sl.window_mode] == static_cast<double>(kWindowStep) || reuse == 1;
   const int64_t window = st.window;
   const int64_t count = ints[sl.count];
-  const double n = static_cast<double>(count > 1 ? count : 1);
-  double sum = 0.0;
-  for (int64_t k = 0; k < window && k < count; ++k) sum += st.ring[k];
-  const double mean = sum / n;
-  double sq = 0.0;
-  for (int64_t k = 0; k < window && k < count; ++k) {
-    const double d = st.ring[k] - mean;
-    sq = __dadd_rn(sq, __dmul_rn(d, d));  // no fused multiply-add: rounds like the torch reference
-  }
-  const double stdev = sqrt(sq / n);
-  const bool full = count == window;
-  const int64_t reuse = ints[sl.reuse] + 1;
-  const double z = full ? (stat - mean) / (stdev + st.hyper[sl.eps]) : 0.0;
-  const bool closed = !finite || (full && reuse > 1 && z > st.hyper[sl.threshold]);
-  const bool accept = !closed;
-  const bool push = accept && pushable;
-
   const int64_t pos = ints[sl.pos];
-  if (push) st.ring[pos] = stat;
+
+  double stat, mean, stdev, z, z_energy, z_increment;
+  bool closed, push;
+  if (st.statistic == kStatEnergyIncrement) {
+    // two tests: the energies in ring[0, window), the increments in ring[window, 2 * window)
+    const int64_t count2 = ints[sl.count2];
+    const int64_t pos2 = ints[sl.pos2];
+    const WindowTest e = window_test(st.ring, count, window, energy, eps);
+    const WindowTest i = window_test(st.ring + window, count2, window, increment, eps);
+    const bool fires = (e.full && e.z > threshold) || (i.full && i.z > threshold);
+    closed = !finite || (reuse > 1 && fires);
+    push = !closed && enters;
+    const bool push2 = push && has_prev;
+    if (push) st.ring[pos] = energy;
+    if (push2) st.ring[window + pos2] = increment;
+    ints[sl.pos2] = push2 ? (pos2 + 1) % window : pos2;
+    ints[sl.count2] = push2 ? (count2 + 1 < window ? count2 + 1 : window) : count2;
+    // report the test with the larger z (the increment test only when strictly larger: NaN -> energy)
+    const bool pick_i = i.z > e.z;
+    stat = pick_i ? increment : energy;
+    mean = pick_i ? i.mean : e.mean;
+    stdev = pick_i ? i.stdev : e.stdev;
+    z = pick_i ? i.z : e.z;
+    z_energy = e.z;
+    z_increment = i.z;
+  } else {
+    bool pushable = true;
+    if (st.statistic == kStatNorm) {
+      stat = norm;
+    } else if (st.statistic == kStatEnergy) {
+      stat = energy;
+    } else {  // increment
+      stat = increment;
+      pushable = has_prev;
+    }
+    const WindowTest t = window_test(st.ring, count, window, stat, eps);
+    mean = t.mean;
+    stdev = t.stdev;
+    z = t.z;
+    closed = !finite || (t.full && reuse > 1 && z > threshold);
+    push = !closed && enters && pushable;
+    if (push) st.ring[pos] = stat;
+    // the test this statistic does not run reports 0
+    z_energy = st.statistic == kStatIncrement ? 0.0 : z;
+    z_increment = st.statistic == kStatIncrement ? z : 0.0;
+  }
+  const bool accept = !closed;
+
   if (accept) st.prev[0] = energy;
   ints[sl.pos] = push ? (pos + 1) % window : pos;
   ints[sl.count] = push ? (count + 1 < window ? count + 1 : window) : count;
@@ -111,6 +160,8 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   st.stats[sl.std] = static_cast<float>(stdev);
   st.stats[sl.z] = static_cast<float>(z);
   st.stats[sl.closed] = closed ? 1.0f : 0.0f;
+  st.stats[sl.z_energy] = static_cast<float>(z_energy);
+  st.stats[sl.z_increment] = static_cast<float>(z_increment);
   *st.decision = closed;
 }
 

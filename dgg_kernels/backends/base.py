@@ -6,6 +6,7 @@ between them; a backend may fuse them in ``step`` when nothing sits between.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -16,6 +17,7 @@ from ..state import GateState
 
 class Backend:
     name = "abstract"
+    auto_reason: str | None = None  # set by backend="auto": what its table lookup found
 
     def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
         """Write sum(g.float()**2) over all ``grads`` into ``state.acc`` (float64[1]); no host sync."""
@@ -59,13 +61,14 @@ class DeviceTable:
         self.host: torch.Tensor | None = None
         self._captured: list = []
 
-    def update(self, key: tuple, device: torch.device) -> bool:
-        """Make ``table`` hold ``key`` (a tuple of (address, size) pairs); True when it was rebuilt."""
+    def update(self, key: tuple, device: torch.device, rows: Sequence | None = None) -> bool:
+        """Make ``table`` hold ``rows`` (default: ``key``, a tuple of (address, size) pairs) unless ``key`` is
+        the key it was last built for; True when it was rebuilt."""
         if key == self.key:
             return False
         # device="cpu": under torch.set_default_device("cuda") a bare torch.tensor lands on
         # the GPU, and pin_memory() of a CUDA tensor raises.
-        host = torch.tensor(key, dtype=torch.int64, device="cpu").reshape(-1, 2)
+        host = torch.tensor(key if rows is None else list(rows), dtype=torch.int64, device="cpu").reshape(-1, 2)
         if device.type == "cuda":
             host = host.pin_memory()
             self.table = host.to(device, non_blocking=True)
@@ -75,3 +78,70 @@ class DeviceTable:
             self.table = host
         self.key, self.host = key, host
         return True
+
+
+# -- the params grads a closed gate zeroes -----------------------------------------
+# dtypes whose zero is the all-zero bit pattern, so a dense grad can be zeroed as bytes whatever its dtype
+# (float8_e8m0fnu, an exponent-only format, is not one of them: its all-zero byte is 2**-127).
+_ZERO_BITS_DTYPES = frozenset(
+    getattr(torch, name) for name in (
+        "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    ) if hasattr(torch, name)
+)
+
+_DATA_PTR = torch.Tensor.data_ptr
+_NBYTES = operator.attrgetter("nbytes")
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
+def dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill one storage span exactly (any dim order), so it can be zeroed as bytes."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class MaskPlan:
+    """Which params grads a mask kernel can zero as byte spans, cached per list of grads.
+
+    ``key(grads)`` is what the plan depends on, read with three C-level loops
+    (no per-grad Python code): every grad's address, byte size and
+    contiguity.  A new grad tensor each step (``zero_grad(set_to_none=True)``)
+    usually lands at the same address, so the key, and with it the plan and the
+    device table built from it, stays the same.  A grad that moved, changed
+    dtype or size (a ``param.data = ...`` elsewhere), or was replaced by a
+    view, changes the key and the plan is rebuilt from the grads themselves.
+
+    spans:   (index, address, nbytes) of every dense grad whose dtype zeroes
+             as all-zero bits (the common case: every grad);
+    strided: indices of the rest (gapped or overlapping views, other dtypes),
+             which the caller zeroes with ``masked_fill_``.
+    Empty grads are in neither.
+    """
+
+    __slots__ = ("key", "spans", "strided", "n")
+
+    def __init__(self, key: tuple, grads: Sequence[torch.Tensor], device: torch.device, backend: str) -> None:
+        spans, strided = [], []
+        for i, g in enumerate(grads):
+            if g.device != device:
+                raise RuntimeError(
+                    f'backend="{backend}" on {device} got a params grad on {g.device} (params[{i}] of the mask list)'
+                )
+            if g.numel() == 0:
+                continue
+            if g.dtype in _ZERO_BITS_DTYPES and dense(g):
+                spans.append((i, g.data_ptr(), g.numel() * g.element_size()))
+            else:
+                strided.append(i)
+        self.key, self.spans, self.strided, self.n = key, spans, strided, len(grads)
+
+    @staticmethod
+    def key_of(grads: Sequence[torch.Tensor]) -> tuple:
+        return (*map(_DATA_PTR, grads), *map(_NBYTES, grads), *map(_IS_CONTIGUOUS, grads))

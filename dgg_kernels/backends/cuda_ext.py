@@ -26,14 +26,14 @@ import torch
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend, DeviceTable
+from .base import Backend, DeviceTable, MaskPlan, dense
 
 # Slot indices in the order of csrc/common/dgg_types.h StateSlots; the kernels
 # take them from here (state.py is their single source of truth).
 SLOTS = [
-    S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV,
-    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED,
-    S.THRESHOLD, S.EPS,
+    S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV, S.POS2, S.COUNT2,
+    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED, S.Z_ENERGY, S.Z_INCREMENT,
+    S.THRESHOLD, S.EPS, S.WINDOW_MODE,
 ]  # fmt: skip
 
 # Monitor tensors one reduce launch takes (csrc kMaxStepTensors); more take
@@ -122,17 +122,31 @@ def _build_jit():
         ) from e
 
 
-def load_extension():
+def load_extension(build: bool = True):
     """The compiled extension: prebuilt dgg_kernels._C, else a just-in-time build (cached per process).
 
     Raises RuntimeError naming why neither is possible.  A failure is cached
     too, so a broken build is not retried on every gate construction.
+    ``build=False`` (what backend="auto" uses) never starts a just-in-time
+    build: without a loadable prebuilt module it raises, and caches nothing.
     """
     global _ext, _ext_error
     if _ext is not None:
         return _ext
     if _ext_error is not None:
         raise RuntimeError(_ext_error)
+    if not build:
+        try:
+            mod = _import_prebuilt()
+        except ImportError as e:
+            raise RuntimeError(f"the prebuilt dgg_kernels._C did not load: {e}") from None
+        if mod is None:
+            raise RuntimeError("no prebuilt dgg_kernels._C (and build=False: no just-in-time build)")
+        if getattr(mod, "MAX_STEP_TENSORS", None) != MAX_STEP_TENSORS:
+            raise RuntimeError(f"the prebuilt dgg_kernels._C is stale (MAX_STEP_TENSORS "
+                               f"{getattr(mod, 'MAX_STEP_TENSORS', None)} != {MAX_STEP_TENSORS})")
+        _ext = mod
+        return mod
     prebuilt_note = ""
     try:
         try:
@@ -151,20 +165,18 @@ def load_extension():
             f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (MAX_STEP_TENSORS "
             f"{getattr(mod, 'MAX_STEP_TENSORS', None)} != {MAX_STEP_TENSORS}); rebuild it"
         )
+    # the state layout it was built for (state.py N_INTS, N_STATS, N_HYPER)
+    layout = (S.N_INTS, S.N_STATS, S.N_HYPER)
+    if getattr(mod, "STATE_LAYOUT", None) != layout:
+        raise RuntimeError(
+            f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (STATE_LAYOUT "
+            f"{getattr(mod, 'STATE_LAYOUT', None)} != {layout}); rebuild it"
+        )
     _ext = mod
     return mod
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """True when t's elements fill one storage span exactly (any dim order), so it can be zeroed as bytes."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+_dense = dense  # the byte-span test now lives in base.py (shared with the triton mask)
 
 
 class CudaBackend(Backend):
@@ -178,13 +190,13 @@ class CudaBackend(Backend):
 
     name = "cuda"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, build: bool = True) -> None:
         if device.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(
                 f'backend="cuda" is unavailable: tensors are on {device}, and the CUDA C++ backend needs a CUDA device. '
                 'Use backend="torch" or "auto".'
             )
-        self._ext = load_extension()
+        self._ext = load_extension(build=build)
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         sms = torch.cuda.get_device_properties(index).multi_processor_count
@@ -198,6 +210,7 @@ class CudaBackend(Backend):
         self._mask_threads = int(self._ext.mask_threads())
         self._mask = DeviceTable()
         self._mask_blocks = 1
+        self._plan: Optional[MaskPlan] = None
         self._overlap: Optional[tuple] = None
         # Tensors whose addresses a captured CUDA graph holds: kept alive for
         # this backend's lifetime, so replacing a cached table or growing the
@@ -264,26 +277,26 @@ class CudaBackend(Backend):
         self._pin_for_graph(sums)
         self._ext.finalize(*self._state_args(state, config), sums=sums)
 
-    def _table(self, dense: list[torch.Tensor]) -> torch.Tensor:
-        """The device table int64[n, 2] of (address, nbytes), rebuilt only when the grads' storage moved."""
-        key = tuple((g.data_ptr(), g.numel() * g.element_size()) for g in dense)
-        if self._mask.update(key, self.device):
-            vectors = math.ceil(max(nb for _, nb in key) / 16)
-            self._mask_blocks = max(1, min(self._max_blocks, math.ceil(vectors / self._mask_threads)))
-        return self._mask.table
-
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        dense, strided = [], []
-        for g in grads:
-            if g.device != self.device:
-                raise RuntimeError(f"backend=\"cuda\" on {self.device} got a params grad on {g.device}")
-            if g.numel() == 0:
-                continue
-            (dense if _dense(g) else strided).append(g)
-        if dense:
-            table = self._table(dense)
-            self._ext.mask(decision, table, self._mask_blocks)
+        """One launch over a cached (address, nbytes) table; no per-grad Python work while the grads keep
+        their addresses, sizes and layouts (see base.MaskPlan)."""
+        key = MaskPlan.key_of(grads)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._new_plan(key, grads)
+        if plan.spans:
+            self._ext.mask(decision, self._mask.table, self._mask_blocks)
         # Gapped or overlapping views cannot be zeroed as one byte span; they
         # are rare (a grad is normally its own dense tensor), so torch does them.
-        for g in strided:
-            g.masked_fill_(decision, 0)
+        for i in plan.strided:
+            grads[i].masked_fill_(decision, 0)
+
+    def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor]) -> MaskPlan:
+        plan = MaskPlan(key, grads, self.device, self.name)
+        if plan.spans:
+            rows = tuple((addr, nbytes) for _, addr, nbytes in plan.spans)
+            if self._mask.update(rows, self.device):
+                vectors = math.ceil(max(nb for _, nb in rows) / 16)
+                self._mask_blocks = max(1, min(self._max_blocks, math.ceil(vectors / self._mask_threads)))
+        self._plan = plan
+        return plan

@@ -21,57 +21,104 @@ from .base import Backend
 FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
-def finalize_reference(state: GateState, config: GateConfig) -> None:
-    """Apply one step's finalize to ``state`` given the energy in ``state.acc``.
+def _window_test(ring: torch.Tensor, count: torch.Tensor, stat: torch.Tensor, eps: torch.Tensor, window: int):
+    """One Z-score test of ``stat`` against a window (``ring``, ``count`` filled slots), all float64.
 
-    All arithmetic is float64.  Units: energy in squared gradient units; the
-    statistic is in the units of its kind (norm, energy, or energy increment).
+    Returns (mean, std, z, full): the mean and population std of the filled
+    slots (0 for an empty window), and z = (stat - mean) / (std + eps) once
+    the window is full, else 0.
     """
-    ints, ring = state.ints, state.ring
-    window = config.window
-    energy = state.acc[0]
-    energy = torch.where(energy > FLT_MAX, torch.full_like(energy, float("inf")), energy)
-    finite = energy <= FLT_MAX  # false for NaN and inf; a sum of squares is never negative
-    norm = energy.sqrt()
-    has_prev = ints[S.HAS_PREV] > 0
-    if config.statistic == "norm":
-        stat, pushable = norm, torch.ones_like(has_prev)
-    elif config.statistic == "energy":
-        stat, pushable = energy, torch.ones_like(has_prev)
-    else:  # increment: the first accepted step has nothing to subtract, so it reports 0 and pushes nothing
-        stat = torch.where(has_prev, energy - state.prev[0], torch.zeros_like(energy))
-        pushable = has_prev
-
-    count = ints[S.COUNT]
     slots = torch.arange(window, device=ring.device)
     valid = slots < count
     n = count.clamp(min=1).to(torch.float64)
     mean = torch.where(valid, ring, 0.0).sum() / n
     std = (torch.where(valid, (ring - mean) ** 2, 0.0).sum() / n).sqrt()
     full = count == window
-    reuse = ints[S.REUSE] + 1
-    z = torch.where(full, (stat - mean) / (std + state.hyper[S.EPS]), torch.zeros_like(stat))
-    closed = ~finite | (full & (reuse > 1) & (z > state.hyper[S.THRESHOLD]))
-    accept = ~closed
-    push = accept & pushable
+    z = torch.where(full, (stat - mean) / (std + eps), torch.zeros_like(stat))
+    return mean, std, z, full
 
-    pos = ints[S.POS]
+
+def _push(ring: torch.Tensor, pos: torch.Tensor, push: torch.Tensor, stat: torch.Tensor, window: int) -> None:
+    slots = torch.arange(window, device=ring.device)
     ring.copy_(torch.where(push & (slots == pos), stat, ring))
+
+
+def finalize_reference(state: GateState, config: GateConfig) -> None:
+    """Apply one step's finalize to ``state`` given the energy in ``state.acc``.
+
+    All arithmetic is float64.  Units: energy in squared gradient units; the
+    statistic is in the units of its kind (norm, energy, or energy increment).
+    With statistic "energy+increment" two tests run, each on its own ring
+    (state.ring[:window] the energies, state.ring[window:] the increments).
+    """
+    ints, ring = state.ints, state.ring
+    window = config.window
+    eps, threshold = state.hyper[S.EPS], state.hyper[S.THRESHOLD]
+    energy = state.acc[0]
+    energy = torch.where(energy > FLT_MAX, torch.full_like(energy, float("inf")), energy)
+    finite = energy <= FLT_MAX  # false for NaN and inf; a sum of squares is never negative
+    norm = energy.sqrt()
+    has_prev = ints[S.HAS_PREV] > 0
+    # the increment: energy minus the previous accepted energy; the first accepted
+    # step has nothing to subtract, so it reports 0 and enters no increment window
+    increment = torch.where(has_prev, energy - state.prev[0], torch.zeros_like(energy))
+    reuse = ints[S.REUSE] + 1
+    # window_mode "batch": only the first pass of a batch (reuse index 1) enters a window
+    enters = (state.hyper[S.WINDOW_MODE] == 0) | (reuse == 1)
+    count, pos = ints[S.COUNT], ints[S.POS]
+    count2, pos2 = ints[S.COUNT2], ints[S.POS2]
+
+    if config.statistic == "energy+increment":
+        mean_e, std_e, z_e, full_e = _window_test(ring[:window], count, energy, eps, window)
+        mean_i, std_i, z_i, full_i = _window_test(ring[window:], count2, increment, eps, window)
+        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
+        closed = ~finite | ((reuse > 1) & fires)
+        accept = ~closed
+        push, push2 = accept & enters, accept & enters & has_prev
+        _push(ring[:window], pos, push, energy, window)
+        _push(ring[window:], pos2, push2, increment, window)
+        # report the test with the larger z (the increment test only when strictly larger, so NaN -> energy)
+        pick_i = z_i > z_e
+        stat = torch.where(pick_i, increment, energy)
+        mean = torch.where(pick_i, mean_i, mean_e)
+        std = torch.where(pick_i, std_i, std_e)
+        z = torch.where(pick_i, z_i, z_e)
+        z_energy, z_increment = z_e, z_i
+    else:
+        if config.statistic == "norm":
+            stat, pushable = norm, torch.ones_like(has_prev)
+        elif config.statistic == "energy":
+            stat, pushable = energy, torch.ones_like(has_prev)
+        else:  # increment
+            stat, pushable = increment, has_prev
+        mean, std, z, full = _window_test(ring, count, stat, eps, window)
+        closed = ~finite | (full & (reuse > 1) & (z > threshold))
+        accept = ~closed
+        push, push2 = accept & enters & pushable, torch.zeros_like(accept)
+        _push(ring, pos, push, stat, window)
+        # the test a single statistic does not run reports z = 0 (never above a threshold)
+        zero = torch.zeros_like(z)
+        z_energy, z_increment = (zero, z) if config.statistic == "increment" else (z, zero)
+
     state.prev.copy_(torch.where(accept, energy, state.prev[0]).reshape(1))
     one = torch.ones_like(pos)
-    new_ints = torch.stack(
-        [
-            torch.where(push, (pos + 1) % window, pos),
-            torch.where(push, (count + 1).clamp(max=window), count),
-            ints[S.ACCEPTED] + accept.long(),
-            ints[S.CLOSED_TOTAL] + closed.long(),
-            reuse,
-            torch.where(closed | (reuse >= config.max_reuse), one, ints[S.STOP]),
-            torch.where(accept, one, ints[S.HAS_PREV]),
-        ]
-    )
-    ints.copy_(new_ints)
-    state.stats.copy_(torch.stack([energy, norm, stat, mean, std, z, closed.to(torch.float64)]))
+    new_ints = [None] * S.N_INTS
+    new_ints[S.POS] = torch.where(push, (pos + 1) % window, pos)
+    new_ints[S.COUNT] = torch.where(push, (count + 1).clamp(max=window), count)
+    new_ints[S.ACCEPTED] = ints[S.ACCEPTED] + accept.long()
+    new_ints[S.CLOSED_TOTAL] = ints[S.CLOSED_TOTAL] + closed.long()
+    new_ints[S.REUSE] = reuse
+    new_ints[S.STOP] = torch.where(closed | (reuse >= config.max_reuse), one, ints[S.STOP])
+    new_ints[S.HAS_PREV] = torch.where(accept, one, ints[S.HAS_PREV])
+    new_ints[S.POS2] = torch.where(push2, (pos2 + 1) % window, pos2)
+    new_ints[S.COUNT2] = torch.where(push2, (count2 + 1).clamp(max=window), count2)
+    ints.copy_(torch.stack(new_ints))
+    new_stats = [None] * S.N_STATS
+    new_stats[S.ENERGY], new_stats[S.NORM], new_stats[S.STATISTIC] = energy, norm, stat
+    new_stats[S.MEAN], new_stats[S.STD], new_stats[S.Z] = mean, std, z
+    new_stats[S.CLOSED] = closed.to(torch.float64)
+    new_stats[S.Z_ENERGY], new_stats[S.Z_INCREMENT] = z_energy, z_increment
+    state.stats.copy_(torch.stack(new_stats))
     state.decision.copy_(closed)
 
 

@@ -10,21 +10,28 @@ Kernels:
   to 0 so the next launch (or a CUDA-graph replay) needs no memset.
 - ``_gate_mask_kernel``: reads the decision first and does nothing more when
   the gate is open; when closed it zeroes every gradient listed in a device
-  table of (address, numel), one launch per dtype.
+  table of (address, length in units), in 4-byte units for every dtype (zero
+  bits are 0.0 in each), so one launch covers fp32, bf16 and fp16 grads alike
+  (2- or 1-byte units only for an odd address or size).
 
 Both run under TRITON_INTERPRET=1 on CPU tensors, which is how CI tests them.
 """
 from __future__ import annotations
 
+import dataclasses
+import operator
+import os
+import warnings
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend, DeviceTable
+from .base import Backend, DeviceTable, MaskPlan
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -34,25 +41,20 @@ _LAST_NOTHING, _LAST_WRITE_ACC, _LAST_FINALIZE = 0, 1, 2
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
 
 
-@triton.jit
-def _finalize(
-    energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
-    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
-):
-    # Mirrors torch_ref.finalize_reference line for line; all float64.
-    energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
-    finite = energy <= 3.4028234663852886e38
-    norm = tl.sqrt(energy)
-    has_prev_i = tl.load(ints_ptr + 6)  # HAS_PREV
-    prev = tl.load(prev_ptr)
-    if STAT == 0:
-        stat = norm
-    elif STAT == 1:
-        stat = energy
-    else:
-        stat = tl.where(has_prev_i > 0, energy - prev, 0.0)
+# The state's slots (dgg_kernels/state.py, the single source of truth) as compile-time constants.
+_POS, _COUNT, _POS2, _COUNT2 = (tl.constexpr(v) for v in (S.POS, S.COUNT, S.POS2, S.COUNT2))
+_ACCEPTED, _CLOSED_TOTAL = tl.constexpr(S.ACCEPTED), tl.constexpr(S.CLOSED_TOTAL)
+_REUSE, _STOP, _HAS_PREV = (tl.constexpr(v) for v in (S.REUSE, S.STOP, S.HAS_PREV))
+_ENERGY, _NORM, _STATISTIC, _MEAN = (tl.constexpr(v) for v in (S.ENERGY, S.NORM, S.STATISTIC, S.MEAN))
+_STD, _Z, _CLOSED = (tl.constexpr(v) for v in (S.STD, S.Z, S.CLOSED))
+_Z_ENERGY, _Z_INCREMENT = tl.constexpr(S.Z_ENERGY), tl.constexpr(S.Z_INCREMENT)
+_THRESHOLD, _EPS, _WINDOW_MODE = (tl.constexpr(v) for v in (S.THRESHOLD, S.EPS, S.WINDOW_MODE))
 
-    count = tl.load(ints_ptr + 1)  # COUNT
+
+@triton.jit
+def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr, WBLOCK: tl.constexpr):
+    # One Z-score test (torch_ref._window_test): mean and population std of the
+    # count filled slots of the ring at ring_ptr, z once the window is full.
     widx = tl.arange(0, WBLOCK)
     ring = tl.load(ring_ptr + widx, mask=widx < WINDOW, other=0.0)
     valid = widx < count
@@ -61,36 +63,94 @@ def _finalize(
     dev = tl.where(valid, ring - mean, 0.0)
     std = tl.sqrt(tl.sum(dev * dev, 0) / n)
     full = count == WINDOW
-    reuse = tl.load(ints_ptr + 4) + 1  # REUSE
-    threshold = tl.load(hyper_ptr + 0)
-    eps = tl.load(hyper_ptr + 1)
     z = tl.where(full, (stat - mean) / (std + eps), 0.0)
-    closed = (finite == 0) | (full & (reuse > 1) & (z > threshold))
-    accept = closed == 0
-    if STAT == 2:
-        push = accept & (has_prev_i > 0)  # the first accepted increment has nothing to push
+    return mean, std, z, full
+
+
+@triton.jit
+def _finalize(
+    energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+):
+    # Mirrors torch_ref.finalize_reference line for line; all float64.
+    # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
+    energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
+    finite = energy <= 3.4028234663852886e38
+    norm = tl.sqrt(energy)
+    has_prev_i = tl.load(ints_ptr + _HAS_PREV)
+    prev = tl.load(prev_ptr)
+    # the first accepted step has nothing to subtract: increment 0, enters no increment window
+    increment = tl.where(has_prev_i > 0, energy - prev, 0.0)
+    reuse = tl.load(ints_ptr + _REUSE) + 1
+    threshold = tl.load(hyper_ptr + _THRESHOLD)
+    eps = tl.load(hyper_ptr + _EPS)
+    # window mode "batch" (1.0): only the first pass of a batch (reuse index 1) enters a window
+    enters = (tl.load(hyper_ptr + _WINDOW_MODE) == 0.0) | (reuse == 1)
+    count = tl.load(ints_ptr + _COUNT)
+    pos = tl.load(ints_ptr + _POS)
+    zero = tl.zeros_like(energy)
+
+    if STAT == 3:
+        count2 = tl.load(ints_ptr + _COUNT2)
+        pos2 = tl.load(ints_ptr + _POS2)
+        mean_e, std_e, z_e, full_e = _window_z(ring_ptr, count, energy, eps, WINDOW, WBLOCK)
+        mean_i, std_i, z_i, full_i = _window_z(ring_ptr + WINDOW, count2, increment, eps, WINDOW, WBLOCK)
+        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
+        closed = (finite == 0) | ((reuse > 1) & fires)
+        accept = closed == 0
+        push = accept & enters
+        push2 = push & (has_prev_i > 0)
+        tl.store(ring_ptr + pos, energy, mask=push)
+        tl.store(ring_ptr + WINDOW + pos2, increment, mask=push2)
+        tl.store(ints_ptr + _POS2, tl.where(push2, (pos2 + 1) % WINDOW, pos2))
+        tl.store(ints_ptr + _COUNT2, tl.where(push2, tl.minimum(count2 + 1, WINDOW), count2))
+        # report the test with the larger z (the increment test only when strictly larger: NaN -> energy)
+        pick_i = z_i > z_e
+        stat = tl.where(pick_i, increment, energy)
+        mean = tl.where(pick_i, mean_i, mean_e)
+        std = tl.where(pick_i, std_i, std_e)
+        z = tl.where(pick_i, z_i, z_e)
+        z_energy = z_e
+        z_increment = z_i
     else:
-        push = accept
+        if STAT == 0:
+            stat = norm
+        elif STAT == 1:
+            stat = energy
+        else:
+            stat = increment
+        mean, std, z, full = _window_z(ring_ptr, count, stat, eps, WINDOW, WBLOCK)
+        closed = (finite == 0) | (full & (reuse > 1) & (z > threshold))
+        accept = closed == 0
+        if STAT == 2:
+            push = accept & enters & (has_prev_i > 0)
+            z_energy = zero  # a test this statistic does not run reports 0
+            z_increment = z
+        else:
+            push = accept & enters
+            z_energy = z
+            z_increment = zero
+        tl.store(ring_ptr + pos, stat, mask=push)
 
-    pos = tl.load(ints_ptr + 0)  # POS
-    tl.store(ring_ptr + pos, stat, mask=push)
     tl.store(prev_ptr, tl.where(accept, energy, prev))
-    tl.store(ints_ptr + 0, tl.where(push, (pos + 1) % WINDOW, pos))
-    tl.store(ints_ptr + 1, tl.where(push, tl.minimum(count + 1, WINDOW), count))
-    tl.store(ints_ptr + 2, tl.load(ints_ptr + 2) + accept.to(tl.int64))
-    tl.store(ints_ptr + 3, tl.load(ints_ptr + 3) + closed.to(tl.int64))
-    tl.store(ints_ptr + 4, reuse)
-    stop = tl.load(ints_ptr + 5)
-    tl.store(ints_ptr + 5, tl.where(closed | (reuse >= max_reuse), 1, stop))
-    tl.store(ints_ptr + 6, tl.where(accept, 1, has_prev_i))
+    tl.store(ints_ptr + _POS, tl.where(push, (pos + 1) % WINDOW, pos))
+    tl.store(ints_ptr + _COUNT, tl.where(push, tl.minimum(count + 1, WINDOW), count))
+    tl.store(ints_ptr + _ACCEPTED, tl.load(ints_ptr + _ACCEPTED) + accept.to(tl.int64))
+    tl.store(ints_ptr + _CLOSED_TOTAL, tl.load(ints_ptr + _CLOSED_TOTAL) + closed.to(tl.int64))
+    tl.store(ints_ptr + _REUSE, reuse)
+    stop = tl.load(ints_ptr + _STOP)
+    tl.store(ints_ptr + _STOP, tl.where(closed | (reuse >= max_reuse), 1, stop))
+    tl.store(ints_ptr + _HAS_PREV, tl.where(accept, 1, has_prev_i))
 
-    tl.store(stats_ptr + 0, energy.to(tl.float32))
-    tl.store(stats_ptr + 1, norm.to(tl.float32))
-    tl.store(stats_ptr + 2, stat.to(tl.float32))
-    tl.store(stats_ptr + 3, mean.to(tl.float32))
-    tl.store(stats_ptr + 4, std.to(tl.float32))
-    tl.store(stats_ptr + 5, z.to(tl.float32))
-    tl.store(stats_ptr + 6, closed.to(tl.float32))
+    tl.store(stats_ptr + _ENERGY, energy.to(tl.float32))
+    tl.store(stats_ptr + _NORM, norm.to(tl.float32))
+    tl.store(stats_ptr + _STATISTIC, stat.to(tl.float32))
+    tl.store(stats_ptr + _MEAN, mean.to(tl.float32))
+    tl.store(stats_ptr + _STD, std.to(tl.float32))
+    tl.store(stats_ptr + _Z, z.to(tl.float32))
+    tl.store(stats_ptr + _CLOSED, closed.to(tl.float32))
+    tl.store(stats_ptr + _Z_ENERGY, z_energy.to(tl.float32))
+    tl.store(stats_ptr + _Z_INCREMENT, z_increment.to(tl.float32))
     tl.store(decision_ptr, closed)  # a torch.bool tensor: Triton stores int1 as one byte
 
 
@@ -177,62 +237,238 @@ def _check_grads(grads: Sequence[torch.Tensor], what: str) -> None:
             raise TypeError(f"{what}[{i}] has dtype {g.dtype}; the triton backend takes float32, bfloat16, float16, float64")
 
 
+# -- launch configuration ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How the reduce kernel is launched for one gradient dtype.
+
+    block: elements per program iteration (a power of 2); programs_per_sm: the
+    grid is at most this many programs per SM (under the interpreter: this many
+    programs in all); num_warps: warps per program.
+    """
+
+    block: int = 4096
+    programs_per_sm: int = 4
+    num_warps: int = 8
+
+
+# The reduce launch per gradient dtype on CUDA.  Every entry holds the values the
+# design-notes probe measured for fp32 and bf16 on an H100 (BLOCK 4096, 4 programs
+# per SM, 8 warps), which are also the values used before this table existed;
+# benchmarks/sweep_triton.py measures the alternatives on a device, and a dtype
+# whose sweep winner beats these on every lm_head shape gets its own entry here.
+CUDA_CONFIGS: dict[torch.dtype, LaunchConfig] = {
+    torch.float32: LaunchConfig(),
+    torch.bfloat16: LaunchConfig(),
+    torch.float16: LaunchConfig(),
+    torch.float64: LaunchConfig(),
+}
+# Under TRITON_INTERPRET=1 on CPU tensors: small blocks, a few programs (the interpreter runs them one by one).
+CPU_CONFIG = LaunchConfig(block=256, programs_per_sm=4, num_warps=1)
+# The mask kernel: BLOCK units per iteration, programs per SM (CUDA) or in all (CPU), warps.
+MASK_CUDA = LaunchConfig(block=4096, programs_per_sm=2, num_warps=4)
+MASK_CPU = LaunchConfig(block=256, programs_per_sm=2, num_warps=1)
+
+# Zeroing unit of the mask: the widest integer type that divides a grad's address and byte size
+# (zero bits are 0.0 in every float dtype, so one launch zeroes bf16, fp16 and fp32 grads alike).
+_MASK_UNITS = ((4, tl.int32), (2, tl.int16), (1, tl.int8))
+
+_SM_COUNT: dict[int, int] = {}  # CUDA device index -> multiprocessor count (read once per process)
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(index)
+    if n is None:
+        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
+
+
+class _DeviceLayout:
+    """What a TritonBackend launches with on one device, computed once per device."""
+
+    __slots__ = ("configs", "fallback", "slots", "pblock", "mask_programs", "mask_block", "mask_warps")
+
+    def __init__(self, backend: "TritonBackend", device: torch.device) -> None:
+        if device.type == "cuda":
+            sms = _sm_count(device)
+            configs = {dt: (c.block, c.programs_per_sm * sms, c.num_warps) for dt, c in backend.configs.items()}
+            mask = MASK_CUDA
+        else:
+            sms = 1
+            c = backend.cpu_config
+            configs = {dt: (c.block, c.programs_per_sm, c.num_warps) for dt in backend.configs}
+            mask = MASK_CPU
+        self.configs = configs
+        self.fallback = max(configs.values())
+        # One partials stride for every dtype, so monitor tensors of different dtypes share one layout.
+        self.slots = max(p for _, p, _ in configs.values())
+        self.pblock = triton.next_power_of_2(min(max(self.slots, 16), 1024))
+        self.mask_programs = mask.programs_per_sm * sms
+        self.mask_block = mask.block
+        self.mask_warps = mask.num_warps
+
+
+# -- launching without the generic launcher's per-call work ------------------------------
+def _fast_launch_default() -> bool:
+    return os.environ.get("DGG_TRITON_FAST_LAUNCH", "1") != "0"
+
+
+_FAST_LAUNCH = _fast_launch_default()
+try:
+    from triton.compiler import CompiledKernel as _CompiledKernel
+except Exception:  # pragma: no cover - a triton without it: every launch goes through the JIT
+    _CompiledKernel = None
+
+
+def _runner_of(kernel, grid: tuple):
+    """The compiled kernel's direct launcher for ``grid``, or None where there is none (the interpreter)."""
+    if not _FAST_LAUNCH or _CompiledKernel is None or not isinstance(kernel, _CompiledKernel):
+        return None
+    try:
+        return kernel[tuple(grid) + (1,) * (3 - len(grid))]
+    except Exception:
+        return None
+
+
+class _Launch:
+    """One launch site of a @triton.jit kernel: the JIT path the first time, then the compiled kernel.
+
+    ``fn[grid](*args)`` (Triton's JIT) binds the arguments, computes their
+    specialization (dtypes, 16-byte alignment of pointers, integers equal to 1
+    or divisible by 16), looks the kernel up, and calls the compiled kernel's
+    launcher with every argument in signature order.  The kernel it returns is
+    remembered here with ``key`` (every argument that is not a tensor in
+    ``tensors``, and the data pointer and dtype of those that change, e.g. the
+    gradient) and the identity of ``tensors`` (the state and scratch, whose
+    addresses never change).  A later call with the same key, the same tensors
+    and the same current device passes the same arguments, so the JIT would
+    pick the same kernel: it goes straight to that kernel's launcher
+    (``CompiledKernel[grid](*args)``, the same call the JIT ends with in
+    Triton 3.6 and 3.9).  Anything else goes through the JIT again.  Under the
+    interpreter the JIT returns no compiled kernel and every call takes the JIT
+    path.  ``DGG_TRITON_FAST_LAUNCH=0`` turns the direct path off.
+    """
+
+    __slots__ = ("fn", "key", "tensors", "runner", "device", "hits")
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.key = None
+        self.tensors: tuple = ()
+        self.runner = None
+        self.device = None
+        self.hits = 0  # direct launches so far (tests and benchmarks read it)
+
+    def __call__(self, grid: tuple, num_warps: int, key: tuple, tensors: tuple, args: tuple) -> None:
+        global _FAST_LAUNCH
+        if (
+            self.runner is not None
+            and key == self.key
+            and all(map(operator.is_, tensors, self.tensors))
+            and torch.cuda.current_device() == self.device
+        ):
+            try:
+                self.runner(*args)
+                self.hits += 1
+                return
+            except TypeError as e:  # the launcher refused the arguments before launching: use the JIT from now on
+                _FAST_LAUNCH = False
+                warnings.warn(f"dgg triton backend: direct kernel launch failed ({e}); using Triton's JIT launcher")
+                self.runner = None
+        kernel = self.fn[grid](*args, num_warps=num_warps)
+        self.runner = _runner_of(kernel, grid)
+        if self.runner is not None:
+            self.key, self.tensors, self.device = key, tensors, torch.cuda.current_device()
+
+
 class TritonBackend(Backend):
     """Fused Triton gate.
 
-    Block sizes: BLOCK elements per program iteration, ``programs_per_sm``
-    programs per SM on CUDA (``cpu_programs`` under the interpreter).
+    The reduce launch per gradient dtype comes from ``CUDA_CONFIGS`` (on CUDA)
+    or ``CPU_CONFIG`` (under the interpreter); ``configs`` replaces entries,
+    and ``block``, ``programs_per_sm``, ``num_warps`` given here override
+    every dtype (``block`` and ``cpu_programs`` also the interpreter's).
     """
 
     name = "triton"
 
-    def __init__(self, block: int | None = None, programs_per_sm: int = 4, num_warps: int = 8, cpu_programs: int = 4):
-        self.block = block
-        self.programs_per_sm = programs_per_sm
-        self.num_warps = num_warps
-        self.cpu_programs = cpu_programs
+    def __init__(
+        self,
+        block: int | None = None,
+        programs_per_sm: int | None = None,
+        num_warps: int | None = None,
+        cpu_programs: int = 4,
+        configs: dict[torch.dtype, LaunchConfig] | None = None,
+    ) -> None:
+        override = {k: v for k, v in (("block", block), ("programs_per_sm", programs_per_sm),
+                                      ("num_warps", num_warps)) if v is not None}
+        merged = {**CUDA_CONFIGS, **(configs or {})}
+        self.configs = {dt: dataclasses.replace(c, **override) for dt, c in merged.items()}
+        self.cpu_config = dataclasses.replace(CPU_CONFIG, programs_per_sm=cpu_programs,
+                                              **({"block": block} if block is not None else {}))
+        self._layouts: dict[torch.device, _DeviceLayout] = {}
         self._scratch: dict = {}  # (device, n_tensors) -> (partials, ticket)
-        self._tables: dict[torch.dtype, DeviceTable] = {}
+        self._tables: dict[int, DeviceTable] = {}  # mask zeroing unit (bytes) -> its pointer table
+        self._launches: dict = {}  # launch site -> _Launch
+        self._plan: MaskPlan | None = None
+        self._mask_calls: list = []
 
     # -- launch configuration -------------------------------------------------
-    def _config(self, device: torch.device) -> tuple[int, int]:
-        """(BLOCK, max programs per tensor) for ``device``."""
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            return self.block or 4096, self.programs_per_sm * sms
-        return self.block or 256, self.cpu_programs
+    def _layout(self, device: torch.device) -> _DeviceLayout:
+        lay = self._layouts.get(device)
+        if lay is None:
+            lay = self._layouts[device] = _DeviceLayout(self, device)
+        return lay
+
+    def _config(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
+        """(BLOCK, max programs per tensor) for ``dtype`` on ``device``."""
+        block, programs, _ = self._layout(device).configs.get(dtype) or self._layout(device).fallback
+        return block, programs
+
+    def _launch(self, site, fn) -> _Launch:
+        launch = self._launches.get(site)
+        if launch is None:
+            launch = self._launches[site] = _Launch(fn)
+        return launch
 
     def _scratch_for(self, device: torch.device, n_tensors: int, slots: int):
-        key = (str(device), n_tensors)
-        if key not in self._scratch:
+        key = (device, n_tensors)
+        scratch = self._scratch.get(key)
+        if scratch is None:
             partials = torch.zeros(n_tensors * slots, dtype=torch.float32, device=device)
             ticket = torch.zeros(1, dtype=torch.int32, device=device)
-            self._scratch[key] = (partials, ticket)
-        return self._scratch[key]
+            scratch = self._scratch[key] = (partials, ticket)
+        return scratch
 
     def _launch_one(self, index, g, n_tensors, state: GateState, config: GateConfig, last: int) -> None:
         device = g.device
-        block, slots = self._config(device)
+        lay = self._layout(device)
+        block, programs, warps = lay.configs.get(g.dtype) or lay.fallback
+        slots = lay.slots
         partials, ticket = self._scratch_for(device, n_tensors, slots)
         x = g if g.is_contiguous() else g.contiguous()
         n = x.numel()
-        nprog = max(1, min(slots, triton.cdiv(n, block)))
-        _gate_step_kernel[(nprog,)](
-            x, n, partials, index * slots, slots, partials.numel(), ticket, state.acc,
-            state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
-            BLOCK=block, PBLOCK=self._pblock(slots), LAST=last,
-            WINDOW=config.window, WBLOCK=triton.next_power_of_2(config.window), STAT=config.statistic_id,
-            num_warps=self.num_warps if device.type == "cuda" else 1,
+        nprog = max(1, min(programs, -(-n // block)))
+        slot0 = index * slots
+        window, stat = config.window, config.statistic_id
+        wblock = triton.next_power_of_2(window)
+        tensors = (partials, ticket, state.acc, state.ring, state.prev, state.ints, state.stats, state.decision,
+                   state.hyper)
+        args = (x, n, partials, slot0, slots, partials.numel(), ticket, state.acc,
+                state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
+                block, lay.pblock, last, window, wblock, stat)
+        key = (x.data_ptr(), x.dtype, n, slot0, slots, partials.numel(), config.max_reuse, block, lay.pblock, last,
+               window, stat, nprog, warps if device.type == "cuda" else 1)
+        self._launch(("step", index, last), _gate_step_kernel)(
+            (nprog,), key[-1], key, tensors, args,
         )
-
-    @staticmethod
-    def _pblock(slots: int) -> int:
-        return triton.next_power_of_2(min(max(slots, 16), 1024))
 
     def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
         _check_grads(grads, "monitor grad")
+        n = len(grads)
         for i, g in enumerate(grads):
-            self._launch_one(i, g, len(grads), state, config, last if i == len(grads) - 1 else _LAST_NOTHING)
+            self._launch_one(i, g, n, state, config, last if i == n - 1 else _LAST_NOTHING)
 
     # -- Backend interface ----------------------------------------------------
     def step(self, grads, state: GateState, config: GateConfig) -> None:
@@ -242,13 +478,15 @@ class TritonBackend(Backend):
         self._launch_reduce(grads, state, config, _LAST_WRITE_ACC)
 
     def _finalize_launch(self, state: GateState, config: GateConfig, n_tensors: int, from_partials: bool) -> None:
-        _, slots = self._config(state.acc.device)
-        partials, _ = self._scratch_for(state.acc.device, n_tensors, slots)
-        _gate_finalize_kernel[(1,)](
-            state.acc, partials, partials.numel(), state.ring, state.prev, state.ints, state.stats, state.decision,
-            state.hyper, config.max_reuse, FROM_PARTIALS=from_partials, PBLOCK=self._pblock(slots),
-            WINDOW=config.window, WBLOCK=triton.next_power_of_2(config.window), STAT=config.statistic_id,
-        )
+        device = state.acc.device
+        lay = self._layout(device)
+        partials, _ = self._scratch_for(device, n_tensors, lay.slots)
+        window, stat = config.window, config.statistic_id
+        tensors = (state.acc, partials, state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper)
+        args = (state.acc, partials, partials.numel(), state.ring, state.prev, state.ints, state.stats, state.decision,
+                state.hyper, config.max_reuse, from_partials, lay.pblock, window, triton.next_power_of_2(window), stat)
+        key = (partials.numel(), config.max_reuse, from_partials, lay.pblock, window, stat)
+        self._launch(("finalize", from_partials), _gate_finalize_kernel)((1,), 4, key, tensors, args)
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
         self._finalize_launch(state, config, 1, from_partials=False)
@@ -260,24 +498,36 @@ class TritonBackend(Backend):
     def finalize_partials(self, n_tensors, state, config) -> None:
         self._finalize_launch(state, config, n_tensors, from_partials=True)
 
+    # -- mask -------------------------------------------------------------------
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        _check_grads(grads, "params grad")
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            if g.is_contiguous():
-                by_dtype.setdefault(g.dtype, []).append(g)
-            else:  # a strided view cannot be zeroed through a flat table
-                g.masked_fill_(decision, 0)
-        for dtype, group in by_dtype.items():
-            table = self._table(dtype, group)
-            device = group[0].device
-            block = 4096 if device.type == "cuda" else 256
-            nprog = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-            _gate_mask_kernel[(nprog,)](decision, table, len(group), DTYPE=_TL_DTYPE[dtype], BLOCK=block,
-                                        num_warps=4 if device.type == "cuda" else 1)
+        """One launch (per zeroing unit; normally one) over a cached pointer table; no per-grad Python work
+        while the grads keep their addresses, sizes and layouts (see base.MaskPlan)."""
+        key = MaskPlan.key_of(grads)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            plan = self._new_plan(key, grads, decision.device)
+        for launch, grid, warps, lkey, table, n, unit, block in self._mask_calls:
+            launch(grid, warps, lkey, (decision, table), (decision, table, n, unit, block))
+        for i in plan.strided:  # gapped views, or a dtype whose zero is not all-zero bits
+            grads[i].masked_fill_(decision, 0)
 
-    def _table(self, dtype: torch.dtype, group: list[torch.Tensor]) -> torch.Tensor:
-        """Device (address, numel) pairs of ``group``, rebuilt only when a grad moved (no host sync)."""
-        table = self._tables.setdefault(dtype, DeviceTable())
-        table.update(tuple((g.data_ptr(), g.numel()) for g in group), group[0].device)
-        return table.table
+    def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor], device: torch.device) -> MaskPlan:
+        plan = MaskPlan(key, grads, device, self.name)
+        by_unit: dict[int, list] = {}
+        for _, addr, nbytes in plan.spans:
+            unit = next(u for u, _ in _MASK_UNITS if addr % u == 0 and nbytes % u == 0)
+            by_unit.setdefault(unit, []).append((addr, nbytes // unit))
+        lay = self._layout(device)
+        calls = []
+        for unit, tl_type in _MASK_UNITS:
+            rows = by_unit.get(unit)
+            if not rows:
+                continue
+            table = self._tables.setdefault(unit, DeviceTable())
+            table.update(tuple(rows), device)
+            grid = (lay.mask_programs,)
+            lkey = (len(rows), unit, lay.mask_block, lay.mask_programs, lay.mask_warps)
+            calls.append((self._launch(("mask", unit), _gate_mask_kernel), grid, lay.mask_warps, lkey, table.table,
+                          len(rows), tl_type, lay.mask_block))
+        self._plan, self._mask_calls = plan, calls
+        return plan

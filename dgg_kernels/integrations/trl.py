@@ -21,8 +21,18 @@ number of optimizer steps taken on one generated batch) becomes a *maximum*:
 
 Supported: ``steps_per_generation == gradient_accumulation_steps`` (TRL's
 default: one optimizer step per pass over a generated batch), no fp16
-GradScaler (bf16 and fp32 are fine), DDP or a single device.  Not supported:
-DeepSpeed and FSDP, whose engines own the gradients and their clipping.
+GradScaler (bf16 and fp32 are fine), a single device, DDP, and FSDP2: a model
+sharded by accelerate (``fsdp_config={"fsdp_version": 2}``) or at load time by
+transformers (``from_pretrained(..., distributed_config=DistributedConfig(...))``).
+Under FSDP2 the lm_head gradient is a DTensor shard on each rank; the gate
+combines the ranks' partial energies (docs/distributed.md), so every rank
+reaches the same decision.  Accelerate replaces the model's parameters when it
+shards them in ``accelerator.prepare``, after this trainer is built, so the
+gate is rebuilt on the sharded parameters right after that (state carried
+over).  Refused: DeepSpeed (its engine steps the optimizer inside backward,
+before the gate could judge, and ZeRO keeps the reduced gradients in its own
+partitioned buffers) and FSDP1 (flat parameters: a rank's ``.grad`` of the
+lm_head is an arbitrary slice of a flattened buffer).
 """
 from __future__ import annotations
 
@@ -91,22 +101,59 @@ class DGGGRPOTrainer(GRPOTrainer):
                 "closes on non-finite gradients. Set num_iterations (the maximum reuse) to 2 or more.",
                 stacklevel=2,
             )
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "DGGGRPOTrainer does not support DeepSpeed: its engine runs the optimizer step inside backward, "
+                "before the Trainer's clipping hook where the gate judges the gradient, and ZeRO keeps the reduced "
+                "gradients in its own partitioned buffers. Use FSDP2 (fsdp_config={'fsdp_version': 2}) or DDP."
+            )
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "DGGGRPOTrainer supports FSDP2 only (fsdp_config={'fsdp_version': 2}): FSDP1 flattens parameters, "
+                "so a rank's lm_head .grad is an arbitrary slice of a flat buffer the gate cannot combine."
+            )
         if gate_monitor is None:
             head = self.model.get_output_embeddings()
             if head is None:
                 raise ValueError("the model has no output embeddings; pass gate_monitor=<the lm_head weight>")
             gate_monitor = head.weight
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.gate = DynamicGradientGate(
-            gate_monitor, params, window=gate_window, threshold=gate_threshold, statistic=gate_statistic,
-            eps=gate_eps, max_reuse=max(1, int(self.num_iterations)), backend=gate_backend,
+        self._dgg_settings = dict(
+            window=gate_window, threshold=gate_threshold, statistic=gate_statistic, eps=gate_eps,
+            max_reuse=max(1, int(self.num_iterations)), backend=gate_backend,
         )
+        monitor = [gate_monitor] if isinstance(gate_monitor, torch.Tensor) else list(gate_monitor)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._dgg_monitor_names = [names.get(id(t)) for t in monitor]  # to find them again after sharding
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.gate = DynamicGradientGate(monitor, params, **self._dgg_settings)
         self._dgg_optimizer = None
         self._dgg_handles = []
         self._dgg_stepped = False  # set when _clip_grad_norm ran the gate for the coming optimizer step
         self._dgg_unread = False  # a gate step whose stats have not been logged yet
         self.dgg_regenerations = 0
         self.dgg_early_stops = 0
+
+    # -- FSDP2 through accelerate: the parameters are replaced when the model is prepared -------------------------
+
+    def _prepare_for_training(self, *args, **kwargs):
+        out = super()._prepare_for_training(*args, **kwargs)
+        self._dgg_rebind()
+        return out
+
+    def _dgg_rebind(self) -> None:
+        """Watch the model's current parameters (accelerate's FSDP2 prepare swaps them for sharded ones)."""
+        current = dict(self.model.named_parameters())
+        monitor = [t if n is None else current.get(n, t) for n, t in zip(self._dgg_monitor_names, self.gate.monitor)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        same = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
+        if same(monitor, self.gate.monitor) and same(params, self.gate.params):
+            return
+        saved = self.gate.state_dict()
+        self.gate = DynamicGradientGate(monitor, params, **self._dgg_settings)
+        self.gate.load_state_dict(saved)
+        if self._dgg_optimizer is not None:  # the hooks hold the old gate: register them again, in order
+            inner, self._dgg_optimizer = self._dgg_optimizer, None
+            self._dgg_hook(inner)
 
     # -- the gate step: on the raw gradient, before clipping and the optimizer ------------------------------------
 

@@ -1,0 +1,241 @@
+"""The gate on sharded gradients: which ranks share the monitor tensors, and the combine.
+
+When the lm_head is sharded (FSDP2, tensor parallel, Megatron vocab-parallel)
+each rank holds a piece of its gradient.  A sharded step is then
+
+    backend.reduce(local shards) -> combine(state.acc) -> backend.finalize()
+
+``reduce`` writes this rank's partial energy (the float64 sum of squares of
+its local shards) into ``state.acc``; the combine all-gathers those partials
+over the ranks that hold the other pieces into a float64[group size] buffer,
+whose entries are in group-rank order on every rank, and every rank sums that
+same vector with the same kernel.  Same bits in, same bits out: every rank
+finalizes on the same energy and ends the step with bit-identical state and
+decision, independent of the collective's algorithm (a ring or tree
+all-reduce would add in an order the library picks).  The collective is one
+``all_gather_single`` (``all_gather_into_tensor``) of 8 bytes per rank, per
+sharded mesh dimension; it runs on the device (no host sync) and, with NCCL,
+can be captured in a CUDA graph.  Its cost at scale is in docs/distributed.md.
+
+Which ranks: for a DTensor, the mesh dimensions on which its placement is a
+Shard (``_StridedShard`` included, as FSDP2 x TP produces); Replicate
+dimensions hold copies and are not counted; a Partial placement (a gradient
+not reduced yet) is refused, because the energy of a sum is not the sum of
+the energies.  Several sharded mesh dimensions are combined one after
+another (gather + sum on the first, then on the second, ...), which leaves
+every rank with the same bits too; pass ``process_group=`` a group over
+exactly those ranks (e.g. a flattened mesh's group) to do it in one
+collective.  For plain tensors that are shards (a hand-sharded or Megatron
+vocab-parallel lm_head), ``process_group=`` names the group.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+try:  # torch >= 2.4 has the public module; older torch has no DTensor support here
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = Replicate = Shard = None
+
+try:  # FSDP2 over a TP-sharded dim; not a subclass of Shard in torch 2.13
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    _StridedShard = None
+
+
+# all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: writing it writes the DTensor); a plain tensor unchanged."""
+    if not is_dtensor(t):
+        return t
+    if torch.compiler.is_compiling():
+        return t.to_local()
+    # to_local() with grad mode on goes through an autograd Function; the
+    # attribute is the same tensor (to_local() returns it under no_grad)
+    return t._local_tensor
+
+
+def _shard_like(p) -> bool:
+    return isinstance(p, Shard) or (_StridedShard is not None and isinstance(p, _StridedShard))
+
+
+def sharded_dims(placements, what: str) -> tuple[int, ...]:
+    """The mesh dimensions on which a DTensor with ``placements`` is split into disjoint pieces; raises on Partial."""
+    dims = []
+    for d, p in enumerate(placements):
+        if _shard_like(p):
+            dims.append(d)
+        elif isinstance(p, Replicate):
+            continue
+        elif p.is_partial():
+            raise ValueError(
+                f"{what} has placement {p} on mesh dimension {d} (placements {tuple(placements)}): a Partial "
+                "gradient is not reduced yet, each rank holds a summand of it, and the energy of a sum is not "
+                "the sum of the energies. Step the gate on the reduced gradient (Shard or Replicate), e.g. after "
+                "the engine's reduce-scatter/all-reduce or after .redistribute()."
+            )
+        else:
+            raise ValueError(
+                f"{what} has placement {p!r} on mesh dimension {d}, which the gate does not know how to count "
+                "(it handles Shard, _StridedShard and Replicate)"
+            )
+    return tuple(dims)
+
+
+def _mesh_ranks(mesh, dims: tuple[int, ...], what: str) -> list[int]:
+    """Global ranks of the sub-mesh over ``dims`` that contains this rank."""
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise ValueError(f"{what} lives on {mesh}, which does not contain this rank ({dist.get_rank()})")
+    index = tuple(slice(None) if d in dims else coord[d] for d in range(mesh.ndim))
+    return sorted(int(r) for r in mesh.mesh[index].flatten().tolist())
+
+
+def _check_group(group, what: str = "process_group") -> list[int]:
+    """The global ranks of ``group``; raises unless it is a process group this rank belongs to."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what} was given but torch.distributed is not initialized (call init_process_group)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"{what} does not contain this rank ({dist.get_rank()}): new_group() returns GroupMember.NON_GROUP_MEMBER "
+            "on ranks outside the group. Every rank that steps the gate must belong to the group it combines over."
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{what} must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{what} does not contain this rank ({dist.get_rank()})")
+    return sorted(dist.get_process_group_ranks(group))
+
+
+class Sharding:
+    """Where this gate's monitor tensors live across ranks; built once, when the gate is constructed.
+
+    groups:  the process groups the partial energy is combined over, in order (empty: every
+             rank holds the whole monitor gradient, e.g. a fully replicated DTensor)
+    ranks:   the global ranks that share the monitor tensors (this rank included)
+    specs:   per monitor tensor, (mesh, placements) of its DTensor gradient, or None for a plain tensor
+    """
+
+    def __init__(self, groups: Sequence, ranks: list[int], specs: list, device: torch.device) -> None:
+        self.groups = tuple(groups)
+        self.ranks = ranks
+        self.specs = specs
+        self.dims = [None if s is None else sharded_dims(s[1], "monitor") for s in specs]
+        self.buffers = [
+            torch.zeros(dist.get_world_size(g), dtype=torch.float64, device=device) for g in self.groups
+        ]
+
+    @property
+    def combines(self) -> bool:
+        return bool(self.groups)
+
+    def local_grads(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The local shards of the monitor gradients, after checking their layout (raises, changing nothing)."""
+        out = []
+        for i, (g, spec) in enumerate(zip(grads, self.specs)):
+            if spec is None:
+                if is_dtensor(g):
+                    raise ValueError(f"monitor[{i}] is a plain tensor but its .grad is a DTensor")
+                out.append(g)
+                continue
+            if not is_dtensor(g):
+                raise ValueError(
+                    f"monitor[{i}] is a DTensor but its .grad is a plain {type(g).__name__}: "
+                    "the gate cannot tell which part of the gradient this rank holds"
+                )
+            mesh, placements = g.device_mesh, g.placements
+            if not (mesh is spec[0] and placements == spec[1]):
+                self._check_spec(i, mesh, placements)
+            out.append(local_tensor(g))
+        return out
+
+    def _check_spec(self, i: int, mesh, placements) -> None:
+        """A gradient laid out differently from its parameter: fine if it splits over the same ranks."""
+        mine, dims_then = self.specs[i][0], self.dims[i]
+        what = f"monitor[{i}].grad"
+        if mesh != mine:
+            raise ValueError(f"{what} lives on {mesh}, but the gate was built for {mine}")
+        dims = sharded_dims(placements, what)
+        if dims != dims_then:
+            raise ValueError(
+                f"{what} has placements {tuple(placements)} (sharded on mesh dims {list(dims)}), but the gate was "
+                f"built for placements {tuple(self.specs[i][1])} (sharded on mesh dims {list(dims_then)}); "
+                "rebuild the gate if the layout changed"
+            )
+        self.specs[i] = (mesh, tuple(placements))
+
+    def combine(self, acc: torch.Tensor) -> None:
+        """acc (float64[1], this rank's partial) -> the sum over the group, the same bits on every rank."""
+        for group, buf in zip(self.groups, self.buffers):
+            _all_gather(buf, acc, group=group)
+            torch.sum(buf, dim=0, keepdim=True, out=acc)
+
+
+def sharding_for(
+    monitor: Sequence[torch.Tensor], process_group, device: torch.device
+) -> Optional[Sharding]:
+    """The Sharding of ``monitor`` (None when nothing is sharded: today's single-rank gate).
+
+    Raises (before anything is built) on monitor tensors whose meshes or
+    sharded dimensions disagree, a Partial placement, a process_group this rank
+    is not in or whose ranks differ from the DTensors' shards, and a mix of
+    DTensor and plain monitor tensors without a process_group.
+    """
+    dts = [i for i, t in enumerate(monitor) if is_dtensor(t)]
+    if not dts and process_group is None:
+        return None
+    group_ranks = None if process_group is None else _check_group(process_group)
+    specs: list = [None] * len(monitor)
+    groups: list = []
+    ranks = group_ranks
+    if dts:
+        plain = [i for i in range(len(monitor)) if i not in dts]
+        if plain and process_group is None:
+            raise ValueError(
+                f"monitor{dts} are DTensors and monitor{plain} plain tensors, and no process_group was given: "
+                "the gate cannot tell whether the plain tensors are shards or whole copies. Pass "
+                "process_group= (the group the plain shards are split over) or monitor only DTensors."
+            )
+        first = monitor[dts[0]]
+        mesh = first.device_mesh
+        dims = sharded_dims(first.placements, f"monitor[{dts[0]}]")
+        for i in dts[1:]:
+            t = monitor[i]
+            if t.device_mesh != mesh:
+                raise ValueError(
+                    f"monitor[{dts[0]}] lives on {mesh} and monitor[{i}] on {t.device_mesh}: every DTensor monitor "
+                    "tensor must live on one device mesh (their partial energies are combined in one group)"
+                )
+            d = sharded_dims(t.placements, f"monitor[{i}]")
+            if d != dims:
+                raise ValueError(
+                    f"monitor[{dts[0]}] is sharded on mesh dims {list(dims)} (placements {tuple(first.placements)}) "
+                    f"and monitor[{i}] on {list(d)} (placements {tuple(t.placements)}): the gate sums partial energies "
+                    "over one set of ranks, so every monitor tensor must be split over the same mesh dimensions"
+                )
+        mesh_ranks = _mesh_ranks(mesh, dims, f"monitor[{dts[0]}]")
+        if process_group is None:
+            groups = [mesh.get_group(d) for d in dims]
+            ranks = mesh_ranks
+        elif group_ranks != mesh_ranks:
+            raise ValueError(
+                f"process_group spans ranks {group_ranks}, but the DTensor monitor tensors are split over ranks "
+                f"{mesh_ranks} (mesh dims {list(dims)} of {mesh}): the group must hold exactly the ranks that "
+                "share the monitor gradient"
+            )
+        for i in dts:
+            specs[i] = (monitor[i].device_mesh, tuple(monitor[i].placements))
+    if process_group is not None:
+        groups = [process_group]
+    return Sharding(groups, ranks, specs, device)
