@@ -71,8 +71,8 @@ def main(argv=None) -> int:
         for k, v in enumerate(views):
             backend.reduce_partial(k, v, len(views), state, config)
         backend.finalize_partials(len(views), state, config)
-    backend.mask(torch.zeros((), dtype=torch.uint8, device="cuda"), views)
-    backend.mask(torch.ones((), dtype=torch.uint8, device="cuda"), views)
+    backend.mask(torch.zeros((), dtype=torch.bool, device="cuda"), views)
+    backend.mask(torch.ones((), dtype=torch.bool, device="cuda"), views)
     torch.cuda.synchronize()
     if any(v.any().item() for v in views):
         failures += 1
