@@ -1,6 +1,6 @@
 """RLVR rollout-batch reuse with and without the gate: does DGG beat fixed reuse at equal rollouts?
 
-    python benchmarks/rlvr_reuse.py                  # CPU configuration: ~10-12 min on one CPU thread
+    python benchmarks/rlvr_reuse.py                  # CPU configuration: ~13 min on one CPU thread
     python benchmarks/rlvr_reuse.py --quick          # smoke run, well under a minute
     python benchmarks/rlvr_reuse.py --config gpu     # GPU configuration (the 2026-11-23 H100 setting)
     python benchmarks/rlvr_reuse.py --out benchmarks/results   # where the committed results go
@@ -495,11 +495,12 @@ def calibrate(arms: list[Arm], init_state, task: Task, heldout, args, dev) -> li
 DEFAULT_ARMS = ("k1,k2,k4,k8,dgg4@0.3:paper,dgg8@0.3:paper,dgg4@0.3:norm,dgg8@0.3:norm,dgg8@0.3:norm:batch,"
                 "cal8@0.5:paper,rnd8@0.5")
 CONFIGS = {
-    # ~10-12 min on one CPU thread; chosen so that fixed K=1 learns and fixed K=8 does harm (see the results md)
+    # 776 s for the committed run on one thread of a shared 2-core machine; chosen (on 2 seeds, before the
+    # final run) so that fixed K=1 learns and fixed K=8 does harm; see the results md
     "cpu": dict(vocab=2048, width=64, layers=1, heads=4, digits=2, sft_lr=1e-3, sft_target=0.3, sft_max_steps=3000,
                 batches=50, prompts=32, lr=1.5e-3, seeds=5),
     # the 2026-11-23 H100 runs d/e (../shared/gpu-runs/2026-11-23-h100): lr 1e-3 is where fixed K=8 collapsed there;
-    # about 2-6 min per run of the old arm set on an H100, so about 10 min for the arm set above
+    # 6 min for 7 arms x 5 seeds of the old arm set on the H100, so about 12 min for the arm set above (estimate)
     "gpu": dict(device="cuda", vocab=32768, width=256, layers=4, heads=4, digits=2, sft_lr=3e-3, sft_target=0.3,
                 sft_max_steps=1500, batches=60, prompts=64, lr=1e-3, seeds=5),
 }
@@ -511,23 +512,26 @@ GPU_COMMAND = "python benchmarks/rlvr_reuse.py --config gpu --out benchmarks/res
 
 def build_parser() -> argparse.ArgumentParser:
     c = CONFIGS["cpu"]
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=Formatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
                     help="a named configuration: every flag below that is not given takes its value from it "
-                         "(default cpu; gpu = the 2026-11-23 H100 setting: vocab 32768, width 256, 4 layers, "
-                         "64 prompts, lr 1e-3, SFT lr 3e-3)")
+                         "(the defaults shown are the cpu configuration's; gpu = the 2026-11-23 H100 setting: "
+                         "vocab 32768, width 256, 4 layers, 64 prompts, lr 1e-3, SFT lr 3e-3, 60 batches, cuda)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 arms, 1 seed, well under a minute")
-    ap.add_argument("--device", default="cpu", help="torch device (default cpu; the gpu config uses cuda)")
+    ap.add_argument("--device", default="cpu", help="torch device (the gpu config uses cuda)")
     ap.add_argument("--out", default=DEFAULT_OUT,
-                    help=f"folder for the results (default {DEFAULT_OUT}); pass benchmarks/results for the "
-                         "committed ones")
+                    help="folder for the results (outside the source tree unless given); pass "
+                         "benchmarks/results for the committed ones")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--from-json", default=None, metavar="PATH",
                     help="no training: rewrite the md, JSON and plots of a finished run from its results JSON "
                          "(after a change to the analysis), into --out")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: 1 on CPU, where several threads on a shared machine ran up to "
+                    help="torch CPU threads (None: 1 on CPU, where several threads on a shared machine ran up to "
                          "40x slower from thread contention; torch's default on CUDA)")
     g = ap.add_argument_group("model and task")
     g.add_argument("--vocab", type=int, default=c["vocab"], help="vocabulary size; ids >= 12 never occur in the data "
@@ -1001,7 +1005,7 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
           "default, and the RL learning rate and sizes are the same for all arms (chosen so that fixed K=1 learns "
           "and fixed K=8 does harm).",
           "- Raw per-update records (every arm, seed and pass) are in the JSON next to this file, column-wise: "
-          "runs[i].updates is a dict of equal-length lists."]
+          "runs[i].updates is a dict of equal-length lists; numbers keep 5 significant digits."]
     if plots:
         L += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     with open(path, "w") as f:

@@ -144,13 +144,19 @@ def test_rlvr_reuse_quick_smoke(tmp_path):
         torch.set_num_threads(threads)  # the benchmark pins one thread on CPU; leave the session as it was
     md = (tmp_path / "rlvr_reuse_quick_results.md").read_text()
     data = json.loads((tmp_path / "rlvr_reuse_quick_results.json").read_text())
-    assert "What was seen" in md and data["env"]["date"] == "2026-11-22"
+    assert "What was seen" in md and "## Verdict" in md and "## GPU configuration" in md
+    assert data["env"]["date"] == res["env"]["date"] and len(data["env"]["date"]) == 10
     batches = res["args"]["batches"]
     by_arm = {r["arm"]: r for r in res["runs"]}
-    assert set(by_arm) == {"fixed K=2", "dgg K=4 t=0.3"}
-    fixed, gated = by_arm["fixed K=2"], by_arm["dgg K=4 t=0.3"]
+    stat, mode = bench.default_rule()
+    gated_name = f"dgg K=4 t=0.3 {bench.rule_name(stat, mode)}"
+    assert set(by_arm) == {"fixed K=2", gated_name}
+    fixed, gated = by_arm["fixed K=2"], by_arm[gated_name]
     assert len(fixed["updates"]) == 2 * batches and not any(u["closed"] for u in fixed["updates"])
     assert batches <= len(gated["updates"]) <= 4 * batches
+    # the JSON holds the per-update records column-wise, one entry per update
+    for r, rj in zip(res["runs"], data["runs"]):
+        assert all(len(col) == len(r["updates"]) for col in rj["updates"].values())
     for r in res["runs"]:
         assert len(r["curve"]) == batches + 1
         for b in range(batches):
@@ -164,4 +170,10 @@ def test_rlvr_reuse_quick_smoke(tmp_path):
                 assert set(u["rel_change"]) == {"embed", "block0", "block1", "lm_head"}
                 if u["closed"]:  # a discarded update leaves every weight, so the policy, as it was
                     assert u["kl_step"] == 0.0 and all(v == 0.0 for v in u["rel_change"].values())
+                if r is fixed:  # fixed arms log every observer rule's z; the first rule drives the loop
+                    assert set(u["obs_z"]) == set(res["observer_rules"]) and u["obs_z"][r["main_rule"]] == u["z"]
         assert any(u["rel_change"]["lm_head"] > 0 and u["kl_step"] > 0 for u in r["updates"])
+    an = res["analysis"]
+    assert an["arms"][gated_name]["close_rate"] == sum(u["closed"] for u in gated["updates"]) / batches
+    assert {v["vs"] for v in an["versus"]} == {"fixed K=2"}
+

@@ -34,3 +34,40 @@ def test_rlvr_reuse_arm_specs_and_flags():
     assert gpu.device == "cuda" and gpu.vocab == 32768 and gpu.lr == 1e-3 and gpu.seeds == 3
     quick = bench.parse_args(["--quick", "--lr=0.01"])
     assert quick.batches == 5 and quick.lr == 0.01
+
+
+def test_rlvr_reuse_paper_calibrated_and_control_arms():
+    bench = _load_benchmark()
+    arms = bench.parse_arms("dgg8@0.3:paper,dgg8@0.3:norm:batch,cal8@0.5:paper,rnd8@0.5")
+    assert [a.name for a in arms] == ["dgg K=8 t=0.3 paper/step", "dgg K=8 t=0.3 norm/batch",
+                                      "cal K=8 rate=0.5 paper/step", "random K=8 p=0.5"]
+    assert arms[0].statistic == "energy+increment" and arms[1].window_mode == "batch"
+    assert arms[2].kind == "cal" and arms[2].threshold is None and arms[2].close_rate == 0.5
+    assert arms[3].kind == "rnd" and not arms[3].gated
+    for bad in ("rnd8@1.5", "cal8@0:paper"):
+        with pytest.raises(ValueError):
+            bench.parse_arms(bad)
+
+
+def test_rlvr_reuse_rerun_of_the_analysis_from_the_json(tmp_path):
+    import torch
+
+    bench = _load_benchmark()
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(["--quick", "--no-plots", "--arms", "k1,k2,dgg2@0.3:paper,cal2@0.5,rnd2@0.5", "--seeds", "2",
+                          "--out", str(tmp_path / "a")])
+    finally:
+        torch.set_num_threads(threads)
+    cal = res["analysis"]["calibration"]
+    assert len(cal) == 1 and cal[0]["threshold"] >= 0 and len(cal[0]["observer_rate_eval_seeds"]) == 2
+    coin = [r for r in res["runs"] if r["arm"] == "random K=2 p=0.5"]
+    assert all(u["pass"] == 2 for r in coin for u in r["updates"] if u["closed"])  # the coin ends batches at pass 2
+    again = bench.main(["--from-json", str(tmp_path / "a" / "rlvr_reuse_quick_results.json"), "--no-plots",
+                        "--out", str(tmp_path / "b")])
+    assert again["analysis"]["arms"].keys() == res["analysis"]["arms"].keys()
+    for name, s in res["analysis"]["arms"].items():
+        # the JSON keeps 5 significant digits
+        assert again["analysis"]["arms"][name]["final_acc_per_seed"] == pytest.approx(s["final_acc_per_seed"], abs=1e-4)
+    md = (tmp_path / "b" / "rlvr_reuse_quick_results.md").read_text()
+    assert "analysis rewritten from its JSON" in md and "## Calibration" in md
