@@ -99,7 +99,7 @@ def _mesh_ranks(mesh, dims: tuple[int, ...], what: str) -> list[int]:
     if coord is None:
         raise ValueError(f"{what} lives on {mesh}, which does not contain this rank ({dist.get_rank()})")
     index = tuple(slice(None) if d in dims else coord[d] for d in range(mesh.ndim))
-    return sorted(int(r) for r in mesh.mesh[index].flatten().tolist())
+    return sorted(int(r) for r in mesh.mesh[index].flatten().tolist())  # host-read-ok: a CPU mesh table, read at construction
 
 
 def _check_group(group, what: str = "process_group") -> list[int]:
