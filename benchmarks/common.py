@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -194,6 +195,32 @@ def read_bandwidth_GBps(device: torch.device, nbytes: int) -> tuple[float, float
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return n * 4 / (ms * 1e-3) / 1e9, n * 4
+
+
+def bootstrap_ci(xs: list[float], stat: Callable[[list[float]], float] = statistics.median, n: int = 2000,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``stat`` over ``xs`` (resampled with replacement, fixed seed)."""
+    if not xs:
+        return (math.nan, math.nan)
+    if len(xs) == 1:
+        return (xs[0], xs[0])
+    rng = random.Random(seed)
+    k = len(xs)
+    reps = sorted(stat([xs[rng.randrange(k)] for _ in range(k)]) for _ in range(n))
+    tail = (1 - level) / 2
+    return reps[int(tail * n)], reps[min(n - 1, int((1 - tail) * n))]
+
+
+def gate_open_threshold() -> float:
+    """A threshold that keeps a gate open on finite gradients: float("inf") (the observer mode) where GateConfig
+    takes it, else 1e9, which no z in these benchmarks comes near."""
+    from dgg_kernels.config import GateConfig
+
+    try:
+        GateConfig(threshold=float("inf"))
+        return float("inf")
+    except ValueError:
+        return 1e9
 
 
 # ----------------------------------------------------------------------------- host syncs

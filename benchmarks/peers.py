@@ -327,6 +327,15 @@ class DGGCuda(DGG):
     backend = "cuda"
 
 
+class DGGAuto(DGG):
+    """backend="auto": the backend the measured table picks for this device, dtype and size (what users get)."""
+
+    backend = "auto"
+
+    def report(self):
+        return {**super().report(), "auto_reason": self.gate._backend.auto_reason}
+
+
 def _raise_recompile_limit() -> None:
     # Every benchmark case is a new gate (and shape): past dynamo's default of 8
     # recompiles it would silently fall back to eager and time the wrong thing.
@@ -399,6 +408,7 @@ IMPLS: list[Impl] = [
     Impl("dgg torch inductor-fused", DGGTorchInductor, "dgg"),
     Impl("dgg triton", DGGTriton, "dgg"),
     Impl("dgg cuda", DGGCuda, "dgg"),
+    Impl("dgg auto", DGGAuto, "dgg"),
 ]
 
 

@@ -151,22 +151,98 @@ def test_train_step_results_are_well_formed(train_step):
     data = train_step["json"]
     _check_stamp(data["stamp"])
     _check_goals(data["goals"])
-    eager = {r["mechanism"]: r for r in data["eager"]}
-    for must in ("no gate", "dgg torch", "zclip", "hand-written dgg", "olmo-style skip"):
+    eager = {r["arm"]: r for r in data["rows"] if r["variant"] == "eager"}
+    for must in ("no gate", "dgg torch open", "dgg torch open +overlap", "dgg torch closed", "zclip",
+                 "clip_grad_norm_ foreach", "hand-written dgg"):
         assert must in eager, must
-    for name in ("no gate", "dgg torch", "hand-written dgg", "olmo-style skip"):
+    for name in ("no gate", "dgg torch open", "dgg torch open +overlap", "dgg torch closed",
+                 "clip_grad_norm_ foreach", "hand-written dgg"):
         r = eager[name]
         assert r["status"] == "ok", r
-        assert r["step_ms"] > 0 and r["rounds"] >= 1 and "overhead_pct" in r
-    assert eager["dgg cuda"]["status"].startswith("n/a")
+        assert r["step_ms"] > 0 and r["rounds"] >= 1
+        if name != "no gate":  # per-round overhead with its 95% bootstrap interval, in ms and %
+            for key in ("overhead_ms", "overhead_pct"):
+                lo, hi = r[f"{key}_ci"]
+                assert lo <= r[key] <= hi, (name, key, r[key], lo, hi)
+            assert "[" in r["overhead_ms_str"] and "[" in r["overhead_pct_str"]
+    # forced open never closes; forced closed closes every step once its window is full
+    assert eager["dgg torch open"]["closed_steps"] == 0 and eager["dgg torch open +overlap"]["closed_steps"] == 0
+    assert eager["dgg torch closed"]["closed_steps"] >= data["setup"]["rounds"] * data["setup"]["steps_per_round"]
     # Extra host reads per step over the no-gate baseline: 0 for the gate, >= 1 for the hand-written DGG.
     base = eager["no gate"]["host_syncs"]
-    assert eager["dgg torch"]["host_syncs"] == base
+    assert eager["dgg torch open"]["host_syncs"] == base
     assert eager["hand-written dgg"]["host_syncs"] >= base + 1
-    for r in data["cuda_graph"]:
-        assert r["status"] == C.NOT_MEASURED_CPU
-    assert "CPU MODE" in train_step["md"]
+    graph = [r for r in data["rows"] if r["variant"] != "eager"]
+    assert {r["variant"] for r in graph} == {"cuda graph", "cuda graph +overlap"}
+    assert all(r["status"] == C.NOT_MEASURED_CPU for r in graph)
+    assert [i["backend"] for i in data["isolated"]] == ["torch"] and data["isolated"][0]["isolated_ms"] > 0
+    assert {m["variant"] for m in data["memory"]} == {"eager", "cuda graph", "cuda graph +overlap"}
+    assert "CPU MODE" in train_step["md"] and "95% CI" in train_step["md"]
     assert "built-in" in data["setup"]["model"] or "transformers" in data["setup"]["model"]
+
+
+def test_bootstrap_interval():
+    xs = [1.0, 2.0, 3.0, 4.0, 100.0]
+    lo, hi = C.bootstrap_ci(xs)
+    assert lo <= 3.0 <= hi and hi <= 100.0
+    assert C.bootstrap_ci(xs) == (lo, hi)  # fixed seed: the same interval every run
+    assert C.bootstrap_ci([2.5]) == (2.5, 2.5)
+    narrow = C.bootstrap_ci([1.0 + 0.001 * i for i in range(40)])
+    assert narrow[1] - narrow[0] < 0.02
+
+
+@pytest.fixture(scope="module")
+def host_time(tmp_path_factory):
+    return _run("host_time.py", tmp_path_factory.mktemp("host_time"))
+
+
+@pytest.mark.triton  # expects the dgg triton row to be measured
+def test_host_time_results_are_well_formed(host_time):
+    data = host_time["json"]
+    _check_stamp(data["stamp"])
+    _check_goals(data["goals"])
+    rows = {r["row"]: r for r in data["rows"]}
+    assert data["setup"]["tensors"] == 339
+    for name in ("dgg torch step() open", "dgg triton step() open", "clip_grad_norm_ foreach", "AdamW fused step"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["host_us"] > 0 and r["calls"] >= 5, r
+    assert rows["dgg triton step() open"]["host_syncs"] == 0 and rows["dgg torch step() open"]["host_syncs"] == 0
+    assert "CPU MODE" in host_time["md"] and "not comparable" in data["label"]
+
+
+def test_sweep_triton_quick_smoke(tmp_path):
+    if not importlib.util.find_spec("triton"):
+        pytest.skip("triton not installed")
+    data = _run("sweep_triton.py", tmp_path)["json"]
+    assert data["energies_agree"] is True
+    ok = [r for r in data["rows"] if r.get("status") == "ok"]
+    assert {r["dtype"] for r in ok} == {"bfloat16", "float32"} and len(ok) == 4
+    assert all(b["status"] == "ok" for b in data["best"])
+
+
+def test_make_auto_table_from_the_committed_h100_run(tmp_path):
+    from benchmarks import make_auto_table as M
+    from dgg_kernels.backends import auto
+
+    src = REPO / "benchmarks" / "results" / "overhead_nvidia-h100-80gb-hbm3_2026-11-23.json"
+    if not src.exists():
+        pytest.skip("the committed H100 overhead json is not in this checkout")
+    out = tmp_path / "auto_table.py"
+    assert M.main([str(src), "--out", str(out)]) == 0
+    table = M.read_table(out)
+    packaged = M.read_table(REPO / "dgg_kernels" / "backends" / "auto_table.py")
+    assert table == packaged  # the packaged table is exactly what the script makes of that run
+    (entry,) = table["devices"]
+    assert entry["match"] == "H100" and entry["measured"]["source"] == src.name
+    assert set(entry["dtypes"]) == {"float32", "bfloat16"}  # only what was measured
+    assert auto.choose("NVIDIA H100 80GB HBM3", torch.float32, 10**6, table)[0] == "cuda"   # 1 MB: cuda 3x faster
+    assert auto.choose("NVIDIA H100 80GB HBM3", torch.float32, 2 * 10**9, table)[0] == "triton"
+    # a second device is added beside the first, the same device replaced
+    assert M.main([str(src), "--out", str(out), "--match", "H200"]) == 0
+    assert [d["match"] for d in M.read_table(out)["devices"]] == ["H100", "H200"]
+    assert M.main([str(src), "--out", str(out), "--match", "H200", "--tolerance", "0.5"]) == 0
+    t = M.read_table(out)
+    assert [d["match"] for d in t["devices"]] == ["H100", "H200"] and t["tolerance"] == 0.5
 
 
 def test_builtin_decoder_matches_qwen2_shapes():
@@ -198,7 +274,7 @@ def test_cuda_backend_row_is_unavailable_with_reason():
         P.build(cuda, P.Case(monitor=[p], params=[p]))
 
 
-@pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda"])
+@pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda", "host_time", "sweep_triton"])
 def test_help_documents_every_flag(script):
     module = importlib.import_module(f"benchmarks.{script}")
     ap = module.build_parser()
@@ -213,7 +289,7 @@ def test_help_documents_every_flag(script):
             assert flag in proc.stdout, flag
 
 
-@pytest.mark.parametrize("script", ["overhead", "train_step"])
+@pytest.mark.parametrize("script", ["overhead", "train_step", "host_time", "sweep_triton"])
 def test_default_out_is_outside_the_checkout(script, monkeypatch, tmp_path):
     module = importlib.import_module(f"benchmarks.{script}")
     monkeypatch.delenv("DGG_BENCH_OUT", raising=False)

@@ -47,7 +47,9 @@ def test_new_grad_tensors_each_step_are_masked(backend):
     keep = []
     for step in range(6):
         for p in params:
-            p.grad = torch.randn_like(p) + 1  # new tensors; ``keep`` holds the old ones so addresses change
+            # new tensors, never 0 (bf16 rounds randn + 1 to 0 now and then); ``keep`` holds the old ones,
+            # so the addresses change
+            p.grad = torch.rand_like(p) + 1
         keep.append([p.grad for p in params])
         old = [g.clone() for g in keep[-2]] if step else None
         closed = _step(gate, mon, close=step % 2 == 1)
@@ -123,6 +125,25 @@ def test_strided_transposed_empty_and_odd_grads():
         assert torch.equal(p.grad, torch.zeros_like(p.grad))
     base = params[1].grad._base
     assert torch.equal(base[0::2], before[0::2])  # the gaps are untouched
+
+
+@needs_triton
+def test_odd_addresses_and_sizes_are_zeroed_in_narrower_units():
+    """2-byte and 1-byte units where a grad's address or size is not a multiple of 4; neighbours untouched."""
+    half = torch.nn.Parameter(torch.empty(5, dtype=torch.float16))
+    byte = torch.nn.Parameter(torch.empty(7, dtype=torch.float8_e4m3fn))
+    gate, mon = _closing_gate([half, byte])
+    hbuf = torch.full((8,), 3.0, dtype=torch.float16)
+    bbuf = torch.full((16,), 1.0).to(torch.float8_e4m3fn)
+    half.grad = hbuf[1:6]   # address 2 bytes past an aligned one, 10 bytes: 2-byte units
+    byte.grad = bbuf[3:10]  # odd address, 7 bytes: 1-byte units
+    assert _step(gate, mon, close=True)
+    assert torch.equal(hbuf[1:6], torch.zeros(5, dtype=torch.float16))
+    assert hbuf[0].item() == 3.0 and bool((hbuf[6:] == 3.0).all())
+    assert bool((bbuf[3:10].float() == 0).all()) and bool((bbuf[:3].float() == 1).all())
+    assert bool((bbuf[10:].float() == 1).all())
+    # one launch per zeroing unit in use: 4 bytes (the monitor), 2 bytes (half), 1 byte (byte); one row each
+    assert [(call[3][1], call[5]) for call in gate._backend._mask_calls] == [(4, 1), (2, 1), (1, 1)]
 
 
 def test_mask_plan_names_a_grad_on_another_device():
@@ -356,3 +377,67 @@ def test_load_extension_without_build_never_builds(monkeypatch):
     with pytest.raises(RuntimeError, match="no prebuilt"):
         cuda_ext.load_extension(build=False)
     assert cuda_ext._ext_error is None
+
+
+# ----------------------------------------------------------------------------- GPU
+def _gpu_backends():
+    from dgg_kernels.backends import cuda_ext
+
+    out = ["triton"]
+    try:
+        cuda_ext.load_extension()
+        out.append("cuda")
+    except RuntimeError:
+        pass
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False], ids=["direct", "jit-only"])
+def test_triton_direct_launches_match_the_torch_backend_gpu(fast, monkeypatch):
+    """Same grads at the same addresses (direct launches after the first step) and new grads every step."""
+    monkeypatch.setattr(TF, "_FAST_LAUNCH", fast)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.empty(s, device="cuda", dtype=torch.bfloat16))
+              for s in [(4096, 512), (300,), (17, 3), (1,)] * 5]
+    gates = {b: dgg.DynamicGradientGate(params[0], params, backend=b, window=4, threshold=0.2)
+             for b in ("torch", "triton")}
+    stored = [torch.randn_like(p) for p in params]
+    for step in range(24):
+        scale = 1 + 3 * (step % 7 == 6)  # a spike now and then closes the gate
+        fresh = step % 2 == 1  # odd steps: new tensors (new addresses); even: the stored ones again
+        grads = [torch.randn_like(p) * scale if fresh else (s.normal_() * scale) for p, s in zip(params, stored)]
+        out = {}
+        for b, gate in gates.items():
+            for p, g in zip(params, grads):
+                p.grad = g.clone() if b == "torch" or fresh else g
+            out[b] = (gate.step().item(), gate.stats()["energy"].item(), [p.grad.clone() for p in params])
+        assert out["torch"][0] == out["triton"][0], step
+        assert math.isclose(out["torch"][1], out["triton"][1], rel_tol=1e-4), step
+        assert all(torch.equal(a, b) for a, b in zip(out["torch"][2], out["triton"][2])), step
+    hits = {site: launch.hits for site, launch in gates["triton"]._backend._launches.items()}
+    if fast:
+        assert hits[("step", 0, 2)] > 0 and any(h > 0 for s, h in hits.items() if s[0] == "mask"), hits
+    else:
+        assert not any(hits.values()), hits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends() if torch.cuda.is_available() else ["triton"])
+def test_closed_mask_hits_new_grad_tensors_gpu(backend):
+    params = [torch.nn.Parameter(torch.empty(n, device="cuda", dtype=dt))
+              for n, dt in [(1000, torch.bfloat16), (7, torch.float32), (33, torch.float16)] * 100]
+    mon = torch.nn.Parameter(torch.empty(64, device="cuda"))
+    gate = dgg.DynamicGradientGate(mon, [mon, *params], backend=backend, window=2, threshold=1e9)
+    keep = []
+    for step in range(6):
+        for p in params:
+            p.grad = torch.rand_like(p) + 5
+        keep.append([p.grad for p in params])  # the old tensors stay alive: the new ones get new addresses
+        mon.grad = torch.full_like(mon, math.nan) if step % 2 else torch.randn_like(mon)
+        closed = gate.step().item()
+        assert closed == bool(step % 2)
+        for p in params:
+            assert torch.equal(p.grad, torch.zeros_like(p)) if closed else bool((p.grad != 0).all())
+        if closed:  # what got zeroed are this step's tensors, not the previous (open) step's
+            assert all(bool((g != 0).all()) for g in keep[-2])
