@@ -53,6 +53,22 @@ def default_out_dir() -> Path:
     return Path(os.environ.get("DGG_BENCH_OUT") or TEMP_OUT)
 
 
+def base_parser(doc: str, quick_help: str, budget_what: str, reserve_s: float):
+    """The flags every benchmark script shares: --device, --quick, --out, --budget-s, --reserve-s."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    add_out_argument(ap)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"stop starting new {budget_what} after this many seconds (default: no limit)")
+    ap.add_argument("--reserve-s", type=float, default=reserve_s,
+                    help=f"seconds of the budget kept back for writing results (default {reserve_s:g})")
+    return ap
+
+
 def add_out_argument(ap) -> None:
     """The --out flag every benchmark script takes (--out-dir: its older name)."""
     ap.add_argument("--out", "--out-dir", dest="out", type=Path, default=default_out_dir(), metavar="DIR",

@@ -247,15 +247,7 @@ def evaluate_goals(rows: list[dict], device) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes and few calls (seconds; what the tests run)")
-    C.add_out_argument(ap)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting new rows after this many seconds (default: no limit)")
-    ap.add_argument("--reserve-s", type=float, default=3.0,
-                    help="seconds of the budget kept back for writing results (default 3)")
+    ap = C.base_parser(__doc__, "CPU smoke sizes and few calls (seconds; what the tests run)", "rows", 3.0)
     ap.add_argument("--backends", default=None,
                     help="comma-separated gate backends (default torch,triton,cuda on a GPU; torch,triton on a CPU)")
     ap.add_argument("--scale", type=int, default=None,

@@ -144,15 +144,7 @@ def best_per_dtype(rows: list[dict], min_gain: float) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke test: a tiny shape, two configurations")
-    C.add_out_argument(ap)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting new configurations after this many seconds (default: no limit)")
-    ap.add_argument("--reserve-s", type=float, default=5.0,
-                    help="seconds of the budget kept back for writing results (default 5)")
+    ap = C.base_parser(__doc__, "CPU smoke test: a tiny shape, two configurations", "configurations", 5.0)
     ap.add_argument("--dtypes", default=None, help="comma-separated (default bfloat16,float16,float32)")
     ap.add_argument("--blocks", default=None, help="BLOCK values (default 2048,4096,8192,16384; --quick: 64,128)")
     ap.add_argument("--programs-per-sm", default=None, help="programs per SM (default 2,4,8; --quick: 2)")

@@ -516,15 +516,7 @@ def evaluate_goals(rows, isolated, backends, device) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke sizes (seconds; what the tests run)")
-    C.add_out_argument(ap)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="stop starting new rounds and variants after this many seconds (default: no limit)")
-    ap.add_argument("--reserve-s", type=float, default=5.0,
-                    help="seconds of the budget kept back for writing results (default 5)")
+    ap = C.base_parser(__doc__, "CPU smoke sizes (seconds; what the tests run)", "rounds and variants", 5.0)
     ap.add_argument("--graph-reserve-s", type=float, default=None,
                     help="seconds of the budget kept for the two CUDA-graph variants (default 45 on a GPU, else 0)")
     ap.add_argument("--rounds", type=int, default=None,
