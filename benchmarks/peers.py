@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from dgg_kernels.inputs import monitor_grads
+
 
 class Unavailable(Exception):
     """This implementation cannot run here; the message says why (the row is marked n/a)."""
@@ -385,7 +387,7 @@ class DGGTorchInductor(DGGTorch):
 
     def step(self):
         g = self.gate
-        return self.fn(g._backend, g.state, g.config, g._monitor_grads())
+        return self.fn(g._backend, g.state, g.config, monitor_grads(g.monitor, g._sharding, g.device))
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
-from . import ops
+from . import inputs, ops
 from . import state as S
-from .distributed import is_dtensor, local_tensor, sharding_for
+from .distributed import sharding_for
 from .backends import resolve_backend
 from .backends.base import Backend
 from .config import GateConfig
@@ -102,9 +102,10 @@ class DynamicGradientGate:
                 f"monitor and params must live on one device, got {sorted(str(d) for d in devices)}"
             )
         self.device = devices.pop()
+        inputs.check_monitor_tensors(self.monitor)
         # sharded monitor tensors: which ranks share them (checked here, once; None on a single rank)
         self._sharding = sharding_for(self.monitor, process_group, self.device)
-        self._dtensor_params = any(is_dtensor(p) for p in self.params)
+        self._param_grads = inputs.ParamGrads(self.params, self.device)
         if overlap and self._sharding is not None:
             raise ValueError(
                 "overlap=True is not supported with sharded (DTensor or process_group) monitor tensors: the "
@@ -141,6 +142,9 @@ class DynamicGradientGate:
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
+            if inputs.monitor_problem("", grad, self.device) is not None:
+                self._seen[index] = None  # not reduced: step() reduces again, and its check names the problem
+                return
             if self._side is None:
                 self._backend.reduce_partial(index, grad, len(self.monitor), self.state, self.config)
             else:
@@ -190,39 +194,25 @@ class DynamicGradientGate:
         """True when each step combines the partial energy across ranks (see process_group)."""
         return self._sharding is not None and self._sharding.combines
 
-    def _monitor_grads(self) -> list[torch.Tensor]:
-        grads = []
-        for i, t in enumerate(self.monitor):
-            if t.grad is None:
-                raise RuntimeError(
-                    f"monitor[{i}] (shape {tuple(t.shape)}) has no .grad: backward has not reached it. "
-                    "Call gate.step() after loss.backward() and before optimizer.step()."
-                )
-            grads.append(t.grad)
-        return grads
-
-    def _param_grads(self) -> list[torch.Tensor]:
-        if self._dtensor_params:  # zero the local shards in place (a view of each DTensor grad)
-            return [local_tensor(p.grad) for p in self.params if p.grad is not None]
-        grads = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
-        return [g for g in grads if g is not None]
-
     def step(self) -> torch.Tensor:
         """Run one gate step on the current gradients.
 
         Returns a 0-dim torch.bool tensor on the gradients' device: True when
         the gate closed (the params' gradients are now zero).  No host sync.
         """
-        grads = self._monitor_grads()
-        if self._sharding is not None:
-            grads = self._sharding.local_grads(grads)  # checks the layout, raises before any write
+        # every input is checked here, for every backend, before the state or any gradient is touched
+        grads = inputs.monitor_grads(self.monitor, self._sharding, self.device)
+        zero, key = self._param_grads()
         if self.overlap and self._consume_overlap(grads):
             self._backend.finalize_partials(len(grads), self.state, self.config)
-            return self._mask(self._param_grads())
-        return self._step_on(grads, self._param_grads())
+            return self._mask(zero, key)
+        return self._step_on(grads, zero, key)
 
-    def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One step judging ``grads``; when closed, writes zeros into every tensor of ``zero``."""
+    def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor], key=None) -> torch.Tensor:
+        """One step judging ``grads``; when closed, writes zeros into every tensor of ``zero``.
+
+        The inputs are checked already (``inputs``); ``key``: ``zero``'s MaskPlan key, if computed.
+        """
         if torch.compiler.is_compiling():
             # opaque custom ops: the compiler traces through step() without a graph break
             st, c = self.state, self.config
@@ -237,10 +227,10 @@ class DynamicGradientGate:
             self._backend.finalize(self.state, self.config)
         else:
             self._backend.step(grads, self.state, self.config)
-        return self._mask(zero)
+        return self._mask(zero, key)
 
-    def _mask(self, zero: Sequence[torch.Tensor]) -> torch.Tensor:
-        self._backend.mask(self.state.decision, zero)
+    def _mask(self, zero: Sequence[torch.Tensor], key=None) -> torch.Tensor:
+        self._backend.mask(self.state.decision, zero, key)
         return self.state.decision.clone()
 
     def attach(self, optimizer: torch.optim.Optimizer):

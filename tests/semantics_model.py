@@ -11,10 +11,10 @@ FLT_MAX = 3.4028234663852886e38
 
 
 def energy_of(grads) -> float:
-    """sum(g**2) over all tensors in float64; above the float32 range it is +inf."""
+    """sum(g**2) over all tensors in float64, each entry rounded to float32 first; above the float32 range: +inf."""
     e = 0.0
     for g in grads:
-        e += float(g.double().pow(2).sum())
+        e += float(g.float().double().pow(2).sum())
     return math.inf if e > FLT_MAX else e
 
 

@@ -40,8 +40,12 @@ class Backend:
         """Combine the per-tensor scratch of ``reduce_partial`` and finalize, as ``step`` would."""
         raise NotImplementedError(f"the {self.name} backend does not support overlap=True")
 
-    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        """Overwrite every tensor in ``grads`` with zeros when ``decision`` (bool[]) is True; else touch nothing."""
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key: tuple | None = None) -> None:
+        """Overwrite every tensor in ``grads`` with zeros when ``decision`` (bool[]) is True; else touch nothing.
+
+        ``grads`` are checked already (dgg_kernels.inputs); ``key``: their ``MaskPlan.key_of``, when the caller
+        has it (computed here otherwise).
+        """
         raise NotImplementedError
 
 
@@ -127,13 +131,10 @@ class MaskPlan:
 
     __slots__ = ("key", "spans", "strided", "n")
 
-    def __init__(self, key: tuple, grads: Sequence[torch.Tensor], device: torch.device, backend: str) -> None:
+    def __init__(self, key: tuple, grads: Sequence[torch.Tensor]) -> None:
+        # the grads were checked (dense, on the gate's device, no overlapping memory) by dgg_kernels.inputs
         spans, strided = [], []
         for i, g in enumerate(grads):
-            if g.device != device:
-                raise RuntimeError(
-                    f'backend="{backend}" on {device} got a params grad on {g.device} (params[{i}] of the mask list)'
-                )
             if g.numel() == 0:
                 continue
             if g.dtype in _ZERO_BITS_DTYPES and dense(g):

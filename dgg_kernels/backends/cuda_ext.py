@@ -277,10 +277,11 @@ class CudaBackend(Backend):
         self._pin_for_graph(sums)
         self._ext.finalize(*self._state_args(state, config), sums=sums)
 
-    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key: Optional[tuple] = None) -> None:
         """One launch over a cached (address, nbytes) table; no per-grad Python work while the grads keep
         their addresses, sizes and layouts (see base.MaskPlan)."""
-        key = MaskPlan.key_of(grads)
+        if key is None:
+            key = MaskPlan.key_of(grads)
         plan = self._plan
         if plan is None or plan.key != key:
             plan = self._new_plan(key, grads)
@@ -292,7 +293,7 @@ class CudaBackend(Backend):
             grads[i].masked_fill_(decision, 0)
 
     def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor]) -> MaskPlan:
-        plan = MaskPlan(key, grads, self.device, self.name)
+        plan = MaskPlan(key, grads)
         if plan.spans:
             rows = tuple((addr, nbytes) for _, addr, nbytes in plan.spans)
             if self._mask.update(rows, self.device):

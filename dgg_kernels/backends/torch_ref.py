@@ -122,13 +122,22 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     state.decision.copy_(closed)
 
 
+def _norm32(g: torch.Tensor) -> torch.Tensor:
+    """The float32 L2 norm of ``g`` with every entry rounded to float32 first (the spec for every dtype).
+
+    vector_norm widens bf16/fp16 entries to float32 without materializing g.float()**2; it refuses to
+    narrow float64, so a float64 grad is rounded to a float32 copy first (entries beyond the float32
+    range become inf, as in the kernels).
+    """
+    return torch.linalg.vector_norm(g.float() if g.dtype == torch.float64 else g, dtype=torch.float32)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
-        # vector_norm accumulates without materializing g.float()**2; squaring the
-        # float32 norm in float64 keeps the energy within float32 rounding.
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        # squaring the float32 norm in float64 keeps the energy within float32 rounding
+        norms = [_norm32(g) for g in grads]
         state.acc.copy_((torch.stack(norms).to(torch.float64) ** 2).sum().reshape(1))
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
@@ -137,13 +146,13 @@ class TorchBackend(Backend):
     def reduce_partial(self, index, grad, n_tensors, state, config) -> None:
         if getattr(self, "_parts", None) is None or self._parts.numel() != n_tensors or self._parts.device != grad.device:
             self._parts = torch.zeros(n_tensors, dtype=torch.float64, device=grad.device)
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        norm = _norm32(grad)
         self._parts[index].copy_(norm.to(torch.float64) ** 2)
 
     def finalize_partials(self, n_tensors, state, config) -> None:
         state.acc.copy_(self._parts.sum().reshape(1))
         finalize_reference(state, config)
 
-    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key=None) -> None:
         for g in grads:
             g.masked_fill_(decision, 0)  # writes zeros: multiplying by a 0/1 mask would keep NaN

@@ -38,9 +38,6 @@ _FLT_MAX = 3.4028234663852886e38
 # What the last program of a launch does after the partials are written.
 _LAST_NOTHING, _LAST_WRITE_ACC, _LAST_FINALIZE = 0, 1, 2
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
-
-
 # The state's slots (dgg_kernels/state.py, the single source of truth) as compile-time constants.
 _POS, _COUNT, _POS2, _COUNT2 = (tl.constexpr(v) for v in (S.POS, S.COUNT, S.POS2, S.COUNT2))
 _ACCEPTED, _CLOSED_TOTAL = tl.constexpr(S.ACCEPTED), tl.constexpr(S.CLOSED_TOTAL)
@@ -229,12 +226,6 @@ def _gate_mask_kernel(decision_ptr, table_ptr, n_tensors, DTYPE: tl.constexpr, B
             for start in range(pid * BLOCK, numel, stride):
                 offs = start + tl.arange(0, BLOCK)
                 tl.store(ptr + offs, tl.zeros([BLOCK], DTYPE), mask=offs < numel)
-
-
-def _check_grads(grads: Sequence[torch.Tensor], what: str) -> None:
-    for i, g in enumerate(grads):
-        if g.dtype not in _TL_DTYPE:
-            raise TypeError(f"{what}[{i}] has dtype {g.dtype}; the triton backend takes float32, bfloat16, float16, float64")
 
 
 # -- launch configuration ------------------------------------------------------------
@@ -465,7 +456,6 @@ class TritonBackend(Backend):
         )
 
     def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
-        _check_grads(grads, "monitor grad")
         n = len(grads)
         for i, g in enumerate(grads):
             self._launch_one(i, g, n, state, config, last if i == n - 1 else _LAST_NOTHING)
@@ -492,17 +482,17 @@ class TritonBackend(Backend):
         self._finalize_launch(state, config, 1, from_partials=False)
 
     def reduce_partial(self, index, grad, n_tensors, state, config) -> None:
-        _check_grads([grad], "monitor grad")
         self._launch_one(index, grad, n_tensors, state, config, _LAST_NOTHING)
 
     def finalize_partials(self, n_tensors, state, config) -> None:
         self._finalize_launch(state, config, n_tensors, from_partials=True)
 
     # -- mask -------------------------------------------------------------------
-    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+    def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key: tuple | None = None) -> None:
         """One launch (per zeroing unit; normally one) over a cached pointer table; no per-grad Python work
         while the grads keep their addresses, sizes and layouts (see base.MaskPlan)."""
-        key = MaskPlan.key_of(grads)
+        if key is None:
+            key = MaskPlan.key_of(grads)
         plan = self._plan
         if plan is None or plan.key != key:
             plan = self._new_plan(key, grads, decision.device)
@@ -512,7 +502,7 @@ class TritonBackend(Backend):
             grads[i].masked_fill_(decision, 0)
 
     def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor], device: torch.device) -> MaskPlan:
-        plan = MaskPlan(key, grads, device, self.name)
+        plan = MaskPlan(key, grads)
         by_unit: dict[int, list] = {}
         for _, addr, nbytes in plan.spans:
             unit = next(u for u, _ in _MASK_UNITS if addr % u == 0 and nbytes % u == 0)

@@ -1,0 +1,178 @@
+"""What the gate accepts: one check of the monitor and params gradients for every backend.
+
+``DynamicGradientGate.step()`` runs these before any backend is called, so an
+input one backend refuses is refused by every backend, with the same
+exception type and message, and before the device state or any gradient is
+touched.  docs/semantics.md ("Accepted inputs") is the table of what is
+accepted and what each refusal raises:
+
+- TypeError: the kind of tensor is wrong: a monitor tensor or gradient whose
+  dtype is not float32, bfloat16, float16 or float64; a gradient that is not
+  dense (sparse COO/CSR/CSC/BSR/BSC, mkldnn, ...).
+- ValueError: a tensor of the right kind laid out in a way the gate cannot
+  act on: a params gradient with overlapping memory (an expanded view), which
+  cannot be zeroed in place; a DTensor gradient of a plain tensor, or the
+  reverse (and the sharded layout checks of ``distributed.Sharding``).
+- RuntimeError: the gradients are not where the gate's state is: a monitor
+  tensor without ``.grad``, or a gradient on another device than the one the
+  gate was built on.
+
+Every check reads tensor metadata only (no device read), and the params
+gradients are checked once per layout, not per step (see ``ParamGrads``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .backends.base import MaskPlan
+from .distributed import is_dtensor, local_tensor
+
+# float64 is read as the spec reads every dtype: each entry rounded to float32, then squared.
+MONITOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = "float32, bfloat16, float16 or float64"
+
+
+def _layout_problem(name: str, t: torch.Tensor) -> Optional[Exception]:
+    if t.layout != torch.strided:
+        return TypeError(
+            f"{name} is a {t.layout} tensor: the gate reads and zeroes dense (torch.strided) gradients only. "
+            "Sparse gradients (e.g. nn.Embedding(sparse=True)) are not supported: use a dense gradient "
+            "(sparse=False), or leave that tensor out of monitor and params."
+        )
+    return None
+
+
+def monitor_problem(name: str, t: torch.Tensor, device: Optional[torch.device]) -> Optional[Exception]:
+    """Why the gate cannot read ``t`` (a monitor tensor or its gradient), or None; ``device=None``: any device."""
+    problem = _layout_problem(name, t)
+    if problem is not None:
+        return problem
+    if t.dtype not in MONITOR_DTYPES:
+        return TypeError(f"{name} has dtype {t.dtype}; the gate reads monitor gradients of dtype {_DTYPE_NAMES}")
+    if device is not None and t.device != device:
+        return RuntimeError(f"{name} is on {t.device}, but the gate was built on {device} (its state lives there)")
+    return None
+
+
+def check_monitor_tensors(monitor: Sequence[torch.Tensor]) -> None:
+    """At construction: every monitor tensor could have a gradient the gate reads (a .grad has its tensor's
+    dtype and layout, so an int or sparse monitor tensor is refused here rather than at the first step)."""
+    for i, t in enumerate(monitor):
+        problem = monitor_problem(f"monitor[{i}]", local_tensor(t), None)
+        if problem is not None:
+            raise problem
+
+
+def monitor_grads(monitor: Sequence[torch.Tensor], sharding, device: torch.device) -> list[torch.Tensor]:
+    """The monitor gradients the backend reduces (a DTensor's local shard), after checking every one.
+
+    Raises RuntimeError for a missing ``.grad`` or one on another device,
+    TypeError for a dtype or layout the gate does not read, ValueError for a
+    DTensor/plain mismatch or a sharded layout the gate was not built for.
+    """
+    grads = []
+    for i, t in enumerate(monitor):
+        g = t.grad
+        if g is None:
+            raise RuntimeError(
+                f"monitor[{i}] (shape {tuple(t.shape)}) has no .grad: backward has not reached it. "
+                "Call gate.step() after loss.backward() and before optimizer.step()."
+            )
+        grads.append(g)
+    if sharding is not None:
+        grads = sharding.local_grads(grads)
+    else:
+        for i, g in enumerate(grads):
+            if is_dtensor(g):
+                raise ValueError(f"monitor[{i}] is a plain tensor but its .grad is a DTensor")
+    for i, g in enumerate(grads):
+        problem = monitor_problem(f"monitor[{i}].grad", g, device)
+        if problem is not None:
+            raise problem
+    return grads
+
+
+def param_problem(name: str, g: torch.Tensor, device: torch.device) -> Optional[Exception]:
+    """Why a closed gate could not zero ``g`` (a params gradient, a local shard for a DTensor) in place, or None.
+
+    Any dtype is accepted: zeros are written, whatever the dtype.
+    """
+    problem = _layout_problem(name, g)
+    if problem is not None:
+        return problem
+    if g.device != device:
+        return RuntimeError(f"{name} is on {g.device}, but the gate was built on {device} (its state lives there)")
+    if any(st == 0 and sz > 1 for st, sz in zip(g.stride(), g.shape)):
+        return ValueError(
+            f"{name} has overlapping memory (shape {tuple(g.shape)}, stride {g.stride()}: an expanded view), "
+            "so it cannot be zeroed in place; give it memory of its own (e.g. p.grad = p.grad.clone())"
+        )
+    return None
+
+
+class ParamGrads:
+    """The gradients of ``params`` that a closed gate zeroes, checked (see ``param_problem``) once per layout.
+
+    ``__call__`` returns the non-None gradients (a DTensor's local shard) and
+    their ``MaskPlan.key_of`` key, which the backends' mask reuses.  The full
+    check runs when the key changes (a grad moved, changed size or layout, or
+    a None came or went): a key reads addresses, byte sizes and contiguity with
+    C-level loops, and a contiguous strided tensor at a checked address is one
+    the check accepted (device addresses are unique across devices).  The
+    non-contiguous grads, whose strides the key does not see, are rechecked on
+    every step.  A sparse grad has no address: its key is None and the full
+    check names it.  Under torch.compile every grad is checked when the step
+    is traced (metadata only, no graph break).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], device: torch.device) -> None:
+        self.params = list(params)
+        self.device = device
+        self.dtensor = any(is_dtensor(p) for p in self.params)
+        self.key: Optional[tuple] = None
+        self.recheck: tuple = ()  # (index into the returned grads, params index) of non-contiguous grads
+
+    def _grads(self) -> list[torch.Tensor]:
+        if self.dtensor:  # zero the local shards in place (a view of each DTensor grad)
+            return [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
+        return [g for g in grads if g is not None]
+
+    def _check_all(self) -> tuple:
+        recheck, j = [], 0
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            if is_dtensor(g) and not is_dtensor(p):
+                raise ValueError(f"params[{i}] is a plain tensor but its .grad is a DTensor")
+            local = local_tensor(g)
+            problem = param_problem(f"params[{i}].grad", local, self.device)
+            if problem is not None:
+                raise problem
+            if not local.is_contiguous():
+                recheck.append((j, i))
+            j += 1
+        return tuple(recheck)
+
+    def __call__(self) -> tuple[list[torch.Tensor], Optional[tuple]]:
+        grads = self._grads()
+        if torch.compiler.is_compiling():
+            self._check_all()
+            return grads, None
+        try:
+            key = MaskPlan.key_of(grads)
+        except RuntimeError:  # a tensor without storage (sparse): the full check says what it is
+            key = None
+        if key is None or key != self.key:
+            self.key = None  # stays None if the check raises
+            self.recheck = self._check_all()
+            self.key = key
+        else:
+            for j, i in self.recheck:
+                problem = param_problem(f"params[{i}].grad", grads[j], self.device)
+                if problem is not None:
+                    raise problem
+        return grads, key
