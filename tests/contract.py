@@ -1,0 +1,125 @@
+"""Helpers for the input-contract tests (test_inputs.py, test_fuzz.py): the backends a device offers,
+snapshots that show nothing was modified, and the bad inputs the gate must refuse."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dgg_kernels.backends import cuda_ext, triton_usable
+from sequences import bit_equal
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def backends_for(device: str) -> list[str]:
+    """Every backend that runs on ``device`` here: torch always, triton where usable (the interpreter on
+    CPU), cuda on a GPU where the extension builds or loads (a failed build is an error, not a skip)."""
+    dev = torch.device(device)
+    names = ["torch"]
+    if triton_usable(dev):
+        names.append("triton")
+    if dev.type == "cuda":
+        try:
+            cuda_ext.load_extension()
+            names.append("cuda")
+        except RuntimeError as e:
+            if "build of csrc/ failed" in str(e):
+                raise
+    return names
+
+
+# -- nothing modified ---------------------------------------------------------------------------
+def _copy(t):
+    if t is None:
+        return None
+    if t.layout != torch.strided:
+        return ("sparse", t.layout, t.to_dense().clone())
+    base = t if t._base is None else t._base
+    return ("dense", t, base, base.clone())
+
+
+def _same(t, saved) -> bool:
+    if saved is None:
+        return t is None
+    if saved[0] == "sparse":
+        return t is not None and t.layout == saved[1] and bit_equal(t.to_dense(), saved[2])
+    _, obj, base, copy = saved
+    return t is obj and bit_equal(base, copy)
+
+
+def snapshot(gate, tensors) -> tuple:
+    """The gate's state and every ``tensors[i].grad`` (with the buffer a view lives in), bit for bit."""
+    return gate.state_dict(), [(t, _copy(t.grad)) for t in tensors]
+
+
+def assert_unchanged(gate, snap) -> None:
+    sd, grads = snap
+    now = gate.state_dict()
+    assert now["config"] == sd["config"]
+    for k, v in sd["state"].items():
+        assert bit_equal(now["state"][k], v), f"gate state {k!r} changed"
+    for i, (t, saved) in enumerate(grads):
+        assert _same(t.grad, saved), f"tensor {i}: its .grad changed"
+
+
+def zeroed_in_place(grad, base_before) -> bool:
+    """``grad`` is all zeros and the rest of the buffer it is a view of is as it was (``base_before``)."""
+    base = grad if grad._base is None else grad._base
+    want = base_before.clone()
+    want.as_strided(grad.size(), grad.stride(), grad.storage_offset() - base.storage_offset()).zero_()
+    return bit_equal(base, want)
+
+
+def swap_dtype(p: torch.nn.Parameter, dtype: torch.dtype) -> None:
+    """Make ``p`` (and so the grad it accepts) ``dtype`` after a gate was built on it: the route by which a
+    refused dtype reaches step() (a monitor tensor of that dtype is refused at construction)."""
+    p.grad = None
+    p.data = torch.ones(p.shape, device=p.device).to(dtype)
+    p.grad = (torch.rand(p.shape, device=p.device) + 0.5).to(dtype)
+
+
+# The step-time refusals: kind -> (exception type, what the message names).  Each kind has one way into
+# step() below; docs/semantics.md ("Accepted inputs") is the table these check.
+REFUSED = {
+    "monitor_grad_missing": (RuntimeError, "has no .grad"),
+    "monitor_grad_sparse": (TypeError, "torch.sparse_coo tensor"),
+    "monitor_grad_complex": (TypeError, "has dtype torch.complex64"),
+    "monitor_grad_float8": (TypeError, "has dtype torch.float8_e4m3fn"),
+    "params_grad_sparse": (TypeError, "torch.sparse_coo tensor"),
+    "params_grad_expanded": (ValueError, "overlapping memory"),
+}
+
+
+def break_input(kind: str, monitor: list, extra: list, index: int) -> str:
+    """Put the bad input ``kind`` on ``monitor[index]`` (a monitor kind) or ``extra[index]`` (a params kind);
+    returns the name the error must use (params are monitor + extra, in that order)."""
+    if kind.startswith("monitor"):
+        p = monitor[index % len(monitor)]
+        name = f"monitor[{index % len(monitor)}]"
+        if kind == "monitor_grad_missing":
+            p.grad = None
+        elif kind == "monitor_grad_sparse":
+            p.grad = (torch.rand(p.shape, device=p.device) + 0.5).to(p.dtype).to_sparse()
+        elif kind == "monitor_grad_complex":
+            swap_dtype(p, torch.complex64)
+        else:
+            swap_dtype(p, torch.float8_e4m3fn)
+        return name
+    j = index % len(extra)
+    p = extra[j]
+    name = f"params[{len(monitor) + j}].grad"
+    if kind == "params_grad_sparse":
+        p.grad = torch.ones(p.shape, device=p.device, dtype=p.dtype).to_sparse()
+    else:  # expanded: every row is the same memory
+        row = torch.ones((1,) + tuple(p.shape[1:]), device=p.device, dtype=p.dtype)
+        p.grad = row.expand(p.shape)
+    return name
+
+
+def finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
