@@ -7,8 +7,9 @@ touched.  docs/semantics.md ("Accepted inputs") is the table of what is
 accepted and what each refusal raises:
 
 - TypeError: the kind of tensor is wrong: a monitor tensor or gradient whose
-  dtype is not float32, bfloat16, float16 or float64; a gradient that is not
-  dense (sparse COO/CSR/CSC/BSR/BSC, mkldnn, ...).
+  dtype is not float32, bfloat16, float16 or float64; a params gradient of
+  dtype float8_e8m0fnu (no zero to write); a gradient that is not dense
+  (sparse COO/CSR/CSC/BSR/BSC, mkldnn, ...).
 - ValueError: a tensor of the right kind laid out in a way the gate cannot
   act on: a params gradient with overlapping memory (an expanded view), which
   cannot be zeroed in place; a DTensor gradient of a plain tensor, or the
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends.base import MaskPlan
+from .backends.base import NO_ZERO_DTYPES, MaskPlan
 from .distributed import is_dtensor, local_tensor
 
 # float64 is read as the spec reads every dtype: each entry rounded to float32, then squared.
@@ -97,13 +98,16 @@ def monitor_grads(monitor: Sequence[torch.Tensor], sharding, device: torch.devic
 def param_problem(name: str, g: torch.Tensor, device: torch.device) -> Optional[Exception]:
     """Why a closed gate could not zero ``g`` (a params gradient, a local shard for a DTensor) in place, or None.
 
-    Any dtype is accepted: zeros are written, whatever the dtype.
+    Any dtype but float8_e8m0fnu (which has no zero) is accepted: zeros are written as bytes.
     """
     problem = _layout_problem(name, g)
     if problem is not None:
         return problem
     if g.device != device:
         return RuntimeError(f"{name} is on {g.device}, but the gate was built on {device} (its state lives there)")
+    if g.dtype in NO_ZERO_DTYPES:
+        return TypeError(f"{name} has dtype {g.dtype}, which has no zero (an exponent-only format): a closed gate "
+                         "could not zero it")
     if any(st == 0 and sz > 1 for st, sz in zip(g.stride(), g.shape)):
         return ValueError(
             f"{name} has overlapping memory (shape {tuple(g.shape)}, stride {g.stride()}: an expanded view), "

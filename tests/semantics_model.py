@@ -105,6 +105,9 @@ class GateModel:
         out["std_energy"] = magnitude["std"] if magnitude else None
         out["z_increment"] = judged["increment"]["z"] if "increment" in judged else 0.0
         out["std_increment"] = judged["increment"]["std"] if "increment" in judged else None
+        # whether each test's window is full (so its z can fire); False for a test the statistic does not run
+        out["full_energy"] = bool(magnitude and magnitude["full"])
+        out["full_increment"] = "increment" in judged and judged["increment"]["full"]
         return out
 
 

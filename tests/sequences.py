@@ -98,16 +98,17 @@ def run_gate(gate, seq, params_extra=()):
     return records
 
 
-_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def bit_equal(a, b):
-    """Same bits (NaN payloads included)."""
-    if a.dtype != b.dtype:
+    """Same dtype, shape and bits (NaN payloads included; any dtype of 1-8 bytes, float8 and complex64 too)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.dtype not in _INT_OF:
+    as_int = _INT_OF_SIZE.get(a.element_size())
+    if as_int is None or a.dtype == as_int:
         return torch.equal(a, b)
-    return torch.equal(a.view(_INT_OF[a.dtype]), b.view(_INT_OF[b.dtype]))
+    return torch.equal(a.view(as_int), b.view(as_int))
 
 
 def _nan_tagged(x):

@@ -85,14 +85,25 @@ class DeviceTable:
 
 
 # -- the params grads a closed gate zeroes -----------------------------------------
-# dtypes whose zero is the all-zero bit pattern, so a dense grad can be zeroed as bytes whatever its dtype
-# (float8_e8m0fnu, an exponent-only format, is not one of them: its all-zero byte is 2**-127).
-_ZERO_BITS_DTYPES = frozenset(
-    getattr(torch, name) for name in (
-        "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-    ) if hasattr(torch, name)
-)
+# Every dtype's zero is the all-zero bit pattern, so a grad can be zeroed as bytes whatever its dtype, except
+# float8_e8m0fnu (exponent-only: it has no zero, its all-zero byte is 2**-127), which the gate refuses
+# (dgg_kernels.inputs).
+NO_ZERO_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e8m0fnu",) if hasattr(torch, n))
+# masked_fill_ has kernels for these; the others (float8, float4, uint16-64) are zeroed through an
+# integer view of their bytes
+_MASKED_FILL_DTYPES = frozenset((
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex128, torch.complex64, torch.complex32,
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+))
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_where(g: torch.Tensor, decision: torch.Tensor) -> None:
+    """Write zeros into every element of ``g`` (any layout, any dtype but NO_ZERO_DTYPES) when ``decision``
+    (bool[]) is True; no host sync.  Written, not multiplied: 0 * NaN is NaN."""
+    if g.dtype not in _MASKED_FILL_DTYPES:
+        g = g.view(_INT_OF_SIZE[g.element_size()])
+    g.masked_fill_(decision, 0)
 
 _DATA_PTR = torch.Tensor.data_ptr
 _NBYTES = operator.attrgetter("nbytes")
@@ -122,10 +133,10 @@ class MaskPlan:
     dtype or size (a ``param.data = ...`` elsewhere), or was replaced by a
     view, changes the key and the plan is rebuilt from the grads themselves.
 
-    spans:   (index, address, nbytes) of every dense grad whose dtype zeroes
-             as all-zero bits (the common case: every grad);
-    strided: indices of the rest (gapped or overlapping views, other dtypes),
-             which the caller zeroes with ``masked_fill_``.
+    spans:   (index, address, nbytes) of every dense grad (the common case:
+             every grad), zeroed as bytes whatever its dtype;
+    strided: indices of the rest (gapped views), which the caller zeroes
+             with ``zero_where``.
     Empty grads are in neither.
     """
 
@@ -137,7 +148,7 @@ class MaskPlan:
         for i, g in enumerate(grads):
             if g.numel() == 0:
                 continue
-            if g.dtype in _ZERO_BITS_DTYPES and dense(g):
+            if dense(g):
                 spans.append((i, g.data_ptr(), g.numel() * g.element_size()))
             else:
                 strided.append(i)

@@ -26,7 +26,7 @@ import torch
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend, DeviceTable, MaskPlan, dense
+from .base import Backend, DeviceTable, MaskPlan, dense, zero_where
 
 # Slot indices in the order of csrc/common/dgg_types.h StateSlots; the kernels
 # take them from here (state.py is their single source of truth).
@@ -287,10 +287,10 @@ class CudaBackend(Backend):
             plan = self._new_plan(key, grads)
         if plan.spans:
             self._ext.mask(decision, self._mask.table, self._mask_blocks)
-        # Gapped or overlapping views cannot be zeroed as one byte span; they
+        # Gapped views cannot be zeroed as one byte span; they
         # are rare (a grad is normally its own dense tensor), so torch does them.
         for i in plan.strided:
-            grads[i].masked_fill_(decision, 0)
+            zero_where(grads[i], decision)
 
     def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor]) -> MaskPlan:
         plan = MaskPlan(key, grads)

@@ -13,7 +13,7 @@ import torch
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend
+from .base import Backend, zero_where
 
 # An energy above the float32 range is +inf: the fused kernels accumulate in
 # float32 and see inf there, and a gradient with a norm above 1.8e19 is broken
@@ -155,4 +155,4 @@ class TorchBackend(Backend):
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key=None) -> None:
         for g in grads:
-            g.masked_fill_(decision, 0)  # writes zeros: multiplying by a 0/1 mask would keep NaN
+            zero_where(g, decision)

@@ -31,7 +31,7 @@ import triton.language as tl
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
-from .base import Backend, DeviceTable, MaskPlan
+from .base import Backend, DeviceTable, MaskPlan, zero_where
 
 _FLT_MAX = 3.4028234663852886e38
 
@@ -498,8 +498,8 @@ class TritonBackend(Backend):
             plan = self._new_plan(key, grads, decision.device)
         for launch, grid, warps, lkey, table, n, unit, block in self._mask_calls:
             launch(grid, warps, lkey, (decision, table), (decision, table, n, unit, block))
-        for i in plan.strided:  # gapped views, or a dtype whose zero is not all-zero bits
-            grads[i].masked_fill_(decision, 0)
+        for i in plan.strided:  # gapped views
+            zero_where(grads[i], decision)
 
     def _new_plan(self, key: tuple, grads: Sequence[torch.Tensor], device: torch.device) -> MaskPlan:
         plan = MaskPlan(key, grads)
