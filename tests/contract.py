@@ -2,8 +2,6 @@
 snapshots that show nothing was modified, and the bad inputs the gate must refuse."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -119,7 +117,3 @@ def break_input(kind: str, monitor: list, extra: list, index: int) -> str:
         row = torch.ones((1,) + tuple(p.shape[1:]), device=p.device, dtype=p.dtype)
         p.grad = row.expand(p.shape)
     return name
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
