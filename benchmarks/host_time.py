@@ -155,11 +155,15 @@ def stubbed(make):
             return lambda *args: None
 
     class Kernel:
+        def __init__(self, real):
+            self.arg_names = real.arg_names  # launches pass every argument by name
+
         def __getitem__(self, grid):
             return lambda *args, **kwargs: Compiled()
 
     def wrapped():
-        TF._gate_step_kernel = TF._gate_mask_kernel = TF._gate_finalize_kernel = Kernel()
+        for name in ("_gate_step_kernel", "_gate_mask_kernel", "_gate_finalize_kernel"):
+            setattr(TF, name, Kernel(getattr(TF, name)))
         TF._CompiledKernel = Compiled
         torch.cuda.current_device = lambda: 0
         return make()

@@ -30,6 +30,7 @@ vocab-parallel lm_head), ``process_group=`` names the group.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -118,27 +119,44 @@ def _check_group(group, what: str = "process_group") -> list[int]:
     return sorted(dist.get_process_group_ranks(group))
 
 
-class Sharding:
-    """Where this gate's monitor tensors live across ranks; built once, when the gate is constructed.
+def multi_rank() -> bool:
+    """True when torch.distributed runs more than one rank in this job (a host query, no collective)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    groups:  the process groups the partial energy is combined over, in order (empty: every
-             rank holds the whole monitor gradient, e.g. a fully replicated DTensor)
-    ranks:   the global ranks that share the monitor tensors (this rank included)
+
+class Sharding:
+    """Which ranks share this gate's decision, and how their partial energies combine; built once, at construction.
+
+    group:   the process group every step's combine runs over: every rank that steps this gate (None: a
+             single rank, nothing to combine)
+    member:  bool[n_sets, group size] on the gate's device: which group ranks hold pieces of the same
+             monitor gradient (a shard set); None when the whole group is one shard set
+    ranks:   the global ranks of this rank's shard set (this rank included)
     specs:   per monitor tensor, (mesh, placements) of its DTensor gradient, or None for a plain tensor
     """
 
-    def __init__(self, groups: Sequence, ranks: list[int], specs: list, device: torch.device) -> None:
-        self.groups = tuple(groups)
+    def __init__(self, group, sets: Sequence[Sequence[int]], ranks: list[int], specs: list,
+                 device: torch.device) -> None:
+        self.group = group
         self.ranks = ranks
         self.specs = specs
         self.dims = [None if s is None else sharded_dims(s[1], "monitor") for s in specs]
-        self.buffers = [
-            torch.zeros(dist.get_world_size(g), dtype=torch.float64, device=device) for g in self.groups
-        ]
+        self.n_sets = len(sets)
+        self.buffer = None if group is None else torch.zeros(dist.get_world_size(group), dtype=torch.float64,
+                                                             device=device)
+        self.member = None
+        if group is not None and len(sets) > 1:
+            order = _group_ranks(group)  # group rank j is global rank order[j]
+            self.member = torch.tensor([[r in s for r in order] for s in sets], dtype=torch.bool, device=device)
 
     @property
     def combines(self) -> bool:
-        return bool(self.groups)
+        return self.group is not None
+
+    @property
+    def sharded(self) -> bool:
+        """True when the monitor gradient is split across ranks (a shard set of more than one rank)."""
+        return len(self.ranks) > 1
 
     def local_grads(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The local shards of the monitor gradients, after checking their layout (raises, changing nothing)."""
@@ -176,29 +194,93 @@ class Sharding:
         self.specs[i] = (mesh, tuple(placements))
 
     def combine(self, acc: torch.Tensor) -> None:
-        """acc (float64[1], this rank's partial) -> the sum over the group, the same bits on every rank."""
-        for group, buf in zip(self.groups, self.buffers):
-            _all_gather(buf, acc, group=group)
-            torch.sum(buf, dim=0, keepdim=True, out=acc)
+        """acc (float64[1], this rank's partial energy) -> the energy every rank of the group finalizes on.
+
+        One all-gather of 8 bytes per rank; then, on every rank, the same
+        ops on the same gathered vector: the partials of each shard set summed
+        in group-rank order, and the largest of those sums (NaN if any is NaN:
+        a replica that saw a NaN closes every replica).  Replicas of one
+        gradient hold equal sums, so the largest is that sum; replicas that
+        disagree (a gradient synchronized by hand after a hook read it, a rank
+        that skipped the sync) still reach one decision, the most cautious one.
+        """
+        _all_gather(self.buffer, acc, group=self.group)
+        if self.member is None:
+            torch.sum(self.buffer, dim=0, keepdim=True, out=acc)
+        else:
+            sums = torch.where(self.member, self.buffer, torch.zeros_like(self.buffer)).sum(dim=1)
+            torch.amax(sums, dim=0, keepdim=True, out=acc)
+
+
+def _group_ranks(group) -> list[int]:
+    """Global ranks of ``group`` in group-rank order (the order all_gather fills its output in)."""
+    if group is dist.group.WORLD or group is None:
+        return list(range(dist.get_world_size()))
+    return [dist.get_global_rank(group, j) for j in range(dist.get_world_size(group))]
+
+
+def _decision_group(decision_group, dtensor_mesh, what: str):
+    """The group every step combines over: ``decision_group`` when given, else every rank of the DTensor
+    monitor's mesh, else the default (world) group; None on a single rank."""
+    if decision_group is not None:
+        _check_group(decision_group, "decision_group")
+        return decision_group
+    if dtensor_mesh is not None:
+        if dtensor_mesh.ndim == 1:
+            return dtensor_mesh.get_group(0)
+        if dtensor_mesh.size() == dist.get_world_size():
+            return dist.group.WORLD
+        raise ValueError(
+            f"{what} lives on a {dtensor_mesh.ndim}-D mesh of {dtensor_mesh.size()} ranks, not the whole job "
+            f"({dist.get_world_size()} ranks): the gate cannot build a group over just those ranks without every "
+            "rank of the job taking part. Pass decision_group= (a process group over exactly the mesh's ranks, "
+            "e.g. dist.new_group(mesh.mesh.flatten().tolist()) called on every rank)."
+        )
+    if multi_rank():
+        return dist.group.WORLD
+    return None
+
+
+def _gather_sets(group, ranks: list[int]) -> list[tuple[int, ...]]:
+    """Every group rank's shard set (a host all_gather_object at construction), checked to partition the group."""
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, tuple(ranks), group=group)
+    order = _group_ranks(group)
+    sets: list[tuple[int, ...]] = []
+    for j, s in enumerate(every):
+        s = tuple(sorted(s))
+        if order[j] not in s or any(r not in order for r in s) or any(tuple(sorted(every[order.index(r)])) != s
+                                                                      for r in s):
+            raise ValueError(
+                f"the ranks that step this gate do not agree on who shares the monitor gradient (rank {order[j]} "
+                f"says {list(s)}; every rank's set: {[list(x) for x in every]}): every rank of decision_group must "
+                "pass the same process_group layout, and each shard set must lie inside decision_group"
+            )
+        if s not in sets:
+            sets.append(s)
+    return sets
 
 
 def sharding_for(
-    monitor: Sequence[torch.Tensor], process_group, device: torch.device
+    monitor: Sequence[torch.Tensor], process_group, device: torch.device, decision_group=None,
 ) -> Optional[Sharding]:
-    """The Sharding of ``monitor`` (None when nothing is sharded: today's single-rank gate).
+    """The Sharding of ``monitor``: None on a single rank with nothing sharded (no combine at all).
 
-    Raises (before anything is built) on monitor tensors whose meshes or
-    sharded dimensions disagree, a Partial placement, a process_group this rank
-    is not in or whose ranks differ from the DTensors' shards, and a mix of
-    DTensor and plain monitor tensors without a process_group.
+    Raises (before anything is built, and before any collective) on monitor
+    tensors whose meshes or sharded dimensions disagree, a Partial placement,
+    a process_group or decision_group this rank is not in, a process_group
+    whose ranks differ from the DTensors' shards, and a mix of DTensor and
+    plain monitor tensors without a process_group.
     """
     dts = [i for i, t in enumerate(monitor) if is_dtensor(t)]
-    if not dts and process_group is None:
+    if not dts and process_group is None and decision_group is None and not multi_rank():
         return None
+    if decision_group is not None and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("decision_group was given but torch.distributed is not initialized (call init_process_group)")
     group_ranks = None if process_group is None else _check_group(process_group)
     specs: list = [None] * len(monitor)
-    groups: list = []
     ranks = group_ranks
+    mesh = None
     if dts:
         plain = [i for i in range(len(monitor)) if i not in dts]
         if plain and process_group is None:
@@ -226,7 +308,6 @@ def sharding_for(
                 )
         mesh_ranks = _mesh_ranks(mesh, dims, f"monitor[{dts[0]}]")
         if process_group is None:
-            groups = [mesh.get_group(d) for d in dims]
             ranks = mesh_ranks
         elif group_ranks != mesh_ranks:
             raise ValueError(
@@ -236,6 +317,31 @@ def sharding_for(
             )
         for i in dts:
             specs[i] = (monitor[i].device_mesh, tuple(monitor[i].placements))
-    if process_group is not None:
-        groups = [process_group]
-    return Sharding(groups, ranks, specs, device)
+    if ranks is None:  # plain tensors, no process_group: every rank holds the whole gradient
+        ranks = [dist.get_rank()] if dist.is_available() and dist.is_initialized() else [0]
+    group = _decision_group(decision_group, mesh if process_group is None else None, "monitor")
+    members = [0] if group is None else _group_ranks(group)
+    if group is not None and any(r not in members for r in ranks):
+        raise ValueError(
+            f"decision_group spans ranks {sorted(members)}, which does not hold every rank that shares the monitor "
+            f"gradient ({ranks}): the combine needs every piece"
+        )
+    if group is None or len(members) == 1:
+        return Sharding(None, [ranks], ranks, specs, device)
+    if process_group is not None or decision_group is not None:
+        sets = _gather_sets(group, ranks)  # the layout of the other ranks is not known here: ask them
+    elif mesh is not None:
+        sets = _mesh_sets(mesh, dims, members)
+    else:
+        sets = [(r,) for r in members]  # plain full copies: every rank is a replica
+    return Sharding(group, sets, ranks, specs, device)
+
+
+def _mesh_sets(mesh, dims: tuple[int, ...], members: list[int]) -> list[tuple[int, ...]]:
+    """The shard sets of a DTensor mesh: for every coordinate of the other (replicate) dims, the ranks of the
+    sub-mesh over the sharded ``dims``."""
+    table = mesh.mesh  # a CPU tensor of global ranks
+    other = [d for d in range(mesh.ndim) if d not in dims]
+    moved = table.permute(*other, *dims).reshape(-1, int(math.prod(table.shape[d] for d in dims)) if dims else 1)
+    sets = [tuple(sorted(int(r) for r in row.tolist())) for row in moved]  # host-read-ok: a CPU mesh table, read at construction
+    return [s for s in sets if any(r in members for r in s)]

@@ -21,6 +21,14 @@ from .state import GateState
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
+def _grad_trace(g: torch.Tensor) -> tuple:
+    """What overlap compares between the hook's read and step(): the tensor object (held, so it cannot be
+    freed and its memory reused meanwhile), its version counter (every in-place op through autograd's view
+    of it bumps it), and its address, dtype, shape and strides (a ``.data =`` or ``set_`` swap keeps the
+    object and the version).  Host metadata only."""
+    return (g, g._version, g.data_ptr(), g.dtype, g.shape, g.stride())
+
+
 def _tensor_list(value, what: str) -> list[torch.Tensor]:
     items = [value] if isinstance(value, torch.Tensor) else list(value)
     if not items:
@@ -29,6 +37,20 @@ def _tensor_list(value, what: str) -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a Tensor")
     return items
+
+
+def _check_overlap_allowed(monitor, process_group, decision_group) -> None:
+    """overlap=True only where the hook's read is provably the gradient step() would read: one process."""
+    from .distributed import is_dtensor, multi_rank
+
+    if any(is_dtensor(t) for t in monitor) or process_group is not None or decision_group is not None or multi_rank():
+        raise ValueError(
+            "overlap=True is not supported under torch.distributed with more than one rank, nor for sharded "
+            "(DTensor or process_group) monitor tensors: gradient synchronization (DDP's all-reduce, FSDP's "
+            "reduce-scatter, a dist.all_reduce(p.grad) written by hand) rewrites the gradient after the hook has "
+            "read it, without a trace the gate can see, and ranks would judge different gradients. Use "
+            "overlap=False (the default): step() then reads the synchronized gradient."
+        )
 
 
 class DynamicGradientGate:
@@ -56,23 +78,34 @@ class DynamicGradientGate:
         overlap: launch the monitor reduction from a post-accumulate-grad hook
             during backward (on a side stream on CUDA), so step() only
             finalizes and masks.  step() uses that reduction only if every
-            monitor ``.grad`` is still the tensor, at the version, the hook
-            read; otherwise (the gradient changed after backward, e.g.
-            GradScaler.unscale_ or clipping, or a hook did not fire) it
-            reduces again itself.  With gradient accumulation the hook runs on
-            every micro-batch and the last one, on the fully accumulated
-            gradient, is the one used.  Monitor tensors must be leaves.
-            Refused for sharded monitor tensors (see process_group).
+            monitor ``.grad`` is still the tensor the hook read, at the same
+            version, address, dtype, shape and strides; otherwise (the
+            gradient changed after backward through autograd, e.g.
+            GradScaler.unscale_ or clipping, was swapped through ``.data =``,
+            or a hook did not fire) it reduces again itself.  Writes that
+            bypass autograd's version counter (``grad.data.mul_()``, a numpy
+            view, an in-place collective) are not seen: with overlap=True,
+            do not write the monitor gradient that way between backward and
+            step().  With gradient accumulation the hook runs on every
+            micro-batch and the last one, on the fully accumulated gradient,
+            is the one used.  Monitor tensors must be leaves.  Refused under
+            torch.distributed with more than one rank (gradient
+            synchronization rewrites the gradient after the hook read it).
         process_group: for monitor tensors that are plain-tensor shards (a
             Megatron vocab-parallel or hand-sharded lm_head): the
-            torch.distributed group whose ranks hold the other shards.  Each
-            rank reduces its shard, the partial energies are combined over the
-            group (one small all-gather, summed in rank order on every rank)
-            and every rank reaches the same decision, bit for bit.  DTensor
+            torch.distributed group whose ranks hold the other shards.  DTensor
             monitor tensors (FSDP2, tensor parallel) need no group: the ranks
             are read from their mesh and placements (a group given anyway must
-            hold exactly those ranks, e.g. to combine a 2-D mesh in one
-            collective).  See docs/distributed.md.
+            hold exactly those ranks).  See docs/distributed.md.
+        decision_group: the ranks that reach every decision together: every
+            rank that steps this gate.  Default: the DTensor monitor's mesh,
+            else every rank of the job when torch.distributed runs more than
+            one; pass it when only some ranks step this gate (pipeline
+            stages).  Each step combines the ranks' partial energies with one
+            small all-gather over it (shards summed in rank order, replicas
+            taking the largest sum), so every rank finalizes on the same
+            energy and reaches the same decision, bit for bit, even when
+            replicas' gradients differ.  See docs/distributed.md.
     """
 
     def __init__(
@@ -89,6 +122,7 @@ class DynamicGradientGate:
         overlap: bool = False,
         process_group=None,
         window_mode: str = GateConfig.window_mode,
+        decision_group=None,
     ) -> None:
         self.config = GateConfig(
             window=window, threshold=threshold, statistic=statistic, eps=eps, max_reuse=max_reuse, backend=backend,
@@ -103,19 +137,17 @@ class DynamicGradientGate:
             )
         self.device = devices.pop()
         inputs.check_monitor_tensors(self.monitor)
-        # sharded monitor tensors: which ranks share them (checked here, once; None on a single rank)
-        self._sharding = sharding_for(self.monitor, process_group, self.device)
+        if overlap:
+            _check_overlap_allowed(self.monitor, process_group, decision_group)
+        # which ranks share the decision, and how their partial energies combine (checked here, once; None on a
+        # single rank with nothing sharded)
+        self._sharding = sharding_for(self.monitor, process_group, self.device, decision_group)
         self._param_grads = inputs.ParamGrads(self.params, self.device)
-        if overlap and self._sharding is not None:
-            raise ValueError(
-                "overlap=True is not supported with sharded (DTensor or process_group) monitor tensors: the "
-                "partial energy must be combined across ranks between the reduction and the finalize, which the "
-                "overlap hooks do not do. Use overlap=False (the default)."
-            )
         self._backend = resolve_backend(self.config.backend, self.device, self.monitor)
         self._op_key = ops.register_backend(self._backend)
         # the compiled path finds the combine by key, like the backend (0: no combine)
-        self._combine_key = ops.register_backend(self._sharding) if self.sharded else 0
+        combines = self._sharding is not None and self._sharding.combines
+        self._combine_key = ops.register_backend(self._sharding) if combines else 0
         self.state = GateState.new(
             self.config.window, self.config.threshold, self.config.eps, self.device,
             n_rings=self.config.n_rings, window_mode=self.config.window_mode,
@@ -133,7 +165,7 @@ class DynamicGradientGate:
             if not (t.is_leaf and t.requires_grad):
                 raise ValueError(f"overlap=True needs leaf monitor tensors that require grad; monitor[{i}] is not")
         n = len(self.monitor)
-        self._seen: list = [None] * n  # per monitor tensor: (grad tensor, its _version) the hook reduced
+        self._seen: list = [None] * n  # per monitor tensor: what the hook reduced (see _grad_trace)
         self._events: list = [None] * n
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for i, t in enumerate(self.monitor):
@@ -156,7 +188,7 @@ class DynamicGradientGate:
                     event.record(self._side)
                 grad.record_stream(self._side)  # the allocator must not reuse grad's memory before the read ends
                 self._events[index] = event
-            self._seen[index] = (grad, grad._version)
+            self._seen[index] = _grad_trace(grad)
 
         return hook
 
@@ -164,10 +196,15 @@ class DynamicGradientGate:
         """Order this stream after the hooks' reads; True when they read exactly these gradients.
 
         The wait happens either way: a stale read still in flight on the side
-        stream writes the same scratch a fresh reduce would.  Identity and
-        version counters are host metadata, so there is no device read.
+        stream writes the same scratch a fresh reduce would.  Everything
+        compared is host metadata, so there is no device read.
         """
-        current = all(seen is not None and seen[0] is g and seen[1] == g._version for seen, g in zip(self._seen, grads))
+        from .distributed import multi_rank
+
+        if multi_rank():  # initialized after construction: the hooks read gradients before their sync
+            _check_overlap_allowed(self.monitor, None, None)
+        current = all(seen is not None and seen[0] is g and seen[1:] == _grad_trace(g)[1:]
+                      for seen, g in zip(self._seen, grads))
         if self._side is not None:
             stream = torch.cuda.current_stream(self.device)
             for event in self._events:
@@ -191,8 +228,13 @@ class DynamicGradientGate:
 
     @property
     def sharded(self) -> bool:
-        """True when each step combines the partial energy across ranks (see process_group)."""
-        return self._sharding is not None and self._sharding.combines
+        """True when the monitor gradient is split across ranks (DTensor shards or process_group)."""
+        return self._sharding is not None and self._sharding.sharded
+
+    @property
+    def decision_group(self):
+        """The process group whose ranks reach every decision together (None: a single rank)."""
+        return None if self._sharding is None else self._sharding.group
 
     def step(self) -> torch.Tensor:
         """Run one gate step on the current gradients.

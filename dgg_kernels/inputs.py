@@ -27,7 +27,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends.base import NO_ZERO_DTYPES, MaskPlan
+import operator
+from itertools import compress, repeat
+
+from .backends.base import NO_ZERO_DTYPES, GradFields, MaskPlan
 from .distributed import is_dtensor, local_tensor
 
 # float64 is read as the spec reads every dtype: each entry rounded to float32, then squared.
@@ -120,63 +123,59 @@ class ParamGrads:
     """The gradients of ``params`` that a closed gate zeroes, checked (see ``param_problem``) once per layout.
 
     ``__call__`` returns the non-None gradients (a DTensor's local shard) and
-    their ``MaskPlan.key_of`` key, which the backends' mask reuses.  The full
-    check runs when the key changes (a grad moved, changed size or layout, or
-    a None came or went): a key reads addresses, byte sizes and contiguity with
-    C-level loops, and a contiguous strided tensor at a checked address is one
-    the check accepted (device addresses are unique across devices).  The
-    non-contiguous grads, whose strides the key does not see, are rechecked on
-    every step.  A sparse grad has no address: its key is None and the full
-    check names it.  Under torch.compile every grad is checked when the step
-    is traced (metadata only, no graph break).
+    their ``MaskPlan`` key, which the backends' mask uses.  The check's result
+    is cached under ``check_key``: which params have a gradient (so an error
+    names the right ``params[i]``), and per gradient its Python type (DTensor
+    or not), layout, device, dtype, contiguity, and the shape and strides of
+    a non-contiguous one (overlapping memory).  Those are everything
+    ``param_problem`` reads, so an unchanged key means an unchanged verdict;
+    the address is not in it (the check does not depend on where a tensor
+    lives).  The mask plan has its own key (``MaskPlan.key_for``); both read
+    the same per-step ``GradFields``, so no field is read twice.  A field a
+    tensor does not have (a sparse tensor's strides) makes the full check run
+    and name it.  Under torch.compile every grad is checked when the step is
+    traced (metadata only, no graph break).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], device: torch.device) -> None:
         self.params = list(params)
         self.device = device
         self.dtensor = any(is_dtensor(p) for p in self.params)
-        self.key: Optional[tuple] = None
-        self.recheck: tuple = ()  # (index into the returned grads, params index) of non-contiguous grads
+        self.key: Optional[tuple] = None  # the check_key the last full check accepted
 
-    def _grads(self) -> list[torch.Tensor]:
-        if self.dtensor:  # zero the local shards in place (a view of each DTensor grad)
-            return [local_tensor(p.grad) for p in self.params if p.grad is not None]
-        grads = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
-        return [g for g in grads if g is not None]
+    @staticmethod
+    def check_key(present: tuple, types: tuple, fields: GradFields) -> tuple:
+        """What the check depends on (see the class docstring); raises RuntimeError for a sparse tensor."""
+        return (present, types, fields.layouts, fields.devices, fields.dtypes, fields.contiguous, fields.geometry)
 
-    def _check_all(self) -> tuple:
-        recheck, j = [], 0
+    def _check_all(self) -> None:
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
                 continue
             if is_dtensor(g) and not is_dtensor(p):
                 raise ValueError(f"params[{i}] is a plain tensor but its .grad is a DTensor")
-            local = local_tensor(g)
-            problem = param_problem(f"params[{i}].grad", local, self.device)
+            problem = param_problem(f"params[{i}].grad", local_tensor(g), self.device)
             if problem is not None:
                 raise problem
-            if not local.is_contiguous():
-                recheck.append((j, i))
-            j += 1
-        return tuple(recheck)
 
     def __call__(self) -> tuple[list[torch.Tensor], Optional[tuple]]:
-        grads = self._grads()
+        raw = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
+        present = tuple(map(operator.is_not, raw, repeat(None)))
+        grads = list(compress(raw, present))
+        types = tuple(map(type, grads))
+        if self.dtensor:  # zero the local shards in place (a view of each DTensor grad)
+            grads = [local_tensor(g) for g in grads]
         if torch.compiler.is_compiling():
             self._check_all()
             return grads, None
+        fields = GradFields(grads)
         try:
-            key = MaskPlan.key_of(grads)
-        except RuntimeError:  # a tensor without storage (sparse): the full check says what it is
+            key = self.check_key(present, types, fields)
+        except RuntimeError:  # a tensor without strides (sparse): the full check says what it is
             key = None
         if key is None or key != self.key:
             self.key = None  # stays None if the check raises
-            self.recheck = self._check_all()
+            self._check_all()
             self.key = key
-        else:
-            for j, i in self.recheck:
-                problem = param_problem(f"params[{i}].grad", grads[j], self.device)
-                if problem is not None:
-                    raise problem
-        return grads, key
+        return grads, MaskPlan.key_for(fields)

@@ -33,6 +33,35 @@ class AttachHandle:
         self._hooks.clear()
 
 
+class _GroupsWatch:
+    """What attach() relied on about the optimizer's param groups, checked in every step's pre-hook.
+
+    Per group: whether it is fused and which params it holds, by identity
+    (the params seen at attach are held here, so an id in the key is never
+    reused by another tensor).  Host metadata only.  Rebuilt group dicts that
+    hold the same params (an optimizer ``load_state_dict``, as accelerate does
+    when it wraps one) are the same groups.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.key = self.key_of(optimizer)
+
+    @staticmethod
+    def key_of(optimizer: torch.optim.Optimizer) -> tuple:
+        return tuple((bool(g.get("fused")), tuple(map(id, g["params"]))) for g in optimizer.param_groups)
+
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.key_of(optimizer) != self.key:
+            raise RuntimeError(
+                f"the param groups of this {type(optimizer).__name__} changed after gate.attach() (a group added "
+                "or removed, params added or replaced, or a fused flag changed): the gate would skip the new "
+                "params' update without zeroing their gradients, or pass found_inf to a non-fused group, which "
+                "raises. Attach again after changing the groups (handle.remove(); gate.attach(optimizer)), and "
+                "build the gate with the new params in `params` if a closed gate should zero their gradients too."
+            )
+
+
 def attach(gate, optimizer: torch.optim.Optimizer) -> AttachHandle:
     if not is_fused(optimizer):
         warnings.warn(
@@ -42,14 +71,21 @@ def attach(gate, optimizer: torch.optim.Optimizer) -> AttachHandle:
             "(Adam, AdamW, SGD, Adagrad) so a closed gate skips the step on device.",
             stacklevel=3,
         )
-        return AttachHandle()
+        watch = _GroupsWatch(optimizer)
+
+        def check_groups(opt, args, kwargs):
+            watch.check(opt)
+
+        return AttachHandle([optimizer.register_step_pre_hook(check_groups)])
 
     flag = gate.state.stats[S.CLOSED]  # float32, exactly 1.0 when closed
     closed = gate.state.decision
     ours = {"set": False, "fresh_momentum": []}
     is_sgd = isinstance(optimizer, torch.optim.SGD)
+    watch = _GroupsWatch(optimizer)
 
     def pre_hook(opt, args, kwargs):
+        watch.check(opt)  # before anything is set: a step over changed groups raises with nothing changed
         existing = getattr(opt, "found_inf", None)  # GradScaler's, when it drives the step
         if existing is None:
             opt.found_inf = flag

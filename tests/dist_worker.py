@@ -358,6 +358,100 @@ def check_compile(mesh) -> None:
     log(f"compile: fullgraph sharded step equals eager ({time.perf_counter() - t0:.1f}s)")
 
 
+# -- 4b. rank agreement: plain replicas, gradients synchronized by hand, DDP -----------------------------------------
+
+def check_agreement(mesh) -> None:
+    """Every rank reaches the same decision, bit for bit, whatever each rank's gradient holds."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = dict(window=3, threshold=0.3, max_reuse=4)
+    for backend in BACKENDS:
+        # 1. plain tensors, a different gradient on each rank and no sync: one decision, the most cautious one
+        w = nn.Parameter(torch.zeros(9, 4))
+        gate = dgg.DynamicGradientGate(w, backend=backend, **cfg)
+        assert gate.decision_group is dist.group.WORLD and not gate.sharded
+        g = torch.Generator().manual_seed(5)  # the same on every rank: every rank knows every rank's gradient
+        closed_at, bits = [], []
+        for step in range(18):
+            scales = [1.0 + (4.0 if step % 5 == 4 and r == step % WORLD else 0.0) for r in range(WORLD)]
+            fulls = [torch.randn(9, 4, generator=g) * scales[r] for r in range(WORLD)]
+            if step == 11:
+                fulls[WORLD - 1][2, 1] = math.nan  # one rank only
+            w.grad = fulls[RANK].clone()
+            closed = bool(gate.step())
+            energies = [f.double().square().sum().item() for f in fulls]
+            got = gate.stats()["energy"].item()
+            if step == 11:
+                assert closed and math.isnan(got), (backend, step)
+            else:
+                assert math.isclose(got, max(energies), rel_tol=1e-5), (backend, step, got, energies)
+            closed_at.append(closed)
+            bits.append(state_bits(gate))
+        assert_same_on_all_ranks(torch.stack(bits), f"{backend}: unsynchronized replicas")
+        assert any(closed_at) and not all(closed_at), closed_at
+
+    # 2. gradients all-reduced by hand after backward (common in RL trainers): overlap is refused, the plain
+    # step judges the synchronized gradient and matches a single-rank gate fed the mean gradient
+    torch.manual_seed(0)
+    model = Tiny()
+    expect_error(ValueError, "overlap=True is not supported under torch.distributed",
+                 lambda: dgg.DynamicGradientGate(model.lm_head.weight, model.parameters(), overlap=True))
+    gate = dgg.DynamicGradientGate(model.lm_head.weight, model.parameters(), backend="torch", **cfg)
+    gd = torch.Generator().manual_seed(100 + RANK)
+    for step in range(10):
+        ids = torch.randint(37, (4, 6), generator=gd)
+        loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 37), ids[:, 1:].reshape(-1)) * (1 + 5 * (step == 7))
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+        mean = model.lm_head.weight.grad.clone()
+        closed = gate.step()
+        assert math.isclose(gate.stats()["energy"].item(), mean.double().square().sum().item(), rel_tol=1e-5)
+        assert_same_on_all_ranks(torch.stack([state_bits(gate)]), f"hand-synced step {step}")
+        model.zero_grad(set_to_none=True)
+        del closed
+
+    # 3. DDP: the gate after backward sees the all-reduced gradient; a NaN written on one rank after the sync
+    # (a local fault) closes every rank, and the fused AdamW skips on every rank
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(Tiny())
+    head = ddp.module.lm_head.weight
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, fused=True)
+    gate = dgg.DynamicGradientGate(head, ddp.parameters(), backend=BACKENDS[-1], window=3, threshold=math.inf)
+    gate.attach(opt)
+    gd = torch.Generator().manual_seed(200 + RANK)
+    bits, n_closed = [], 0
+    for step in range(12):
+        ids = torch.randint(37, (4, 6), generator=gd)
+        F.cross_entropy(ddp(ids[:, :-1]).reshape(-1, 37), ids[:, 1:].reshape(-1)).backward()
+        if step in (5, 9) and RANK == step % WORLD:
+            head.grad[0, 0] = math.nan
+        snap = local_snapshot(ddp.module, opt)
+        closed = bool(gate.step())
+        assert closed == (step in (5, 9)), (step, closed)
+        opt.step()
+        if closed:
+            params, state = local_snapshot(ddp.module, opt)
+            assert all(bit_equal(a, b) for a, b in zip(params, snap[0])), ("DDP closed step moved a param", step)
+        opt.zero_grad(set_to_none=True)
+        n_closed += closed
+        bits.append(state_bits(gate))
+    assert_same_on_all_ranks(torch.stack(bits), "DDP")
+    assert_same_on_all_ranks(torch.cat([p.detach().reshape(-1) for p in ddp.parameters()]), "DDP params")
+
+    # 4. decision_group: a group without this rank, or without a rank holding a shard, is refused
+    only0 = dist.new_group([0])
+    if RANK != 0:
+        expect_error(ValueError, "decision_group does not contain this rank", lambda: dgg.DynamicGradientGate(
+            nn.Parameter(torch.zeros(4)), decision_group=only0))
+    solo = [dist.new_group([r]) for r in range(WORLD)][RANK]
+    w = nn.Parameter(distribute_tensor(torch.zeros(8, 3), mesh, [Shard(0)]))
+    expect_error(ValueError, "does not hold every rank that shares", lambda: dgg.DynamicGradientGate(
+        w, decision_group=solo))
+    log("agreement: unsynchronized replicas, hand-synced grads and DDP reach one decision on every rank")
+
+
 # -- 5. bad input: clear errors, nothing modified ----------------------------------------------------------------
 
 def check_errors(mesh) -> None:
@@ -420,7 +514,8 @@ def check_errors(mesh) -> None:
 def main_case() -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     t00 = time.perf_counter()
-    for check in (check_errors, check_sequences, check_state_dict, check_fsdp2, check_tp, check_compile):
+    for check in (check_errors, check_agreement, check_sequences, check_state_dict, check_fsdp2, check_tp,
+                  check_compile):
         t0 = time.perf_counter()
         check(mesh)
         log(f"{check.__name__}: {time.perf_counter() - t0:.1f}s")
@@ -446,10 +541,10 @@ def mesh2d_case() -> None:
         dt = [p for p in model.parameters() if isinstance(p, DTensor) and p.device_mesh.ndim == 2]
         rest = [p for p in model.parameters() if not any(p is q for q in dt)]
         opt = torch.optim.AdamW([{"params": dt}, {"params": rest}], lr=1e-2, fused=True)
-        # one_group: the whole world in one gather; else one gather per sharded mesh dim (two)
+        # one_group: the group named by hand; else the mesh's ranks (the whole world): one gather either way
         gate = dgg.DynamicGradientGate(head, model.parameters(), backend="torch",
                                        process_group=dist.group.WORLD if one_group else None, **cfg)
-        assert len(gate._sharding.groups) == (1 if one_group else 2)
+        assert gate._sharding.n_sets == 1 and gate._sharding.ranks == list(range(WORLD))
         gate.attach(opt)
         # FSDP shards the batch over dp; TP ranks of one dp group see the same data
         dp = mesh.get_coordinate()[0]
@@ -470,7 +565,7 @@ def hsdp_check(mesh) -> None:
     assert head.placements == (Replicate(), Shard(0)), head.placements
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     gate = dgg.DynamicGradientGate(head, model.parameters(), backend="torch", **cfg)
-    assert len(gate._sharding.groups) == 1 and gate._sharding.ranks == sorted(mesh.mesh[mesh.get_coordinate()[0]].tolist())
+    assert gate._sharding.n_sets == 2 and gate._sharding.ranks == sorted(mesh.mesh[mesh.get_coordinate()[0]].tolist())
     gate.attach(opt)
     # HSDP all-reduces across replicas, so a replica holds the same shard values: poison shard r % 2 everywhere;
     # the data differs per replica group only (FSDP2 reduce-scatters the shard group's batch)

@@ -143,7 +143,7 @@ def test_odd_addresses_and_sizes_are_zeroed_in_narrower_units():
     assert bool((bbuf[3:10].float() == 0).all()) and bool((bbuf[:3].float() == 1).all())
     assert bool((bbuf[10:].float() == 1).all())
     # one launch per zeroing unit in use: 4 bytes (the monitor), 2 bytes (half), 1 byte (byte); one row each
-    assert [(call[3][1], call[5]) for call in gate._backend._mask_calls] == [(4, 1), (2, 1), (1, 1)]
+    assert [(call.unit, call.n) for call in gate._backend._mask_calls] == [(4, 1), (2, 1), (1, 1)]
 
 
 def test_mask_plan_key_sees_address_size_and_layout():
@@ -167,11 +167,15 @@ class _FakeCompiled:
 
 
 class _FakeJit:
-    def __init__(self):
-        self.log = []
+    """A stand-in @triton.jit kernel with Triton's ``arg_names``; every launch is logged in ``log``."""
+
+    def __init__(self, arg_names=("x", "n", "FLAG"), log=None):
+        self.arg_names = list(arg_names)
+        self.log = [] if log is None else log
 
     def __getitem__(self, grid):
         def run(*args, num_warps):
+            assert len(args) == len(self.arg_names)
             self.log.append(("jit", grid, args))
             return _FakeCompiled(self.log)
         return run
@@ -186,32 +190,50 @@ def fake_triton(monkeypatch):
 
 
 def test_direct_launch_only_for_identical_arguments(fake_triton, monkeypatch):
+    """The direct path's key is derived from every argument: any change of value, type, address or dtype,
+    grid, warps or current device goes through the JIT."""
     launch = TF._Launch(fake_triton)
     a, b = torch.zeros(2), torch.zeros(2)
-    launch((4,), 8, ("k", 1), (a,), (a, 1))
-    launch((4,), 8, ("k", 1), (a,), (a, 1))                 # same key, same tensors: direct
-    launch((4,), 8, ("k", 2), (a,), (a, 2))                 # another key: JIT
-    launch((4,), 8, ("k", 2), (b,), (b, 2))                 # another tensor object: JIT
-    launch((4,), 8, ("k", 2), (b,), (b, 2))                 # direct
+    launch((4,), 8, x=a, n=1, FLAG=True)
+    launch((4,), 8, FLAG=True, n=1, x=a)                  # same arguments (any keyword order): direct
+    launch((4,), 8, x=a, n=2, FLAG=True)                  # another value: JIT
+    launch((4,), 8, x=b, n=2, FLAG=True)                  # another address: JIT
+    launch((4,), 8, x=b, n=2, FLAG=True)                  # direct
+    launch((4,), 8, x=b, n=2, FLAG=1)                     # 1 is not True to the JIT: JIT
+    launch((4,), 8, x=b.view(torch.int32), n=2, FLAG=1)   # same address, another dtype: JIT
+    launch((4,), 4, x=b.view(torch.int32), n=2, FLAG=1)   # other warps: JIT
+    launch((2,), 4, x=b.view(torch.int32), n=2, FLAG=1)   # another grid: JIT
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    launch((4,), 8, ("k", 2), (b,), (b, 2))                 # another current device: JIT
-    assert [e[0] for e in fake_triton.log] == ["jit", "direct", "jit", "jit", "direct", "jit"]
+    launch((2,), 4, x=b.view(torch.int32), n=2, FLAG=1)   # another current device: JIT
+    assert [e[0] for e in fake_triton.log] == ["jit", "direct", "jit", "jit", "direct"] + ["jit"] * 5
     assert fake_triton.log[1][1] == (4, 1, 1)  # the compiled kernel's runner takes a 3-d grid
+    assert fake_triton.log[1][2][0] is a and fake_triton.log[1][2][1:] == (1, True)  # signature order
     assert launch.hits == 2
+
+
+def test_a_launch_with_a_missing_or_unknown_argument_raises(fake_triton):
+    launch = TF._Launch(fake_triton)
+    with pytest.raises(TypeError, match=r"missing arguments \['FLAG'\]"):
+        launch((1,), 4, x=torch.zeros(1), n=1)
+    with pytest.raises(TypeError, match=r"unknown \['extra'\]"):
+        launch((1,), 4, x=torch.zeros(1), n=1, FLAG=True, extra=2)
+    with pytest.raises(KeyError):
+        launch((1,), 4, x=torch.zeros(1), n=1, flag=True)
+    assert fake_triton.log == []
 
 
 def test_a_refused_direct_launch_falls_back_to_the_jit_for_good(fake_triton):
     launch = TF._Launch(fake_triton)
-    launch((1,), 4, ("k",), (), (1,))
+    launch((1,), 4, x=1, n=1, FLAG=True)
 
     def refuse(*args):
         raise TypeError("function takes exactly 22 arguments")
 
     launch.runner = refuse
     with pytest.warns(UserWarning, match="direct kernel launch failed"):
-        launch((1,), 4, ("k",), (), (1,))
+        launch((1,), 4, x=1, n=1, FLAG=True)
     assert [e[0] for e in fake_triton.log] == ["jit", "jit"] and TF._FAST_LAUNCH is False
-    launch((1,), 4, ("k",), (), (1,))
+    launch((1,), 4, x=1, n=1, FLAG=True)
     assert [e[0] for e in fake_triton.log] == ["jit", "jit", "jit"]
 
 
@@ -223,8 +245,10 @@ def test_the_interpreter_always_takes_the_jit_path():
 @needs_triton
 def test_gate_step_direct_launch_arguments_match_the_jit_call(fake_triton, monkeypatch):
     """The gate's second step with the same grads launches directly, with the JIT call's arguments."""
-    monkeypatch.setattr(TF, "_gate_step_kernel", fake_triton)
-    monkeypatch.setattr(TF, "_gate_mask_kernel", fake_triton)
+    step = _FakeJit(TF._gate_step_kernel.arg_names, fake_triton.log)
+    mask = _FakeJit(TF._gate_mask_kernel.arg_names, fake_triton.log)
+    monkeypatch.setattr(TF, "_gate_step_kernel", step)
+    monkeypatch.setattr(TF, "_gate_mask_kernel", mask)
     w = torch.nn.Parameter(torch.empty(100))
     gate = dgg.DynamicGradientGate(w, backend="triton")
     w.grad = torch.randn(100)

@@ -6,6 +6,7 @@ between them; a backend may fuse them in ``step`` when nothing sits between.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Sequence
 
@@ -107,7 +108,11 @@ def zero_where(g: torch.Tensor, decision: torch.Tensor) -> None:
 
 _DATA_PTR = torch.Tensor.data_ptr
 _NBYTES = operator.attrgetter("nbytes")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_NOT = operator.not_
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -122,16 +127,70 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _field(reader, what: str) -> functools.cached_property:
+    """A GradFields field: ``reader`` of every gradient, as a tuple, read once (a C-level map)."""
+
+    def read(self) -> tuple:
+        return tuple(map(reader, self.grads))
+
+    read.__doc__ = f"Per gradient: {what}."
+    return functools.cached_property(read)
+
+
+class GradFields:
+    """The metadata of one step's list of gradients that a cache on the step path may depend on.
+
+    Each field is a tuple with one entry per gradient, read from the tensors
+    the first time a cache asks for it (a C-level ``map``, no per-gradient
+    Python code, no device read) and at most once per step.  A cache's key is
+    the tuple of the fields it depends on (``MaskPlan.key_for``,
+    ``inputs.ParamGrads.check_key``): each cache declares its own, and a field
+    not read this step costs nothing.
+
+    ``geometry`` is (index, sizes, strides) of every non-contiguous gradient:
+    a contiguous tensor is described completely by its address, dtype and
+    byte size, the others also need their shape and strides (a transposed
+    view and a gapped view can share address and byte size).  Reading a field
+    that a tensor does not have (the address of a sparse tensor) raises
+    RuntimeError; the caller then runs its full check, which names the tensor.
+    """
+
+    def __init__(self, grads: Sequence[torch.Tensor]) -> None:
+        self.grads = grads
+
+    ptrs = _field(_DATA_PTR, "addresses (int)")
+    nbytes = _field(_NBYTES, "byte sizes (int)")
+    dtypes = _field(_DTYPE, "dtypes")
+    devices = _field(_DEVICE, "devices")
+    layouts = _field(_LAYOUT, "layouts (torch.strided, torch.sparse_coo, ...)")
+    types = _field(type, "Python types (a DTensor is not a plain Tensor)")
+    contiguous = _field(_IS_CONTIGUOUS, "is_contiguous() (bool)")
+
+    @functools.cached_property
+    def geometry(self) -> tuple:
+        """(index, shape, strides) of every non-contiguous gradient; () when all are contiguous."""
+        contiguous = self.contiguous
+        if all(contiguous):
+            return ()
+        return tuple((i, tuple(g.shape), g.stride()) for i, (g, c) in enumerate(zip(self.grads, contiguous)) if not c)
+
+
 class MaskPlan:
     """Which params grads a mask kernel can zero as byte spans, cached per list of grads.
 
-    ``key(grads)`` is what the plan depends on, read with three C-level loops
-    (no per-grad Python code): every grad's address, byte size and
-    contiguity.  A new grad tensor each step (``zero_grad(set_to_none=True)``)
-    usually lands at the same address, so the key, and with it the plan and the
-    device table built from it, stays the same.  A grad that moved, changed
-    dtype or size (a ``param.data = ...`` elsewhere), or was replaced by a
-    view, changes the key and the plan is rebuilt from the grads themselves.
+    ``key_for(fields)`` is everything the plan depends on, read with C-level
+    loops (no per-grad Python code): the number of grads and every grad's
+    address, byte size and contiguity, plus shape and strides of the
+    non-contiguous ones.  A contiguous grad is one byte span whatever its
+    dtype or shape; a non-contiguous one is a span only if dense, which its
+    shape and strides decide.  A new grad tensor each step
+    (``zero_grad(set_to_none=True)``) usually lands at the same address, so the
+    key, and with it the plan and the device table built from it, stays the
+    same.  Anything else (a grad that moved, changed size, was replaced by
+    another view of a shared buffer, appeared or disappeared) changes the key
+    and the plan is rebuilt from the grads themselves.  The dtype is not in the
+    key: zeros are written as bytes, which is right for every accepted dtype
+    (``dgg_kernels.inputs`` refuses the one without a zero).
 
     spans:   (index, address, nbytes) of every dense grad (the common case:
              every grad), zeroed as bytes whatever its dtype;
@@ -155,5 +214,11 @@ class MaskPlan:
         self.key, self.spans, self.strided, self.n = key, spans, strided, len(grads)
 
     @staticmethod
+    def key_for(fields: GradFields) -> tuple:
+        """Everything a plan depends on: the number of grads and, per grad, its address, byte size and (for a
+        non-contiguous grad) shape and strides, which decide whether it is one byte span and which one."""
+        return (len(fields.grads), fields.ptrs, fields.nbytes, fields.contiguous, fields.geometry)
+
+    @staticmethod
     def key_of(grads: Sequence[torch.Tensor]) -> tuple:
-        return (*map(_DATA_PTR, grads), *map(_NBYTES, grads), *map(_IS_CONTIGUOUS, grads))
+        return MaskPlan.key_for(GradFields(grads))

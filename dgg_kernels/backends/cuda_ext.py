@@ -122,6 +122,20 @@ def _build_jit():
         ) from e
 
 
+def _check_module(mod) -> None:
+    """Raise unless ``mod`` (prebuilt or just built) was compiled for this package's tables: the monitor
+    tensors one launch takes and the state layout (state.py N_INTS, N_STATS, N_HYPER).  An extension left from
+    another checkout (an editable install after a pull) fails here, on every way of loading it."""
+    want = {"MAX_STEP_TENSORS": MAX_STEP_TENSORS, "STATE_LAYOUT": (S.N_INTS, S.N_STATS, S.N_HYPER)}
+    for name, value in want.items():
+        have = getattr(mod, name, None)
+        if have != value:
+            raise RuntimeError(
+                f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale ({name} {have} != {value}); rebuild it "
+                "(`pip install --no-build-isolation -e .`, or delete it to build just in time)"
+            )
+
+
 def load_extension(build: bool = True):
     """The compiled extension: prebuilt dgg_kernels._C, else a just-in-time build (cached per process).
 
@@ -142,9 +156,7 @@ def load_extension(build: bool = True):
             raise RuntimeError(f"the prebuilt dgg_kernels._C did not load: {e}") from None
         if mod is None:
             raise RuntimeError("no prebuilt dgg_kernels._C (and build=False: no just-in-time build)")
-        if getattr(mod, "MAX_STEP_TENSORS", None) != MAX_STEP_TENSORS:
-            raise RuntimeError(f"the prebuilt dgg_kernels._C is stale (MAX_STEP_TENSORS "
-                               f"{getattr(mod, 'MAX_STEP_TENSORS', None)} != {MAX_STEP_TENSORS})")
+        _check_module(mod)
         _ext = mod
         return mod
     prebuilt_note = ""
@@ -160,18 +172,7 @@ def load_extension(build: bool = True):
             f'backend="cuda" is unavailable: {e}{prebuilt_note}. Use backend="triton", "torch" or "auto".'
         )
         raise RuntimeError(_ext_error) from None
-    if getattr(mod, "MAX_STEP_TENSORS", None) != MAX_STEP_TENSORS:
-        raise RuntimeError(
-            f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (MAX_STEP_TENSORS "
-            f"{getattr(mod, 'MAX_STEP_TENSORS', None)} != {MAX_STEP_TENSORS}); rebuild it"
-        )
-    # the state layout it was built for (state.py N_INTS, N_STATS, N_HYPER)
-    layout = (S.N_INTS, S.N_STATS, S.N_HYPER)
-    if getattr(mod, "STATE_LAYOUT", None) != layout:
-        raise RuntimeError(
-            f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (STATE_LAYOUT "
-            f"{getattr(mod, 'STATE_LAYOUT', None)} != {layout}); rebuild it"
-        )
+    _check_module(mod)
     _ext = mod
     return mod
 

@@ -18,11 +18,11 @@ Both run under TRITON_INTERPRET=1 on CPU tensors, which is how CI tests them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import operator
 import os
 import warnings
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -322,55 +322,89 @@ def _runner_of(kernel, grid: tuple):
         return None
 
 
+def _arg_key(a):
+    """What the JIT's choice of compiled kernel can depend on in one argument: a tensor's dtype and exact
+    address (alignment is part of the specialization), any other value with its type (True is not 1)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr())
+    return (type(a), a)
+
+
 class _Launch:
     """One launch site of a @triton.jit kernel: the JIT path the first time, then the compiled kernel.
 
-    ``fn[grid](*args)`` (Triton's JIT) binds the arguments, computes their
-    specialization (dtypes, 16-byte alignment of pointers, integers equal to 1
-    or divisible by 16), looks the kernel up, and calls the compiled kernel's
-    launcher with every argument in signature order.  The kernel it returns is
-    remembered here with ``key`` (every argument that is not a tensor in
-    ``tensors``, and the data pointer and dtype of those that change, e.g. the
-    gradient) and the identity of ``tensors`` (the state and scratch, whose
-    addresses never change).  A later call with the same key, the same tensors
-    and the same current device passes the same arguments, so the JIT would
-    pick the same kernel: it goes straight to that kernel's launcher
-    (``CompiledKernel[grid](*args)``, the same call the JIT ends with in
-    Triton 3.6 and 3.9).  Anything else goes through the JIT again.  Under the
+    ``launch(grid, num_warps, **kwargs)`` takes every kernel argument by name
+    (Triton's own names, ``fn.arg_names``), so a call cannot pass them in the
+    wrong order and an argument added to the kernel but not to the call fails
+    loudly (TypeError) instead of launching with a stale list.  ``fn[grid](...)``
+    (Triton's JIT) binds the arguments, computes their specialization (dtypes,
+    16-byte alignment of pointers, integers equal to 1 or divisible by 16),
+    looks the kernel up, and calls the compiled kernel's launcher with every
+    argument in signature order.  The kernel it returns is remembered with a
+    key derived from the whole argument list (``_arg_key`` of each: a tensor's
+    dtype and address, any other value with its type), the grid, the warps
+    and the current device: everything the JIT's choice depends on, and
+    more.  A later call with an equal key passes arguments the JIT would
+    specialize identically, so it goes straight to that kernel's launcher
+    (``CompiledKernel[grid](*args)``, the same call the JIT ends with in Triton
+    3.6 and 3.9).  Anything else goes through the JIT again.  Under the
     interpreter the JIT returns no compiled kernel and every call takes the JIT
     path.  ``DGG_TRITON_FAST_LAUNCH=0`` turns the direct path off.
     """
 
-    __slots__ = ("fn", "key", "tensors", "runner", "device", "hits")
+    __slots__ = ("fn", "names", "key", "runner", "hits")
 
     def __init__(self, fn) -> None:
         self.fn = fn
+        self.names = tuple(fn.arg_names)
         self.key = None
-        self.tensors: tuple = ()
         self.runner = None
-        self.device = None
         self.hits = 0  # direct launches so far (tests and benchmarks read it)
 
-    def __call__(self, grid: tuple, num_warps: int, key: tuple, tensors: tuple, args: tuple) -> None:
+    def __call__(self, grid: tuple, num_warps: int, **kwargs) -> None:
         global _FAST_LAUNCH
-        if (
-            self.runner is not None
-            and key == self.key
-            and all(map(operator.is_, tensors, self.tensors))
-            and torch.cuda.current_device() == self.device
-        ):
-            try:
-                self.runner(*args)
-                self.hits += 1
-                return
-            except TypeError as e:  # the launcher refused the arguments before launching: use the JIT from now on
-                _FAST_LAUNCH = False
-                warnings.warn(f"dgg triton backend: direct kernel launch failed ({e}); using Triton's JIT launcher")
-                self.runner = None
+        if len(kwargs) != len(self.names):
+            extra = sorted(set(kwargs) - set(self.names))
+            missing = [n for n in self.names if n not in kwargs]
+            raise TypeError(f"{getattr(self.fn, '__name__', self.fn)}: missing arguments {missing}, unknown {extra}")
+        args = tuple(kwargs[n] for n in self.names)  # KeyError names a misspelt argument
+        runner = self.runner
+        if runner is not None:
+            key = (grid, num_warps, torch.cuda.current_device(), *map(_arg_key, args))
+            if key == self.key:
+                try:
+                    runner(*args)
+                    self.hits += 1
+                    return
+                except TypeError as e:  # the launcher refused the arguments before launching: JIT from now on
+                    _FAST_LAUNCH = False
+                    warnings.warn(f"dgg triton backend: direct kernel launch failed ({e}); using Triton's JIT launcher")
+                    self.runner = None
         kernel = self.fn[grid](*args, num_warps=num_warps)
         self.runner = _runner_of(kernel, grid)
         if self.runner is not None:
-            self.key, self.tensors, self.device = key, tensors, torch.cuda.current_device()
+            self.key = (grid, num_warps, torch.cuda.current_device(), *map(_arg_key, args))
+
+
+class _MaskCall(NamedTuple):
+    """One mask launch of a plan: the grads zeroed in ``unit``-byte words (``dtype``), listed in ``table``."""
+
+    launch: "_Launch"
+    grid: tuple
+    warps: int
+    table: torch.Tensor
+    n: int
+    unit: int
+    dtype: object
+    block: int
+
+
+def _on(device: torch.device):
+    """A guard that makes ``device`` current while Triton launches (Triton launches on the current CUDA
+    device, not on its tensors' device); nothing to do off CUDA or when it is current already."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 class TritonBackend(Backend):
@@ -441,19 +475,16 @@ class TritonBackend(Backend):
         x = g if g.is_contiguous() else g.contiguous()
         n = x.numel()
         nprog = max(1, min(programs, -(-n // block)))
-        slot0 = index * slots
-        window, stat = config.window, config.statistic_id
-        wblock = triton.next_power_of_2(window)
-        tensors = (partials, ticket, state.acc, state.ring, state.prev, state.ints, state.stats, state.decision,
-                   state.hyper)
-        args = (x, n, partials, slot0, slots, partials.numel(), ticket, state.acc,
-                state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, config.max_reuse,
-                block, lay.pblock, last, window, wblock, stat)
-        key = (x.data_ptr(), x.dtype, n, slot0, slots, partials.numel(), config.max_reuse, block, lay.pblock, last,
-               window, stat, nprog, warps if device.type == "cuda" else 1)
-        self._launch(("step", index, last), _gate_step_kernel)(
-            (nprog,), key[-1], key, tensors, args,
-        )
+        window = config.window
+        with _on(device):
+            self._launch(("step", index, last), _gate_step_kernel)(
+                (nprog,), warps if device.type == "cuda" else 1,
+                x_ptr=x, n_elements=n, partials_ptr=partials, slot0=index * slots, slots_per_tensor=slots,
+                n_partials=partials.numel(), ticket_ptr=ticket, acc_ptr=state.acc, ring_ptr=state.ring,
+                prev_ptr=state.prev, ints_ptr=state.ints, stats_ptr=state.stats, decision_ptr=state.decision,
+                hyper_ptr=state.hyper, max_reuse=config.max_reuse, BLOCK=block, PBLOCK=lay.pblock, LAST=last,
+                WINDOW=window, WBLOCK=triton.next_power_of_2(window), STAT=config.statistic_id,
+            )
 
     def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
         n = len(grads)
@@ -471,12 +502,15 @@ class TritonBackend(Backend):
         device = state.acc.device
         lay = self._layout(device)
         partials, _ = self._scratch_for(device, n_tensors, lay.slots)
-        window, stat = config.window, config.statistic_id
-        tensors = (state.acc, partials, state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper)
-        args = (state.acc, partials, partials.numel(), state.ring, state.prev, state.ints, state.stats, state.decision,
-                state.hyper, config.max_reuse, from_partials, lay.pblock, window, triton.next_power_of_2(window), stat)
-        key = (partials.numel(), config.max_reuse, from_partials, lay.pblock, window, stat)
-        self._launch(("finalize", from_partials), _gate_finalize_kernel)((1,), 4, key, tensors, args)
+        window = config.window
+        with _on(device):
+            self._launch(("finalize", from_partials), _gate_finalize_kernel)(
+                (1,), 4,
+                acc_ptr=state.acc, partials_ptr=partials, n_partials=partials.numel(), ring_ptr=state.ring,
+                prev_ptr=state.prev, ints_ptr=state.ints, stats_ptr=state.stats, decision_ptr=state.decision,
+                hyper_ptr=state.hyper, max_reuse=config.max_reuse, FROM_PARTIALS=from_partials, PBLOCK=lay.pblock,
+                WINDOW=window, WBLOCK=triton.next_power_of_2(window), STAT=config.statistic_id,
+            )
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
         self._finalize_launch(state, config, 1, from_partials=False)
@@ -496,8 +530,10 @@ class TritonBackend(Backend):
         plan = self._plan
         if plan is None or plan.key != key:
             plan = self._new_plan(key, grads, decision.device)
-        for launch, grid, warps, lkey, table, n, unit, block in self._mask_calls:
-            launch(grid, warps, lkey, (decision, table), (decision, table, n, unit, block))
+        with _on(decision.device):
+            for c in self._mask_calls:
+                c.launch(c.grid, c.warps, decision_ptr=decision, table_ptr=c.table, n_tensors=c.n, DTYPE=c.dtype,
+                         BLOCK=c.block)
         for i in plan.strided:  # gapped views
             zero_where(grads[i], decision)
 
@@ -515,9 +551,7 @@ class TritonBackend(Backend):
                 continue
             table = self._tables.setdefault(unit, DeviceTable())
             table.update(tuple(rows), device)
-            grid = (lay.mask_programs,)
-            lkey = (len(rows), unit, lay.mask_block, lay.mask_programs, lay.mask_warps)
-            calls.append((self._launch(("mask", unit), _gate_mask_kernel), grid, lay.mask_warps, lkey, table.table,
-                          len(rows), tl_type, lay.mask_block))
+            calls.append(_MaskCall(self._launch(("mask", unit), _gate_mask_kernel), (lay.mask_programs,),
+                                   lay.mask_warps, table.table, len(rows), unit, tl_type, lay.mask_block))
         self._plan, self._mask_calls = plan, calls
         return plan
