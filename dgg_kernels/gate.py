@@ -290,9 +290,25 @@ class DynamicGradientGate:
     def new_batch(self) -> None:
         """A fresh rollout batch starts: the next step() has reuse index 1 and the stop flag is cleared."""
         self.state.ints[S.REUSE : S.STOP + 1].zero_()
+        self.state.ints[S.PASS_MODE : S.BATCH_CLOSED + 1].zero_()
+
+    def new_pass(self) -> None:
+        """A pass over the rollout batch starts (call it before the pass's first step; no host sync).
+
+        From the first new_pass() after new_batch() on, the reuse index counts
+        passes, not steps: the first step() after each new_pass() advances it,
+        and every other step of the pass (one per mini-batch, with several
+        mini-batches per pass) is tested at the same index.  A closed step
+        ends the batch: every later step() until new_batch() closes too, so
+        no update after it is applied even if the trainer does not stop at
+        once.  max_reuse counts passes.  Without new_pass() calls each step
+        is its own pass.  ``dgg.reuse_passes`` calls it for you.
+        """
+        self.state.ints[S.PASS_MODE : S.PASS_NEW + 1].fill_(1)
 
     def should_stop(self) -> bool:
-        """True once the gate closed, or max_reuse steps ran, since new_batch().  Reads the device."""
+        """True once the gate closed, or the max_reuse-th pass ran, since new_batch().  Reads the device: the
+        trainer's loop decision, once per pass (after the pass's last step)."""
         return bool(self.state.ints[S.STOP].item())  # host-read-ok: the caller's loop decision, not step()
 
     def stats(self) -> dict[str, torch.Tensor]:
@@ -329,18 +345,27 @@ class DynamicGradientGate:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to resume bit-identically: the settings and the device state (copies)."""
+        """Everything needed to resume bit-identically: the layout's version, the settings and the device state.
+
+        ``{"version": state.STATE_VERSION, "config": {...}, "state": {name: Tensor}}`` (copies); the
+        versions and what each holds: dgg_kernels/state.py (LAYOUTS) and docs/semantics.md.
+        """
         cfg = dataclasses.asdict(self.config)
         cfg.pop("backend")
-        return {"config": cfg, "state": self.state.state_dict()}
+        return {"version": S.STATE_VERSION, "config": cfg, "state": self.state.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore a state_dict(); refuses (and changes nothing) if the settings differ."""
+        """Restore a state_dict() saved by this or any earlier release (older layouts are upgraded).
+
+        Refuses, and changes nothing, when the settings differ or the dict is no layout this package wrote
+        (ValueError naming the version found and what to do).
+        """
         if not isinstance(sd, dict) or "config" not in sd or "state" not in sd:
             raise KeyError("gate state_dict needs the keys 'config' and 'state' (from DynamicGradientGate.state_dict())")
+        sd = S.upgrade(sd)  # a new dict in today's layout; ``sd`` itself is not modified
         mine = dataclasses.asdict(self.config)
         mine.pop("backend")
-        theirs = {"window_mode": "step", **sd["config"]}  # saved before window_mode existed: "step"
+        theirs = sd["config"]
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             raise ValueError(

@@ -8,13 +8,16 @@ from typing import Iterator
 def reuse_passes(gate, max_reuse: int | None = None) -> Iterator[int]:
     """Passes over one rollout batch: 1, 2, ... up to max_reuse, ending early once the gate closes.
 
-    Calls ``gate.new_batch()`` when iteration starts.  After each pass the loop
-    body must have run ``gate.step()``; the iterator then asks
+    Calls ``gate.new_batch()`` when iteration starts and ``gate.new_pass()``
+    before each pass, so a pass may hold several optimizer steps (one per
+    mini-batch), all tested at the pass's reuse index.  After each pass the
+    loop body must have run ``gate.step()``; the iterator then asks
     ``gate.should_stop()`` (one host read per pass, outside the gate's step)
     and ends when it says stop::
 
         for k in dgg.reuse_passes(gate):
-            loss = ...; loss.backward(); gate.step(); opt.step(); opt.zero_grad()
+            for mb in minibatches:          # one or more optimizer steps per pass
+                loss = ...; loss.backward(); gate.step(); opt.step(); opt.zero_grad()
 
     ``max_reuse`` defaults to the gate's own; a larger value cannot extend
     reuse past the gate's max_reuse, whose stop flag ends the loop first.
@@ -35,6 +38,7 @@ def reuse_passes(gate, max_reuse: int | None = None) -> Iterator[int]:
 def _passes(gate, limit: int) -> Iterator[int]:
     gate.new_batch()
     for k in range(1, limit + 1):
+        gate.new_pass()
         yield k
         if gate.should_stop():
             return

@@ -48,6 +48,9 @@ class GateModel:
         self.prev_energy: float | None = None
         self.accepted = self.closed_total = self.reuse = 0
         self.stop = False
+        # passes of several steps: from the first new_pass() after new_batch() on, only the first step after
+        # each new_pass() advances the reuse index, and once a step closed every later step of the batch closes
+        self.pass_mode = self.pass_new = self.batch_closed = False
 
     @property
     def window(self) -> list[float]:
@@ -57,6 +60,10 @@ class GateModel:
     def new_batch(self):
         self.reuse = 0
         self.stop = False
+        self.pass_mode = self.pass_new = self.batch_closed = False
+
+    def new_pass(self):
+        self.pass_mode = self.pass_new = True
 
     def step(self, energy: float) -> dict:
         finite = math.isfinite(energy)
@@ -68,7 +75,8 @@ class GateModel:
             "energy": (energy, True, energy),
             "increment": (energy - self.prev_energy if has_prev else 0.0, has_prev, energy + (self.prev_energy or 0.0)),
         }
-        self.reuse += 1
+        self.reuse += (1 if self.pass_new else 0) if self.pass_mode else 1
+        self.pass_new = False
         judged = {}
         for kind, test in self.tests.items():
             s, _, _ = values[kind]
@@ -76,7 +84,8 @@ class GateModel:
             z = (s - mean) / (std + self.eps) if full else 0.0
             judged[kind] = dict(statistic=s, mean=mean, std=std, z=z, full=full)
         fires = any(j["full"] and j["z"] > self.threshold for j in judged.values())
-        closed = (not finite) or (self.reuse > 1 and fires)
+        closed = (not finite) or (self.reuse > 1 and fires) or (self.pass_mode and self.batch_closed)
+        self.batch_closed = self.batch_closed or closed
         # how large the float32 rounding of this step's stats can be, in their units
         mags = [values[k][2] for k in self.tests]
         err_scale = max([m if math.isfinite(m) else 0.0 for m in mags] + [m for t in self.tests.values() for m in t.magnitudes])
@@ -98,7 +107,7 @@ class GateModel:
         else:
             shown = next(iter(judged.values()))
         magnitude = judged.get("energy", judged.get("norm"))
-        out = dict(closed=closed, energy=energy, norm=norm, err_scale=err_scale,
+        out = dict(closed=closed, energy=energy, norm=norm, err_scale=err_scale, reuse_index=self.reuse,
                    statistic=shown["statistic"], mean=shown["mean"], std=shown["std"], z=shown["z"])
         # a test the statistic does not run reports z = 0 (std: None)
         out["z_energy"] = magnitude["z"] if magnitude else 0.0
@@ -118,6 +127,8 @@ def play(cfg: dict, seq) -> list:
     for ev in seq.events:
         if ev[0] == "new_batch":
             m.new_batch()
+        elif ev[0] == "new_pass":
+            m.new_pass()
         else:
             out.append((m.step(energy_of(ev[1])), m.stop))
     return out

@@ -44,7 +44,7 @@ def config_id(cfg: dict) -> str:
 class Sequence:
     shapes: list
     dtype: torch.dtype
-    events: list = field(default_factory=list)  # ("new_batch",) or ("step", [grad tensors])
+    events: list = field(default_factory=list)  # ("new_batch",), ("new_pass",) or ("step", [grad tensors])
 
 
 def make_sequence(seed, steps, shapes, dtype=torch.float32, p_new_batch=0.2, p_spike=0.1, p_bad=0.06):
@@ -83,6 +83,9 @@ def run_gate(gate, seq, params_extra=()):
     for ev in seq.events:
         if ev[0] == "new_batch":
             gate.new_batch()
+            continue
+        if ev[0] == "new_pass":
+            gate.new_pass()
             continue
         for t, grad in zip(gate.monitor, ev[1]):
             t.grad = grad.to(t.device).clone()

@@ -4,7 +4,7 @@ Hypothesis draws whole scenarios: gate settings (every statistic, window mode,
 windows 2-6, thresholds 0-3 and inf, max_reuse), 1-3 monitor tensors and 0-2
 more params (shapes with 0 and odd sizes; float32, bfloat16, float16,
 float64; contiguous, transposed and gapped views), and a sequence of steps
-with drifting scales and NaN/+-Inf/overflow injections, new_batch() calls and
+with drifting scales and NaN/+-Inf/overflow injections, new_batch() and new_pass() calls and
 state_dict round trips (torch.save/torch.load(weights_only=True) into a new
 gate).  Every backend available on the device plays it:
 
@@ -87,11 +87,13 @@ configs = st.fixed_dictionaries(dict(
 
 @st.composite
 def events(draw):
-    kind = draw(st.integers(0, 9))
+    kind = draw(st.integers(0, 11))
     if kind == 0:
         return ("new_batch",)
     if kind == 1:
         return ("roundtrip",)
+    if kind in (2, 3):  # passes of several steps (and, after new_batch, a switch between the two modes)
+        return ("new_pass",)
     inject = None
     if draw(st.integers(0, 7)) == 0:
         inject = (draw(st.integers(0, 2)), draw(st.floats(0.0, 0.999)), draw(st.sampled_from(sorted(INJECT))))
@@ -176,6 +178,9 @@ def play(sc, backend, device):
         if ev[0] == "new_batch":
             gate.new_batch()
             continue
+        if ev[0] == "new_pass":
+            gate.new_pass()
+            continue
         if ev[0] == "roundtrip":
             gate = _roundtrip(sc, gate, backend, monitor, extra)
             continue
@@ -205,12 +210,14 @@ def play(sc, backend, device):
 def model_records(sc, events=None):
     """The plain-Python model's record per step (energies from the logical grads, entries rounded to float32):
     (step dict, stop flag, counters (reuse index, accepted, closed total)).  Events other than "step" and
-    "new_batch" (round trips, refused steps) change nothing."""
+    "new_batch" and "new_pass" (round trips, refused steps) change nothing."""
     m = GateModel(**sc["cfg"])
     out = []
     for t, ev in enumerate(sc["events"] if events is None else events):
         if ev[0] == "new_batch":
             m.new_batch()
+        elif ev[0] == "new_pass":
+            m.new_pass()
         elif ev[0] == "step":
             _, mon, _ = _grads_for_step(sc, t, ev[1], ev[2], "cpu")
             rec = m.step(energy_of(mon))
@@ -316,6 +323,8 @@ def test_fuzz_refused_inputs_are_refused_alike_and_modify_nothing(device, case):
         for t, ev in enumerate(sc["events"]):
             if ev[0] == "new_batch":
                 gate.new_batch()
+            elif ev[0] == "new_pass":
+                gate.new_pass()
             elif ev[0] == "roundtrip":
                 gate = _roundtrip(sc, gate, backend, monitor, extra)
             else:

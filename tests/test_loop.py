@@ -30,6 +30,9 @@ class CountingGate:
         self.new_batches += 1
         self.pass_no = 0
 
+    def new_pass(self):
+        self.new_passes = getattr(self, "new_passes", 0) + 1
+
     def step(self):
         self.pass_no += 1
 
@@ -106,7 +109,7 @@ def test_new_batch_once_per_loop_and_one_stop_question_per_pass():
         gate.step()
         seen.append(k)
     assert seen == [1, 2, 3]
-    assert gate.new_batches == 1 and gate.asks == 3
+    assert gate.new_batches == 1 and gate.asks == 3 and gate.new_passes == 3  # a new_pass() before each pass
     gate2 = CountingGate(stop_at=None)
     assert [k for k in dgg.reuse_passes(gate2) if gate2.step() is None] == [1, 2, 3, 4]
     assert gate2.asks == 4

@@ -31,13 +31,14 @@ struct StepTensorTable {
 // dgg_kernels/state.py at run time (the single source of truth), never from
 // constants compiled in here.
 struct StateSlots {
-  int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2;     // ints (int64)
+  int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2,     // ints (int64)
+      pass_mode, pass_new, batch_closed;
   int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment;        // stats (float32)
   int32_t threshold, eps, window_mode;                                                 // hyper (float64)
 };
 // Slots per group, in StateSlots order, and the lengths of ints, stats and hyper
 // (state.py N_INTS, N_STATS, N_HYPER; the binding checks both).
-constexpr int kNumIntSlots = 9;
+constexpr int kNumIntSlots = 12;
 constexpr int kNumStatSlots = 9;
 constexpr int kNumHyperSlots = 3;
 constexpr int kNumSlots = kNumIntSlots + kNumStatSlots + kNumHyperSlots;

@@ -87,7 +87,11 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   const bool has_prev = ints[sl.has_prev] > 0;
   // the first accepted step has nothing to subtract: increment 0, enters no increment window
   const double increment = has_prev ? energy - st.prev[0] : 0.0;
-  const int64_t reuse = ints[sl.reuse] + 1;
+  // passes of several steps (new_pass() called since new_batch()): only a pass's first step advances the
+  // reuse index, and once a step of the batch closed every later step closes too
+  const bool pass_mode = ints[sl.pass_mode] > 0;
+  const int64_t reuse = ints[sl.reuse] + (pass_mode ? ints[sl.pass_new] : 1);
+  const bool latched = pass_mode && ints[sl.batch_closed] > 0;
   const double threshold = st.hyper[sl.threshold];
   const double eps = st.hyper[sl.eps];
   // window mode "batch": only the first pass of a batch (reuse index 1) enters a window
@@ -105,7 +109,7 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
     const WindowTest e = window_test(st.ring, count, window, energy, eps);
     const WindowTest i = window_test(st.ring + window, count2, window, increment, eps);
     const bool fires = (e.full && e.z > threshold) || (i.full && i.z > threshold);
-    closed = !finite || (reuse > 1 && fires);
+    closed = !finite || (reuse > 1 && fires) || latched;
     push = !closed && enters;
     const bool push2 = push && has_prev;
     if (push) st.ring[pos] = energy;
@@ -134,7 +138,7 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
     mean = t.mean;
     stdev = t.stdev;
     z = t.z;
-    closed = !finite || (t.full && reuse > 1 && z > threshold);
+    closed = !finite || (t.full && reuse > 1 && z > threshold) || latched;
     push = !closed && enters && pushable;
     if (push) st.ring[pos] = stat;
     // the test this statistic does not run reports 0
@@ -151,6 +155,8 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   ints[sl.reuse] = reuse;
   if (closed || reuse >= st.max_reuse) ints[sl.stop] = 1;
   if (accept) ints[sl.has_prev] = 1;
+  ints[sl.pass_new] = 0;
+  if (closed) ints[sl.batch_closed] = 1;
 
   // double -> float rounds to nearest and overflows to inf, as torch's .to(float32) does.
   st.stats[sl.energy] = static_cast<float>(energy);

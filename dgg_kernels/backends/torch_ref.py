@@ -62,7 +62,11 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     # the increment: energy minus the previous accepted energy; the first accepted
     # step has nothing to subtract, so it reports 0 and enters no increment window
     increment = torch.where(has_prev, energy - state.prev[0], torch.zeros_like(energy))
-    reuse = ints[S.REUSE] + 1
+    # passes of several steps (new_pass() called since new_batch()): only the first step of a pass advances the
+    # reuse index, and once a step of the batch closed, every later one closes too (the batch is over)
+    pass_mode = ints[S.PASS_MODE] > 0
+    reuse = ints[S.REUSE] + torch.where(pass_mode, ints[S.PASS_NEW], torch.ones_like(ints[S.REUSE]))
+    latched = pass_mode & (ints[S.BATCH_CLOSED] > 0)
     # window_mode "batch": only the first pass of a batch (reuse index 1) enters a window
     enters = (state.hyper[S.WINDOW_MODE] == 0) | (reuse == 1)
     count, pos = ints[S.COUNT], ints[S.POS]
@@ -72,7 +76,7 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
         mean_e, std_e, z_e, full_e = _window_test(ring[:window], count, energy, eps, window)
         mean_i, std_i, z_i, full_i = _window_test(ring[window:], count2, increment, eps, window)
         fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
-        closed = ~finite | ((reuse > 1) & fires)
+        closed = ~finite | ((reuse > 1) & fires) | latched
         accept = ~closed
         push, push2 = accept & enters, accept & enters & has_prev
         _push(ring[:window], pos, push, energy, window)
@@ -92,7 +96,7 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
         else:  # increment
             stat, pushable = increment, has_prev
         mean, std, z, full = _window_test(ring, count, stat, eps, window)
-        closed = ~finite | (full & (reuse > 1) & (z > threshold))
+        closed = ~finite | (full & (reuse > 1) & (z > threshold)) | latched
         accept = ~closed
         push, push2 = accept & enters & pushable, torch.zeros_like(accept)
         _push(ring, pos, push, stat, window)
@@ -112,6 +116,9 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     new_ints[S.HAS_PREV] = torch.where(accept, one, ints[S.HAS_PREV])
     new_ints[S.POS2] = torch.where(push2, (pos2 + 1) % window, pos2)
     new_ints[S.COUNT2] = torch.where(push2, (count2 + 1).clamp(max=window), count2)
+    new_ints[S.PASS_MODE] = ints[S.PASS_MODE]
+    new_ints[S.PASS_NEW] = torch.zeros_like(pos)
+    new_ints[S.BATCH_CLOSED] = torch.where(closed, one, ints[S.BATCH_CLOSED])
     ints.copy_(torch.stack(new_ints))
     new_stats = [None] * S.N_STATS
     new_stats[S.ENERGY], new_stats[S.NORM], new_stats[S.STATISTIC] = energy, norm, stat

@@ -46,6 +46,7 @@ _ENERGY, _NORM, _STATISTIC, _MEAN = (tl.constexpr(v) for v in (S.ENERGY, S.NORM,
 _STD, _Z, _CLOSED = (tl.constexpr(v) for v in (S.STD, S.Z, S.CLOSED))
 _Z_ENERGY, _Z_INCREMENT = tl.constexpr(S.Z_ENERGY), tl.constexpr(S.Z_INCREMENT)
 _THRESHOLD, _EPS, _WINDOW_MODE = (tl.constexpr(v) for v in (S.THRESHOLD, S.EPS, S.WINDOW_MODE))
+_PASS_MODE, _PASS_NEW, _BATCH_CLOSED = (tl.constexpr(v) for v in (S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED))
 
 
 @triton.jit
@@ -78,7 +79,12 @@ def _finalize(
     prev = tl.load(prev_ptr)
     # the first accepted step has nothing to subtract: increment 0, enters no increment window
     increment = tl.where(has_prev_i > 0, energy - prev, 0.0)
-    reuse = tl.load(ints_ptr + _REUSE) + 1
+    # passes of several steps: only a pass's first step advances the reuse index; after a close in this
+    # batch every later step closes
+    pass_mode = tl.load(ints_ptr + _PASS_MODE) > 0
+    reuse = tl.load(ints_ptr + _REUSE) + tl.where(pass_mode, tl.load(ints_ptr + _PASS_NEW), 1)
+    batch_closed = tl.load(ints_ptr + _BATCH_CLOSED)
+    latched = pass_mode & (batch_closed > 0)
     threshold = tl.load(hyper_ptr + _THRESHOLD)
     eps = tl.load(hyper_ptr + _EPS)
     # window mode "batch" (1.0): only the first pass of a batch (reuse index 1) enters a window
@@ -93,7 +99,7 @@ def _finalize(
         mean_e, std_e, z_e, full_e = _window_z(ring_ptr, count, energy, eps, WINDOW, WBLOCK)
         mean_i, std_i, z_i, full_i = _window_z(ring_ptr + WINDOW, count2, increment, eps, WINDOW, WBLOCK)
         fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
-        closed = (finite == 0) | ((reuse > 1) & fires)
+        closed = (finite == 0) | ((reuse > 1) & fires) | latched
         accept = closed == 0
         push = accept & enters
         push2 = push & (has_prev_i > 0)
@@ -117,7 +123,7 @@ def _finalize(
         else:
             stat = increment
         mean, std, z, full = _window_z(ring_ptr, count, stat, eps, WINDOW, WBLOCK)
-        closed = (finite == 0) | (full & (reuse > 1) & (z > threshold))
+        closed = (finite == 0) | (full & (reuse > 1) & (z > threshold)) | latched
         accept = closed == 0
         if STAT == 2:
             push = accept & enters & (has_prev_i > 0)
@@ -138,6 +144,8 @@ def _finalize(
     stop = tl.load(ints_ptr + _STOP)
     tl.store(ints_ptr + _STOP, tl.where(closed | (reuse >= max_reuse), 1, stop))
     tl.store(ints_ptr + _HAS_PREV, tl.where(accept, 1, has_prev_i))
+    tl.store(ints_ptr + _PASS_NEW, tl.zeros_like(reuse))
+    tl.store(ints_ptr + _BATCH_CLOSED, tl.where(closed, 1, batch_closed))
 
     tl.store(stats_ptr + _ENERGY, energy.to(tl.float32))
     tl.store(stats_ptr + _NORM, norm.to(tl.float32))
