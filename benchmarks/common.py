@@ -36,6 +36,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dgg_kernels import _cli  # noqa: E402  (after TRITON_INTERPRET is decided)
+
+# The flag checks every command line shares, the demo's too (they live in dgg_kernels/_cli.py because the demo is
+# installed without the benchmarks): argparse types that refuse a bad value naming the flag, and the --out check.
+integer, number, fraction, names, int_list = _cli.integer, _cli.number, _cli.fraction, _cli.names, _cli.int_list
+writable_dir, writable_file, readable_file = _cli.writable_dir, _cli.writable_file, _cli.readable_file
+check_device = _cli.device
+new_parser = _cli.parser
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"  # the committed results: write here only on purpose (--out)
 NOT_MEASURED_CPU = "not measured (no GPU this session)"
@@ -54,26 +63,55 @@ def default_out_dir() -> Path:
 
 
 def base_parser(doc: str, quick_help: str, budget_what: str, reserve_s: float):
-    """The flags every benchmark script shares: --device, --quick, --out, --budget-s, --reserve-s."""
-    import argparse
+    """The flags every benchmark script shares: --device, --quick, --out, --budget-s, --reserve-s.
 
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    No abbreviations (a --quick preset must never win over a flag the user meant to give); parse the command
+    line with ``parse``, which also checks --device and --out before any work.
+    """
+    ap = _cli.parser(doc)
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cuda or cpu")
     ap.add_argument("--quick", action="store_true", help=quick_help)
     add_out_argument(ap)
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help=f"stop starting new {budget_what} after this many seconds (default: no limit)")
-    ap.add_argument("--reserve-s", type=float, default=reserve_s,
-                    help=f"seconds of the budget kept back for writing results (default {reserve_s:g})")
+    ap.add_argument("--budget-s", type=number(0, lo_open=True), default=None,
+                    help=f"stop starting new {budget_what} after this many seconds (> 0; default: no limit)")
+    ap.add_argument("--reserve-s", type=number(0), default=reserve_s,
+                    help=f"seconds of the budget kept back for writing results (>= 0; default {reserve_s:g})")
     return ap
 
 
 def add_out_argument(ap) -> None:
     """The --out flag every benchmark script takes (--out-dir: its older name)."""
     ap.add_argument("--out", "--out-dir", dest="out", type=Path, default=default_out_dir(), metavar="DIR",
-                    help=f"folder for the results, created if missing (default: $DGG_BENCH_OUT if set, else "
-                         f"{TEMP_OUT}); pass {RESULTS_DIR.relative_to(REPO)} to replace the committed ones")
+                    help=f"folder for the results, created (and test-written) before any work if missing (default: "
+                         f"$DGG_BENCH_OUT if set, else {TEMP_OUT}); pass {RESULTS_DIR.relative_to(REPO)} to replace "
+                         "the committed ones")
+
+
+def parse(ap, argv=None):
+    """``ap.parse_args(argv)``, then the checks that need more than one flag's text, all before any work:
+    --device names a device this machine has, and the --out folder exists (created) and takes a file.
+    Any problem exits with status 2 and a message naming the flag."""
+    args = ap.parse_args(argv)
+    if hasattr(args, "device"):
+        check_device(ap, args.device, auto=True)
+    if hasattr(args, "out"):
+        args.out = writable_dir(ap, args.out)
+    return args
+
+
+def analysed(json_path: Path, payload: dict, key: str, fn: Callable[[], object]):
+    """``payload[key] = fn()`` and the JSON at ``json_path`` rewritten with it.
+
+    Write the raw results to ``json_path`` first: when ``fn`` (an analysis: goals, a best pick) raises, the
+    raw results stay on disk, the log says where, and the error propagates (a non-zero exit).
+    """
+    try:
+        payload[key] = fn()
+    except Exception:
+        log(f"computing {key!r} failed; the raw results are kept in {json_path}")
+        raise
+    write_json(json_path, payload)
+    return payload[key]
 
 
 # ----------------------------------------------------------------------------- stamp
@@ -150,6 +188,7 @@ def stamp(device: torch.device, mode: str) -> dict:
 
 
 def pick_device(arg: str) -> torch.device:
+    """The device --device names (already checked by ``parse``)."""
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(arg)

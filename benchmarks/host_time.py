@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import common as C  # noqa: E402  (sets TRITON_INTERPRET=1 on CPU before triton loads)
+from dgg_kernels.config import BACKENDS  # noqa: E402
 
 GOAL_HOST_US = 50.0
 GOAL_VS_CLIP = 0.5
@@ -122,7 +123,7 @@ def build_rows(device, args) -> list[dict]:
 
         return make
 
-    for backend in args.backends.split(","):
+    for backend in args.backends:
         rows.append({"row": f"dgg {backend} step() open", "kind": "dgg", "backend": backend, "make": gate_row(backend)})
     if args.stub_launches:
         rows.append({"row": "dgg triton step() open, launches stubbed", "kind": "dgg-python", "backend": "triton",
@@ -252,18 +253,19 @@ def evaluate_goals(rows: list[dict], device) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
     ap = C.base_parser(__doc__, "CPU smoke sizes and few calls (seconds; what the tests run)", "rows", 3.0)
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated gate backends (default torch,triton,cuda on a GPU; torch,triton on a CPU)")
-    ap.add_argument("--scale", type=int, default=None,
+    ap.add_argument("--backends", type=C.names(BACKENDS, "backend", allow_empty=False), default=None,
+                    help=f"comma-separated gate backends, of {', '.join(BACKENDS)} (default torch,triton,cuda on a "
+                         "GPU; torch,triton on a CPU)")
+    ap.add_argument("--scale", type=C.integer(1), default=None,
                     help="divide every model dimension by this (default 4 on a GPU: ~0.95 GB of bf16 grads; "
                          "64 on a CPU, 128 with --quick)")
-    ap.add_argument("--calls", type=int, default=None,
+    ap.add_argument("--calls", type=C.integer(1), default=None,
                     help="back-to-back calls per timed batch (default 30 on a GPU: few enough that the peers' "
                          "kernels never fill the launch queue; 20 on a CPU, 5 with --quick)")
-    ap.add_argument("--batches", type=int, default=None,
+    ap.add_argument("--batches", type=C.integer(1), default=None,
                     help="timed batches, a sync before each (default 15 on a GPU, 5 on a CPU, 2 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 20 on a GPU, else 3)")
-    ap.add_argument("--profile-calls", type=int, default=20,
+    ap.add_argument("--warmup", type=C.integer(0), default=None, help="untimed calls first (default 20 on a GPU, else 3)")
+    ap.add_argument("--profile-calls", type=C.integer(1), default=20,
                     help="calls under torch.profiler for the device time (GPU only; default 20)")
     ap.add_argument("--stub-launches", action="store_true",
                     help="CPU only: one more row, the triton gate with its kernels replaced by no-op launchers, "
@@ -272,15 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = C.parse(ap, argv)  # every flag and --out checked before any work
     device = C.pick_device(args.device)
+    if device.type == "cuda" and args.stub_launches:
+        ap.error("--stub-launches is for CPU runs only")
     mode = "gpu" if device.type == "cuda" else ("quick" if args.quick else "cpu")
     if device.type != "cuda":
         torch.set_num_threads(1)
-    elif args.stub_launches:
-        raise SystemExit("--stub-launches is for CPU runs only")
     gpu = mode == "gpu"
-    args.backends = args.backends or ("torch,triton,cuda" if gpu else "torch,triton")
+    # an explicit flag always wins over these defaults (a bad one was refused above)
+    args.backends = args.backends or (["torch", "triton", "cuda"] if gpu else ["torch", "triton"])
     args.scale = args.scale or (4 if gpu else (64 if mode == "cpu" else 128))
     args.calls = args.calls or (30 if gpu else (20 if mode == "cpu" else 5))
     args.batches = args.batches or (15 if gpu else (5 if mode == "cpu" else 2))
@@ -290,7 +294,6 @@ def main(argv=None) -> int:
     stamp["torch_threads"] = torch.get_num_threads()
     C.log(f"host_time: {stamp['device']} mode={mode} torch {stamp['torch']} triton {stamp['triton']}")
     rows, meta = measure(device, mode, args, budget)
-    goals = evaluate_goals(rows, device)
     method = {
         "host_time": f"time.perf_counter around each of {args.calls} back-to-back calls (no sync between; a sync "
                      f"before each of {args.batches} batches), median per call, after {args.warmup} warm-up calls",
@@ -305,8 +308,9 @@ def main(argv=None) -> int:
     label = ("CPU mode: a smoke test of the code path (torch backend and the Triton interpreter); host times include "
              "the arithmetic and are not comparable to a GPU's") if not gpu else "GPU mode"
     payload = {"benchmark": "host_time", "stamp": stamp, "label": label, "setup": meta, "method": method,
-               "goals": goals, "rows": rows}
-    C.write_json(paths["json"], payload)
+               "rows": rows}
+    C.write_json(paths["json"], payload)  # the raw results first: nothing below can lose the run
+    goals = C.analysed(paths["json"], payload, "goals", lambda: evaluate_goals(rows, device))
     cols = [("row", "row"), ("backend_used", "backend"), ("host_us", "host us/call (median)"),
             ("host_us_p10", "p10"), ("host_us_p90", "p90"), ("device_us", "device us/call"),
             ("mask_device_us", "mask kernel us"), ("kernels_per_call", "kernels/call"), ("host_syncs", "host syncs"),

@@ -29,6 +29,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import common as C  # noqa: E402  (the flag checks every command line shares)
+
 DEFAULT_OUT = REPO / "dgg_kernels" / "backends" / "auto_table.py"
 ROWS = {"dgg triton": "triton", "dgg cuda": "cuda", "dgg torch": "torch"}
 DEFAULT_BACKEND = "triton"
@@ -99,16 +102,34 @@ def read_table(path: Path) -> dict:
     raise SystemExit(f"{path} has no TABLE = {{...}}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
+    ap = C.new_parser(__doc__)
     ap.add_argument("overhead_json", type=Path, help="an overhead_<device>_<date>.json written by overhead.py on a GPU")
     ap.add_argument("--match", default=None, help="substring of torch.cuda.get_device_name() this entry applies to "
                                                   "(default: the model token of the measured device, e.g. H100)")
-    ap.add_argument("--tolerance", type=float, default=0.05, help="keep triton while within this fraction of the best")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = ap.parse_args(argv)
+    ap.add_argument("--tolerance", type=C.number(0), default=0.05,
+                    help="keep triton while within this fraction (>= 0) of the best")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"the table module to write (default {DEFAULT_OUT.relative_to(REPO)}, the packaged one); "
+                         "entries of other devices already in it are kept")
+    return ap
 
-    data = json.loads(args.overhead_json.read_text())
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    # everything checked before anything is written: the input reads as an overhead JSON, --out takes a file
+    C.readable_file(ap, args.overhead_json, "overhead_json")
+    C.writable_file(ap, args.out, "--out")
+    if args.match is not None and not args.match.strip():
+        ap.error("--match: give a non-empty substring of the device name")
+    try:
+        data = json.loads(args.overhead_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        ap.error(f"overhead_json {args.overhead_json}: not a JSON file ({e})")
+    if not isinstance(data, dict) or "stamp" not in data or "rows" not in data:
+        ap.error(f"overhead_json {args.overhead_json}: not an overhead.py result (no 'stamp' and 'rows')")
     entry = entry_from_overhead(data, args.match, args.tolerance, str(args.overhead_json))
     table = {"format": 1, "default": DEFAULT_BACKEND, "tolerance": args.tolerance, "devices": []}
     if args.out.exists():

@@ -334,21 +334,21 @@ def pivot(rows, value_key, impls, group) -> tuple[list[dict], list[tuple[str, st
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
     ap = C.base_parser(__doc__, "CPU smoke sizes (seconds; what the tests run)", "cases", 5.0)
-    ap.add_argument("--dtypes", default="float32,bfloat16",
-                    help="comma-separated gradient dtypes (default float32,bfloat16)")
-    ap.add_argument("--impls", default="",
+    ap.add_argument("--dtypes", type=C.names(DTYPES, "dtype", allow_empty=False), default="float32,bfloat16",
+                    help=f"comma-separated gradient dtypes, of {', '.join(DTYPES)} (default float32,bfloat16)")
+    ap.add_argument("--impls", type=C.names([i.name for i in P.IMPLS], "implementation"), default="",
                     help="comma-separated subset of implementation names, e.g. 'vector_norm (bound),dgg triton' "
-                         "(default: all)")
-    ap.add_argument("--rep-ms", type=float, default=100.0,
-                    help="milliseconds do_bench spends timing each row on a GPU (default 100)")
-    ap.add_argument("--cpu-reps", type=int, default=None,
-                    help="timed calls per row on a CPU (default 3 with --quick, else 10)")
+                         f"(default: all): {', '.join(i.name for i in P.IMPLS)}")
+    ap.add_argument("--rep-ms", type=C.number(0, lo_open=True), default=100.0,
+                    help="milliseconds do_bench spends timing each row on a GPU (> 0; default 100)")
+    ap.add_argument("--cpu-reps", type=C.integer(1), default=None,
+                    help="timed calls per row on a CPU (>= 1; default 3 with --quick, else 10)")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the PNG (drawn when matplotlib is installed)")
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)  # every flag and --out checked before any work
 
     device = C.pick_device(args.device)
     if device.type == "cuda":
@@ -362,8 +362,8 @@ def main(argv=None) -> int:
     budget = C.Budget(args.budget_s)
     stamp = C.stamp(device, mode)
     stamp["torch_threads"] = torch.get_num_threads()
-    impls = [i for i in P.IMPLS if not args.impls or i.name in args.impls.split(",")]
-    dtypes = [d for d in args.dtypes.split(",") if d]
+    impls = [i for i in P.IMPLS if not args.impls or i.name in args.impls]
+    dtypes = args.dtypes
     C.log(f"overhead: {stamp['device']} mode={mode} torch {stamp['torch']} triton {stamp['triton']}")
 
     floor_bytes = BIG_FLOOR_BYTES_GPU if mode == "gpu" else (256 * 2**20 if mode == "cpu" else 32 * 2**20)
@@ -375,7 +375,6 @@ def main(argv=None) -> int:
         for case in cases_for(mode):
             rows += measure_case(case, dtype_name, impls, device, mode, args, budget, floor_GBps)
     masks = measure_masks(device, mode, args, budget)
-    goals = evaluate_goals(rows, masks, device)
 
     paths = C.results_paths(args.out, "overhead", stamp)
     names = [i.name for i in impls]
@@ -401,11 +400,11 @@ def main(argv=None) -> int:
         },
         "read_GBps": floor_GBps,
         "read_floor_bytes": floor_used,
-        "goals": goals,
         "rows": rows,
         "mask_rows": masks,
     }
-    C.write_json(paths["json"], payload)
+    C.write_json(paths["json"], payload)  # the raw results first: nothing below can lose the run
+    goals = C.analysed(paths["json"], payload, "goals", lambda: evaluate_goals(rows, masks, device))
 
     ms_rows, ms_cols = pivot(rows, "ms", names, "lm_head")
     pct_rows, pct_cols = pivot(rows, "pct_floor", names, "lm_head")

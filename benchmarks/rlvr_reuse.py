@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dgg_kernels as dgg  # noqa: E402
+from benchmarks import common as C  # noqa: E402  (the flag checks every command line shares)
 
 PLUS, EQ = 10, 11  # token ids; 0-9 are digits, ids >= 12 never occur in the data
 PAPER = "energy+increment"  # the paper's rule: close when the energy or the increment z-test fires
@@ -305,8 +306,12 @@ def parse_arms(spec: str) -> list[Arm]:
                 raise ValueError(f"bad arm {item!r}: the installed dgg_kernels has no statistic {stat!r}")
             if mode != "step" and not has_window_mode():
                 raise ValueError(f"bad arm {item!r}: the installed dgg_kernels has no window_mode")
+            if k < 1:
+                raise ValueError(f"bad arm {item!r}: the max reuse N must be >= 1")
             rule = rule_name(stat, mode)
             if kind == "dgg":
+                if not v >= 0:  # NaN too
+                    raise ValueError(f"bad arm {item!r}: the threshold must be a number >= 0 (inf: never closes)")
                 arms.append(Arm(f"dgg K={k} t={v:g} {rule}", k, "dgg", v, stat, mode))
             else:
                 if not 0.0 < v < 1.0:
@@ -320,8 +325,12 @@ def parse_arms(spec: str) -> list[Arm]:
                 raise ValueError(f"bad arm {item!r}: use rndN@P") from None
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"bad arm {item!r}: the chance must lie in [0, 1]")
+            if k < 2:
+                raise ValueError(f"bad arm {item!r}: the coin ends a batch at pass 2, so N must be >= 2")
             arms.append(Arm(f"random K={k} p={v:g}", k, "rnd", close_rate=v))
         elif item.startswith("k") and item[1:].isdigit():
+            if int(item[1:]) < 1:
+                raise ValueError(f"bad arm {item!r}: the reuse N must be >= 1")
             arms.append(Arm(f"fixed K={int(item[1:])}", int(item[1:])))
         else:
             raise ValueError(f"bad arm {item!r}: use kN, dggN@T[:statistic][:window mode], calN@RATE[:...] or rndN@P")
@@ -467,7 +476,7 @@ def calibrate(arms: list[Arm], init_state, task: Task, heldout, args, dev) -> li
     if not cal_arms:
         return []
     if calibration_module() is None:
-        raise SystemExit("cal arms need dgg_kernels.calibration (issue 13 part 3), which the installed package lacks")
+        raise SystemExit("cal arms need dgg_kernels.calibration, which the installed package lacks")
     out = []
     for k in sorted({a.max_reuse for a in cal_arms}):
         group = [a for a in cal_arms if a.max_reuse == k]
@@ -511,77 +520,110 @@ GPU_COMMAND = "python benchmarks/rlvr_reuse.py --config gpu --out benchmarks/res
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line.  No abbreviations: a preset (--config, --quick) fills only the flags not given, so an
+    abbreviated flag would otherwise lose to it without a word.  Every value is checked here, before any work."""
     c = CONFIGS["cpu"]
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=Formatter)
+    I, N, frac = C.integer, C.number, C.fraction
+    ap = C.new_parser(__doc__, formatter_class=Formatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu",
                     help="a named configuration: every flag below that is not given takes its value from it "
                          "(the defaults shown are the cpu configuration's; gpu = the 2026-11-23 H100 setting: "
-                         "vocab 32768, width 256, 4 layers, 64 prompts, lr 1e-3, SFT lr 3e-3, 60 batches, cuda)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 arms, 1 seed, well under a minute")
-    ap.add_argument("--device", default="cpu", help="torch device (the gpu config uses cuda)")
+                         "vocab 32768, width 256, 4 layers, 64 prompts, lr 1e-3, SFT lr 3e-3, 60 batches, cuda); "
+                         "a flag given always wins over it")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny sizes, 2 arms, 1 seed, well under a minute (flags given still win)")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (the gpu config uses cuda)")
     ap.add_argument("--out", default=DEFAULT_OUT,
-                    help="folder for the results (outside the source tree unless given); pass "
-                         "benchmarks/results for the committed ones")
+                    help="folder for the results, created and test-written before any work (outside the source "
+                         "tree unless given); pass benchmarks/results for the committed ones")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--from-json", default=None, metavar="PATH",
                     help="no training: rewrite the md, JSON and plots of a finished run from its results JSON "
-                         "(after a change to the analysis), into --out")
-    ap.add_argument("--threads", type=int, default=None,
+                         "(after a change to the analysis, or after an analysis that failed), into --out")
+    ap.add_argument("--threads", type=I(1), default=None,
                     help="torch CPU threads (None: 1 on CPU, where several threads on a shared machine ran up to "
                          "40x slower from thread contention; torch's default on CUDA)")
     g = ap.add_argument_group("model and task")
-    g.add_argument("--vocab", type=int, default=c["vocab"], help="vocabulary size; ids >= 12 never occur in the data "
-                   "(they make the lm_head large, as in an LLM)")
-    g.add_argument("--width", type=int, default=c["width"], help="model width")
-    g.add_argument("--layers", type=int, default=c["layers"], help="transformer blocks")
-    g.add_argument("--heads", type=int, default=c["heads"], help="attention heads")
-    g.add_argument("--digits", type=int, default=c["digits"], help="digits per addend")
-    g.add_argument("--heldout", type=int, default=256, help="held-out problems (fixed, greedy decoding)")
+    g.add_argument("--vocab", type=I(12), default=c["vocab"], help="vocabulary size, >= 12; ids >= 12 never occur "
+                   "in the data (they make the lm_head large, as in an LLM)")
+    g.add_argument("--width", type=I(1), default=c["width"], help="model width (a multiple of --heads)")
+    g.add_argument("--layers", type=I(1), default=c["layers"], help="transformer blocks")
+    g.add_argument("--heads", type=I(1), default=c["heads"], help="attention heads")
+    g.add_argument("--digits", type=I(1), default=c["digits"], help="digits per addend")
+    g.add_argument("--heldout", type=I(1), default=256, help="held-out problems (fixed, greedy decoding)")
     g = ap.add_argument_group("supervised warm-up (one checkpoint for every arm and seed)")
-    g.add_argument("--sft-target", type=float, default=c["sft_target"],
-                   help="stop once greedy held-out accuracy reaches this")
-    g.add_argument("--sft-max-steps", type=int, default=c["sft_max_steps"], help="step cap of the warm-up")
-    g.add_argument("--sft-batch", type=int, default=64, help="warm-up batch size")
-    g.add_argument("--sft-lr", type=float, default=c["sft_lr"], help="warm-up AdamW learning rate")
-    g.add_argument("--sft-eval-every", type=int, default=25, help="warm-up steps between held-out evaluations")
-    g.add_argument("--sft-seed", type=int, default=0, help="seed of the model init and the warm-up data")
+    g.add_argument("--sft-target", type=frac(), default=c["sft_target"],
+                   help="stop once greedy held-out accuracy (0 to 1) reaches this")
+    g.add_argument("--sft-max-steps", type=I(0), default=c["sft_max_steps"], help="step cap of the warm-up")
+    g.add_argument("--sft-batch", type=I(1), default=64, help="warm-up batch size")
+    g.add_argument("--sft-lr", type=N(0, lo_open=True), default=c["sft_lr"], help="warm-up AdamW learning rate")
+    g.add_argument("--sft-eval-every", type=I(1), default=25, help="warm-up steps between held-out evaluations")
+    g.add_argument("--sft-seed", type=I(0), default=0, help="seed of the model init and the warm-up data")
     g = ap.add_argument_group("RL")
     g.add_argument("--arms", default=DEFAULT_ARMS,
                    help="comma-separated arms: kN, dggN@T[:statistic][:window mode], calN@RATE[:statistic][:window "
-                        "mode] (see above; statistic paper = energy+increment)")
-    g.add_argument("--seeds", type=int, default=c["seeds"], help="RL seeds per arm (0 .. seeds-1)")
-    g.add_argument("--calib-seed", type=int, default=1000,
+                        "mode], rndN@P (see above; statistic paper = energy+increment)")
+    g.add_argument("--seeds", type=I(1), default=c["seeds"], help="RL seeds per arm (0 .. seeds-1)")
+    g.add_argument("--calib-seed", type=I(0), default=1000,
                    help="seed of the observer run that calibrates the cal arms' thresholds (not an evaluated seed)")
-    g.add_argument("--batches", type=int, default=c["batches"], help="rollout batches per arm (the rollout budget)")
-    g.add_argument("--prompts", type=int, default=c["prompts"], help="prompts per rollout batch")
-    g.add_argument("--group", type=int, default=8, help="samples per prompt (the GRPO group)")
-    g.add_argument("--lr", type=float, default=c["lr"], help="RL AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="RL AdamW weight decay")
-    g.add_argument("--clip", type=float, default=0.2, help="PPO clip range")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    g.add_argument("--window", type=int, default=8, help="gate window (statistics in the Z-score)")
+    g.add_argument("--batches", type=I(1), default=c["batches"], help="rollout batches per arm (the rollout budget)")
+    g.add_argument("--prompts", type=I(1), default=c["prompts"], help="prompts per rollout batch")
+    g.add_argument("--group", type=I(2), default=8, help="samples per prompt (the GRPO group, >= 2)")
+    g.add_argument("--lr", type=N(0, lo_open=True), default=c["lr"], help="RL AdamW learning rate")
+    g.add_argument("--weight-decay", type=N(0), default=0.0, help="RL AdamW weight decay")
+    g.add_argument("--clip", type=N(0, lo_open=True), default=0.2, help="PPO clip range")
+    g.add_argument("--temperature", type=N(0, lo_open=True), default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--window", type=I(2), default=8, help="gate window (statistics in the Z-score)")
     return ap
 
 
-def _given(ap: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    return {a.dest for a in ap._actions
-            if any(x == o or x.startswith(o + "=") for o in a.option_strings for x in argv)}
+def _given(argv: list[str]) -> set[str]:
+    """The flags given on the command line: what a parse with every default suppressed returns."""
+    ap = build_parser()
+    for action in ap._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv)))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, with the preset (--config, then --quick) filling only those not given, all checked before any
+    work: each value by its type, then what spans several flags, the device, and the --out folder (created and
+    test-written).  A problem exits with status 2 and a message naming the flag."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    given = _given(ap, argv)
+    given = _given(argv)
     preset = dict(CONFIGS[args.config])
     if args.quick:
         preset.update(QUICK)
     for k, v in preset.items():
         if k not in given:
             setattr(args, k, v)
+    if args.from_json:
+        C.readable_file(ap, args.from_json, "--from-json")
+        try:
+            with open(args.from_json) as f:
+                res = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            ap.error(f"--from-json {args.from_json}: not a JSON file ({e})")
+        if not isinstance(res, dict) or not {"runs", "args"} <= set(res):
+            ap.error(f"--from-json {args.from_json}: not a rlvr_reuse results JSON (no 'runs' and 'args')")
+    else:
+        try:
+            arms = parse_arms(args.arms)
+        except ValueError as e:
+            ap.error(f"--arms: {e}")
+        if any(a.kind == "cal" for a in arms) and calibration_module() is None:
+            ap.error("--arms: cal arms need dgg_kernels.calibration, which the installed package lacks")
+        if args.width % args.heads:
+            ap.error(f"--width {args.width} is not a multiple of --heads {args.heads}")
+        if args.calib_seed < args.seeds:
+            ap.error(f"--calib-seed {args.calib_seed} is one of the evaluated seeds 0..{args.seeds - 1}: "
+                     "calibrate on another seed")
+        C.check_device(ap, args.device, source="" if "device" in given else f"from --config {args.config}")
+    args.out = str(C.writable_dir(ap, args.out))
     return args
 
 
@@ -1130,20 +1172,34 @@ def _rows(cols: dict) -> list[dict]:
     return rows
 
 
+def _write_json(res: dict, path: str) -> None:
+    dump = dict(res, runs=[dict(r, updates=_columns(r["updates"])) for r in res["runs"]])
+    with open(path, "w") as f:
+        json.dump(_round(dump), f, separators=(",", ":"))
+
+
 def write_results(res: dict, out: str, quick: bool, plots_on: bool) -> str:
-    """Analyse ``res`` and write the md, the JSON and the plots into ``out``; returns the file stem."""
-    an = analyse(res)
-    res["analysis"] = an
+    """Write the raw JSON of ``res`` into ``out`` first, then analyse it and write the JSON with the analysis,
+    the plots and the md; returns the file stem.  When the analysis or a plot fails, the JSON stays (rerun
+    the rest with --from-json) and the error propagates."""
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, "rlvr_reuse_quick" if quick else "rlvr_reuse")
-    plots = make_plots(res, an, stem) if plots_on else []
-    dump = dict(res, runs=[dict(r, updates=_columns(r["updates"])) for r in res["runs"]])
-    with open(f"{stem}_results.json", "w") as f:
-        json.dump(_round(dump), f, separators=(",", ":"))
-    write_markdown(res, an, f"{stem}_results.md", plots)
+    path = f"{stem}_results.json"
+    res.pop("analysis", None)
+    _write_json(res, path)  # the raw results first: nothing below can lose the run
+    try:
+        an = analyse(res)
+        res["analysis"] = an
+        _write_json(res, path)
+        plots = make_plots(res, an, stem) if plots_on else []
+        write_markdown(res, an, f"{stem}_results.md", plots)
+    except Exception:
+        print(f"writing the results failed after the run; its results are kept in {path}: rerun the analysis with "
+              f"python benchmarks/rlvr_reuse.py --from-json {path} --out {out}", file=sys.stderr, flush=True)
+        raise
     print("\n".join(["", "Verdict:"] + [f"- {x}" for x in verdict_lines(an)]
                     + ["", "What was seen:"] + [f"- {x}" for x in findings(an)]))
-    print(f"wrote {stem}_results.md, {stem}_results.json" + (", " + ", ".join(plots) if plots else ""))
+    print(f"wrote {stem}_results.md, {path}" + (", " + ", ".join(plots) if plots else ""))
     return stem
 
 
@@ -1165,7 +1221,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
         return reanalyse(args.from_json, args.out, not args.no_plots)
-    dev = torch.device(args.device)
+    dev = torch.device(args.device)  # checked by parse_args
     if args.threads is None and dev.type == "cpu":
         args.threads = 1
     if args.threads:

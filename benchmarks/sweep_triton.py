@@ -145,46 +145,49 @@ def best_per_dtype(rows: list[dict], min_gain: float) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
     ap = C.base_parser(__doc__, "CPU smoke test: a tiny shape, two configurations", "configurations", 5.0)
-    ap.add_argument("--dtypes", default=None, help="comma-separated (default bfloat16,float16,float32)")
-    ap.add_argument("--blocks", default=None, help="BLOCK values (default 2048,4096,8192,16384; --quick: 64,128)")
-    ap.add_argument("--programs-per-sm", default=None, help="programs per SM (default 2,4,8; --quick: 2)")
-    ap.add_argument("--warps", default=None, help="num_warps values (default 4,8,16; --quick: 1)")
-    ap.add_argument("--rep-ms", type=float, default=60.0, help="do_bench time per row on a GPU (default 60 ms)")
-    ap.add_argument("--min-gain", type=float, default=0.5,
-                    help="points of %% of read bandwidth on the worst shape a config must gain over the default "
-                         "to be suggested (default 0.5)")
+    ap.add_argument("--dtypes", type=C.names(DTYPES, "dtype", allow_empty=False), default=None,
+                    help=f"comma-separated, of {', '.join(DTYPES)} (default bfloat16,float16,float32; a CPU: "
+                         "bfloat16,float32)")
+    ap.add_argument("--blocks", type=C.int_list(1, power_of_two=True), default=None,
+                    help="BLOCK values, powers of two (default 2048,4096,8192,16384; --quick: 64,128)")
+    ap.add_argument("--programs-per-sm", type=C.int_list(1), default=None,
+                    help="programs per SM, >= 1 (default 2,4,8; --quick: 2)")
+    ap.add_argument("--warps", type=C.int_list(1, power_of_two=True), default=None,
+                    help="num_warps values, powers of two (default 4,8,16; --quick: 1)")
+    ap.add_argument("--rep-ms", type=C.number(0, lo_open=True), default=60.0,
+                    help="do_bench time per row on a GPU (> 0; default 60 ms)")
+    ap.add_argument("--min-gain", type=C.number(0), default=0.5,
+                    help="points (>= 0) of %% of read bandwidth on the worst shape a config must gain over the "
+                         "default to be suggested (default 0.5)")
     return ap
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)  # every flag and --out checked before any work
     device = C.pick_device(args.device)
     gpu = device.type == "cuda"
     mode = "gpu" if gpu else "quick"
     if not gpu:
         torch.set_num_threads(1)
-    args.dtypes = (args.dtypes or ("bfloat16,float16,float32" if gpu else "bfloat16,float32")).split(",")
-    args.blocks = _ints(args.blocks or ("2048,4096,8192,16384" if gpu else "64,128"))
-    args.programs_per_sm = _ints(args.programs_per_sm or ("2,4,8" if gpu else "2"))
-    args.warps = _ints(args.warps or ("4,8,16" if gpu else "1"))
+    # an explicit flag always wins over these defaults (a bad one was refused above)
+    args.dtypes = args.dtypes or (["bfloat16", "float16", "float32"] if gpu else ["bfloat16", "float32"])
+    args.blocks = args.blocks or ([2048, 4096, 8192, 16384] if gpu else [64, 128])
+    args.programs_per_sm = args.programs_per_sm or ([2, 4, 8] if gpu else [2])
+    args.warps = args.warps or ([4, 8, 16] if gpu else [1])
     budget = C.Budget(args.budget_s)
     stamp = C.stamp(device, mode)
     C.log(f"sweep_triton: {stamp['device']} mode={mode} triton {stamp['triton']}")
     floor_GBps, floor_used = C.read_bandwidth_GBps(device, 4 * 2**30 if gpu else 2**24)
     rows = measure(device, args, budget, floor_GBps)
-    best = best_per_dtype(rows, args.min_gain)
     energies_agree = all(r.get("energy_rel_diff", 0) < 1e-5 for r in rows if r.get("status") == "ok")
     paths = C.results_paths(args.out, "sweep_triton", stamp)
     payload = {"benchmark": "sweep_triton", "stamp": stamp,
                "label": "GPU mode" if gpu else "CPU mode (interpreter): no tuning possible; code path only",
                "read_GBps": floor_GBps, "read_floor_bytes": floor_used, "grid": {
                    "blocks": args.blocks, "programs_per_sm": args.programs_per_sm, "warps": args.warps},
-               "energies_agree": energies_agree, "best": best, "rows": rows}
-    C.write_json(paths["json"], payload)
+               "energies_agree": energies_agree, "rows": rows}
+    C.write_json(paths["json"], payload)  # the raw results first: nothing below can lose the run
+    best = C.analysed(paths["json"], payload, "best", lambda: best_per_dtype(rows, args.min_gain))
     suggest = [f"    torch.{b['dtype']}: LaunchConfig(block={b['best']['block']}, "
                f"programs_per_sm={b['best']['programs_per_sm']}, num_warps={b['best']['num_warps']}),"
                for b in best if b.get("status") == "ok" and b["adopt"]]

@@ -62,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common as C  # noqa: E402
 from benchmarks import peers as P  # noqa: E402
+from dgg_kernels.config import BACKENDS  # noqa: E402
 
 SHAPES = {
     # layers, hidden, intermediate, heads, kv heads, vocab, seq, batch
@@ -72,6 +73,8 @@ SHAPES = {
 MAX_REUSE = 4
 WINDOW = 8
 VARIANTS = ("eager", "cuda graph", "cuda graph +overlap")
+# gate backends an arm can use (--backends): each has a peers.py implementation "dgg <backend>"
+GATE_BACKENDS = tuple(b for b in BACKENDS if f"dgg {b}" in {i.name for i in P.IMPLS})
 GOAL_PCT, GOAL_PCT_CI, GOAL_VS_ZCLIP, GOAL_OVERLAP = 0.5, 1.0, 1 / 3, 0.3
 
 
@@ -517,44 +520,46 @@ def evaluate_goals(rows, isolated, backends, device) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag says what it does (tests/test_benchmarks.py checks)."""
     ap = C.base_parser(__doc__, "CPU smoke sizes (seconds; what the tests run)", "rounds and variants", 5.0)
-    ap.add_argument("--graph-reserve-s", type=float, default=None,
+    ap.add_argument("--graph-reserve-s", type=C.number(0), default=None,
                     help="seconds of the budget kept for the two CUDA-graph variants (default 45 on a GPU, else 0)")
-    ap.add_argument("--rounds", type=int, default=None,
+    ap.add_argument("--rounds", type=C.integer(1), default=None,
                     help="interleaved rounds over all arms, per variant (default 30 on a GPU, else 3)")
-    ap.add_argument("--steps", type=int, default=None,
+    ap.add_argument("--steps", type=C.integer(1), default=None,
                     help="timed steps per arm per round (default 2 on a GPU, else 1)")
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated gate backends with arms (default triton,cuda on a GPU, torch on a CPU)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 24 on a GPU, 4 CPU, 2 --quick)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
-    ap.add_argument("--seq", type=int, default=None,
+    ap.add_argument("--backends", type=C.names(GATE_BACKENDS, "backend", allow_empty=False), default=None,
+                    help=f"comma-separated gate backends with arms, of {', '.join(GATE_BACKENDS)} (default triton,cuda "
+                         "on a GPU, torch on a CPU)")
+    ap.add_argument("--layers", type=C.integer(1), default=None,
+                    help="decoder layers (default 24 on a GPU, 4 CPU, 2 --quick)")
+    ap.add_argument("--batch", type=C.integer(1), default=None, help="sequences per step (default 2)")
+    ap.add_argument("--seq", type=C.integer(2), default=None,
                     help="tokens per sequence (default 1024 on a GPU, 128 on a CPU, 32 with --quick)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="model dtype (default bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--builtin", action="store_true", help="use the built-in decoder even if transformers is there")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph variants (GPU only)")
-    ap.add_argument("--iso-rep-ms", type=float, default=200.0,
+    ap.add_argument("--iso-rep-ms", type=C.number(0, lo_open=True), default=200.0,
                     help="do_bench time for the gate's isolated step on a GPU (default 200 ms)")
-    ap.add_argument("--cpu-reps", type=int, default=5, help="timed calls of the isolated step on a CPU (default 5)")
+    ap.add_argument("--cpu-reps", type=C.integer(1), default=5, help="timed calls of the isolated step on a CPU (default 5)")
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = C.parse(build_parser(), argv)  # every flag and --out checked before any work
     device = C.pick_device(args.device)
     mode = "gpu" if device.type == "cuda" else ("quick" if args.quick else "cpu")
     if device.type != "cuda":
         torch.set_num_threads(1)  # steadier CPU timings on a shared machine; CPU numbers are smoke only
     s = dict(SHAPES[mode])
-    for k in ("layers", "batch", "seq"):
-        if getattr(args, k):
+    for k in ("layers", "batch", "seq"):  # an explicit flag always wins (a bad one was refused above)
+        if getattr(args, k) is not None:
             s[k] = getattr(args, k)
     gpu = mode == "gpu"
-    args.rounds = args.rounds or (30 if gpu else 3)
-    args.steps = args.steps or (2 if gpu else 1)
+    args.rounds = args.rounds if args.rounds is not None else (30 if gpu else 3)
+    args.steps = args.steps if args.steps is not None else (2 if gpu else 1)
     if args.graph_reserve_s is None:
         args.graph_reserve_s = 45.0 if gpu and not args.no_graph else 0.0
-    backends = [b for b in (args.backends or ("triton,cuda" if gpu else "torch")).split(",") if b]
+    backends = args.backends or (["triton", "cuda"] if gpu else ["torch"])
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype or ("bfloat16" if gpu else "float32")]
     threshold = C.gate_open_threshold()
     budget = C.Budget(args.budget_s)
@@ -597,7 +602,6 @@ def main(argv=None) -> int:
             got, mem = run_graph_variant(variant, tr, subset, device, args, budget, threshold, keep_s)
         rows += got
         memory.append(mem)
-    goals = evaluate_goals(rows, isolated, backends, device)
 
     paths = C.results_paths(args.out, "train_step", stamp)
     setup = {"model": model_desc, "params_M": n_params / 1e6, "lm_head": list(lm_head.shape), "dtype": str(dtype),
@@ -622,9 +626,10 @@ def main(argv=None) -> int:
     }
     payload = {"benchmark": "train_step", "stamp": stamp,
                "label": "CPU mode: code paths and file format only; no GPU goal is measured" if not gpu
-               else "GPU mode", "setup": setup, "method": method, "goals": goals, "isolated": isolated,
+               else "GPU mode", "setup": setup, "method": method, "isolated": isolated,
                "memory": memory, "rows": rows}
-    C.write_json(paths["json"], payload)
+    C.write_json(paths["json"], payload)  # the raw results first: nothing below can lose the run
+    goals = C.analysed(paths["json"], payload, "goals", lambda: evaluate_goals(rows, isolated, backends, device))
     cols = [("arm", "arm"), ("monitors", "monitors"), ("step_ms", "step ms (median)"),
             ("overhead_ms_str", "overhead ms [95% CI]"), ("overhead_pct_str", "overhead % [95% CI]"),
             ("rounds", "rounds"), ("closed_steps", "closed steps"), ("host_syncs", "host syncs/step"),

@@ -29,7 +29,6 @@ step only to print them (lines marked host-read-ok).
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -37,7 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dgg_kernels as dgg
+from dgg_kernels import _cli
 from dgg_kernels.calibration import Recorder
+from dgg_kernels.config import STATISTICS, WINDOW_MODES
 
 PLUS, EQ = 10, 11  # token ids; 0-9 are digits
 
@@ -209,30 +210,40 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
     return {"curve": curve, "applied": applied, "passes": passes, "closed": closed_batches, "recorder": recorder}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0, help="RL seed: the prompts, samples and coin flips (default 0)")
-    ap.add_argument("--batches", type=int, default=40, help="rollout batches per run (default 40)")
-    ap.add_argument("--lr", type=float, default=1.5e-3, help="RL learning rate (default 1.5e-3: reuse K=8 does harm)")
-    ap.add_argument("--statistic", default="energy+increment",
+def build_parser():
+    """The command line: every flag is checked here, before the warm-up starts (dgg_kernels._cli)."""
+    ap = _cli.parser(__doc__)
+    ap.add_argument("--seed", type=_cli.integer(0), default=0,
+                    help="RL seed: the prompts, samples and coin flips (default 0)")
+    ap.add_argument("--batches", type=_cli.integer(1), default=40, help="rollout batches per run (default 40)")
+    ap.add_argument("--lr", type=_cli.number(0, lo_open=True), default=1.5e-3,
+                    help="RL learning rate (default 1.5e-3: reuse K=8 does harm)")
+    ap.add_argument("--statistic", default="energy+increment", choices=STATISTICS,
                     help="the gate's statistic (default energy+increment, the paper's rule; the package's default "
                          f"is {dgg.GateConfig().statistic})")
-    ap.add_argument("--window-mode", default=None, help="the gate's window mode, step or batch (default: the package's)")
-    ap.add_argument("--window", type=int, default=8, help="gate window (default 8)")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="gate threshold on z (default: calibrated, see --close-rate; the paper uses 0.1-0.5)")
-    ap.add_argument("--close-rate", type=float, default=0.5,
+    ap.add_argument("--window-mode", default=None, choices=WINDOW_MODES,
+                    help="the gate's window mode, step or batch (default: the package's)")
+    ap.add_argument("--window", type=_cli.integer(2), default=8, help="gate window (default 8)")
+    ap.add_argument("--threshold", type=_cli.number(0, inf=True), default=None,
+                    help="gate threshold on z, >= 0 (default: calibrated, see --close-rate; the paper uses 0.1-0.5; "
+                         "inf: an observer that never closes)")
+    ap.add_argument("--close-rate", type=_cli.fraction(), default=0.5,
                     help="without --threshold: the threshold is the smallest that would have closed at most this "
-                         "fraction of the batches of an observer run on another seed (default 0.5)")
-    ap.add_argument("--calib-batches", type=int, default=None,
+                         "fraction (0 to 1) of the batches of an observer run on another seed (default 0.5)")
+    ap.add_argument("--calib-batches", type=_cli.integer(1), default=None,
                     help="rollout batches of that observer run (default: as many as --batches)")
-    ap.add_argument("--coin", type=float, default=0.5,
-                    help="the control's chance of ending a batch at pass 2 (default 0.5; 0 skips the control)")
-    ap.add_argument("--show", type=int, default=6, help="batches of the gated run printed pass by pass (default 6)")
-    ap.add_argument("--target", type=float, default=0.3, help="held-out accuracy the warm-up stops at (default 0.3)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--coin", type=_cli.fraction(), default=0.5,
+                    help="the control's chance (0 to 1) of ending a batch at pass 2 (default 0.5; 0 skips the control)")
+    ap.add_argument("--show", type=_cli.integer(0), default=6,
+                    help="batches of the gated run printed pass by pass (default 6)")
+    ap.add_argument("--target", type=_cli.fraction(), default=0.3,
+                    help="held-out accuracy (0 to 1) the warm-up stops at (default 0.3)")
+    ap.add_argument("--threads", type=_cli.integer(1), default=1, help="torch CPU threads (default 1)")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     heldout = problems(256, torch.Generator().manual_seed(12345))

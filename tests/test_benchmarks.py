@@ -274,7 +274,8 @@ def test_cuda_backend_row_is_unavailable_with_reason():
         P.build(cuda, P.Case(monitor=[p], params=[p]))
 
 
-@pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda", "host_time", "sweep_triton"])
+@pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda", "host_time", "sweep_triton",
+                                    "make_auto_table"])
 def test_help_documents_every_flag(script):
     module = importlib.import_module(f"benchmarks.{script}")
     ap = module.build_parser()
@@ -299,3 +300,138 @@ def test_default_out_is_outside_the_checkout(script, monkeypatch, tmp_path):
     monkeypatch.setenv("DGG_BENCH_OUT", str(tmp_path))
     assert module.build_parser().parse_args([]).out == tmp_path
     assert module.build_parser().parse_args(["--out", "elsewhere"]).out == Path("elsewhere")
+
+
+# ----------------------------------------------------------------------------- command lines fail fast
+H100_JSON = REPO / "benchmarks" / "results" / "overhead_nvidia-h100-80gb-hbm3_2026-11-23.json"
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every benchmark stamps its run (device, versions) before measuring anything: raising there shows that a
+    refused flag stopped the script before any work."""
+    def work(*a, **k):
+        raise AssertionError("the benchmark started working before refusing the flag")
+
+    monkeypatch.setattr(C, "stamp", work)
+    monkeypatch.setattr(C, "read_bandwidth_GBps", work)
+
+
+def _exits_2(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2, e.value.code  # argparse's usage error
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("overhead", ["--impls", "bogus"], "argument --impls: unknown implementation 'bogus'; known: vector_norm (bound)"),
+    ("overhead", ["--impls", "dgg torch,bogus"], "unknown implementation 'bogus'"),
+    ("overhead", ["--dtypes", "float64"], "unknown dtype 'float64'; known: float32, bfloat16"),
+    ("overhead", ["--dtypes", ""], "give at least one dtype"),
+    ("overhead", ["--rep-ms", "0"], "argument --rep-ms: must be a finite number > 0, got '0'"),
+    ("overhead", ["--cpu-reps", "0"], "argument --cpu-reps: must be an int >= 1"),
+    ("overhead", ["--qu"], "unrecognized arguments: --qu"),  # no abbreviations
+    ("overhead", ["--budget-s", "0"], "argument --budget-s: must be a finite number > 0"),
+    ("overhead", ["--reserve-s", "-1"], "argument --reserve-s: must be a finite number >= 0"),
+    ("overhead", ["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda or cuda:N"),
+    ("host_time", ["--backends", "bogus"], "unknown backend 'bogus'; known: auto, torch, triton, cuda"),
+    ("host_time", ["--scale", "0"], "argument --scale: must be an int >= 1"),
+    ("host_time", ["--calls", "0"], "argument --calls: must be an int >= 1"),
+    ("host_time", ["--batches", "-2"], "argument --batches: must be an int >= 1"),
+    ("train_step", ["--layers", "0"], "argument --layers: must be an int >= 1, got '0'"),
+    ("train_step", ["--rounds", "0"], "argument --rounds: must be an int >= 1, got '0'"),
+    ("train_step", ["--backends", "bogus"], "unknown backend 'bogus'; known: auto, torch, triton, cuda"),
+    ("train_step", ["--lay", "2"], "unrecognized arguments: --lay"),
+    ("sweep_triton", ["--blocks", "100"], "argument --blocks: must be comma-separated ints >= 1, each a power of two"),
+    ("sweep_triton", ["--dtypes", "float64"], "unknown dtype 'float64'; known: bfloat16, float16, float32"),
+    ("sweep_triton", ["--warps", "0"], "argument --warps"),
+    ("sweep_triton", ["--min-gain", "nan"], "argument --min-gain: must be a finite number >= 0"),
+])
+def test_bad_flag_is_refused_before_any_work(script, argv, message, no_work, capsys):
+    module = importlib.import_module(f"benchmarks.{script}")
+    err = _exits_2(module.main, ["--device", "cpu", *argv] if "--device" not in argv else argv, capsys)
+    assert message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_cuda_device_is_refused_before_any_work(no_work, capsys):
+    from benchmarks import overhead
+
+    assert "--device 'cuda': torch sees no CUDA device" in _exits_2(overhead.main, ["--device", "cuda"], capsys)
+
+
+@pytest.mark.parametrize("script", ["overhead", "train_step", "host_time", "sweep_triton"])
+def test_unwritable_out_is_refused_before_any_work(script, tmp_path, no_work, capsys):
+    module = importlib.import_module(f"benchmarks.{script}")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = _exits_2(module.main, ["--quick", "--device", "cpu", "--out", str(blocker / "results")], capsys)
+    assert f"--out {blocker / 'results'}: cannot write there" in err, err
+
+
+def test_out_is_created_when_the_flags_are_read(tmp_path):
+    from benchmarks import overhead
+
+    out = tmp_path / "new" / "deeper"
+    args = C.parse(overhead.build_parser(), ["--device", "cpu", "--out", str(out)])
+    assert args.out == out and out.is_dir() and not any(out.iterdir())  # the write test leaves nothing behind
+
+
+def test_command_line_exit_status_is_2_on_a_bad_flag():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_time.py"), "--backends", "bogus"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown backend 'bogus'" in proc.stderr, proc.stderr
+    assert "| " not in proc.stdout  # no table: nothing ran
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.json"], "overhead_json missing.json: no such file"),
+    ([str(REPO / "README.md")], "not a JSON file"),
+    ([str(H100_JSON), "--tolerance", "-1"], "argument --tolerance: must be a finite number >= 0"),
+    ([str(H100_JSON), "--tol", "0.1"], "unrecognized arguments: --tol"),
+])
+def test_make_auto_table_refuses_bad_input_before_writing(argv, message, tmp_path, capsys):
+    from benchmarks import make_auto_table as M
+
+    out = tmp_path / "table.py"
+    assert message in _exits_2(M.main, [*argv, "--out", str(out)], capsys)
+    assert not out.exists()
+    assert "is a folder" in _exits_2(M.main, [str(H100_JSON), "--out", str(tmp_path)], capsys)
+    assert "does not exist" in _exits_2(M.main, [str(H100_JSON), "--out", str(tmp_path / "no" / "t.py")], capsys)
+
+
+def test_analysed_keeps_the_raw_json_when_the_analysis_fails(tmp_path):
+    path = tmp_path / "r.json"
+    payload = {"rows": [1, 2]}
+    C.write_json(path, payload)
+    with pytest.raises(ZeroDivisionError):
+        C.analysed(path, payload, "goals", lambda: 1 / 0)
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert C.analysed(path, payload, "goals", lambda: ["ok"]) == ["ok"]
+    assert json.loads(path.read_text()) == {"rows": [1, 2], "goals": ["ok"]}
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("overhead", ["--impls", "vector_norm (bound)", "--dtypes", "float32", "--no-plot"]),
+    ("host_time", ["--backends", "torch"]),
+])
+def test_raw_json_is_written_before_the_analysis(script, argv, tmp_path, monkeypatch):
+    """When the analysis (the goals) raises, the run's raw rows are on disk already and the script fails."""
+    module = importlib.import_module(f"benchmarks.{script}")
+
+    def broken(*a, **k):
+        raise RuntimeError("analysis broke")
+
+    monkeypatch.setattr(module, "evaluate_goals", broken)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="analysis broke"):
+            module.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *argv])
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = tmp_path.glob(f"{script}_cpu_*.json")
+    data = json.loads(path.read_text())
+    assert data["rows"] and "goals" not in data and data["stamp"]["device_type"] == "cpu"
+    assert not list(tmp_path.glob("*.md"))

@@ -1,6 +1,10 @@
 """python -m dgg_kernels.demo: runs, prints what a newcomer needs, and reports honestly."""
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from dgg_kernels import demo
@@ -51,3 +55,39 @@ def test_demo_help_documents_every_flag(capsys):
     for flag in ("--seed", "--batches", "--lr", "--threshold", "--close-rate", "--calib-batches", "--statistic",
                  "--window-mode", "--window", "--coin", "--show", "--target", "--threads"):
         assert flag in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "-1"], "argument --threshold: must be a number >= 0, got '-1'"),
+    (["--threshold", "nan"], "argument --threshold: must be a number >= 0"),
+    (["--close-rate", "1.5"], "argument --close-rate: must be a finite number >= 0 and <= 1, got '1.5'"),
+    (["--coin", "-0.1"], "argument --coin"),
+    (["--target", "2"], "argument --target"),
+    (["--window", "1"], "argument --window: must be an int >= 2"),
+    (["--batches", "0"], "argument --batches: must be an int >= 1"),
+    (["--calib-batches", "0"], "argument --calib-batches"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0"),
+    (["--threads", "0"], "argument --threads"),
+    (["--statistic", "paper"], "argument --statistic: invalid choice: 'paper'"),
+    (["--window-mode", "epoch"], "argument --window-mode: invalid choice: 'epoch'"),
+    (["--thresh", "0.3"], "unrecognized arguments: --thresh"),  # no abbreviations
+])
+def test_demo_refuses_a_bad_flag_before_the_warm_up(argv, message, monkeypatch, capsys):
+    def warm_up(*a, **k):
+        raise AssertionError("the demo started its warm-up before refusing the flag")
+
+    monkeypatch.setattr(demo, "warm_up", warm_up)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            demo.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_exit_status_is_2_on_a_bad_flag():
+    proc = subprocess.run([sys.executable, "-m", "dgg_kernels.demo", "--close-rate", "1.5"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "--close-rate" in proc.stderr and "warm-up" not in proc.stdout
