@@ -1,0 +1,297 @@
+"""The torch backend's costs without its contract changing (docs/semantics.md, "The torch backend's cost").
+
+CPU only.  The mask: an open step writes no params grad byte (version counters and bits unchanged), a
+closed step writes zeros into every element of every grad, NaN-holding, gapped, transposed, of every
+dtype the gate accepts; the device form (what accelerators and traced code run) keeps the same contract.
+The reduction: the chunked float32 sum of squares equals the float32-per-entry reference on sizes that
+span several chunks, any layout, Inf and NaN included, and never allocates more than a chunk of scratch.
+No timing here: benchmarks/torch_backend_cpu.py measures the costs.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dgg_kernels as dgg
+from dgg_kernels.backends import torch_ref as TR
+from sequences import bit_equal
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks small enough that test-sized tensors span several of them (odd sizes: uneven tails)."""
+    monkeypatch.setattr(TR, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(TR, "FP32_PIECE", 3000)
+    monkeypatch.setattr(TR, "ROW", 64)
+
+
+def _reference(g: torch.Tensor) -> float:
+    """The spec: every entry rounded to float32 (float64 beyond the float32 range -> inf), squared and
+    summed exactly enough (in float64) to judge float32 rounding."""
+    return (g.float().double() ** 2).sum().item()
+
+
+def _layouts(dtype: torch.dtype, n_rows: int, n_cols: int):
+    """(name, tensor) of one dtype in every layout a monitor gradient can have, values around +-1."""
+    gen = torch.Generator().manual_seed(n_rows * 7919 + n_cols)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen) * 2 + 0.5).to(dtype)
+
+    return [
+        ("contiguous", rnd(n_rows, n_cols)),
+        ("flat", rnd(n_rows * n_cols)),
+        ("transposed", rnd(n_cols, n_rows).t()),
+        ("permuted 3-d", rnd(3, n_rows, n_cols).permute(2, 0, 1)),
+        ("gapped", rnd(n_rows, 2 * n_cols + 1)[:, 1 : 2 * n_cols + 1 : 2]),
+        ("gapped rows longer than a chunk", rnd(2, 2500)[:, ::2]),
+        ("expanded (overlapping)", rnd(n_cols).expand(n_rows, n_cols)),
+        ("0-dim", rnd(())),
+        ("empty", rnd(0, n_cols)),
+    ]
+
+
+# ----------------------------------------------------------------------------- reduction
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_chunked_energy_matches_the_float32_reference_in_every_layout(dtype, small_chunks):
+    backend = TR.TorchBackend()
+    for n_rows, n_cols in [(37, 101), (129, 61)]:  # 3737 and 7869 entries: several chunks, uneven tails
+        for name, g in _layouts(dtype, n_rows, n_cols):
+            got = backend._energy(g)
+            assert got.dtype == torch.float64 and got.dim() == 0, name
+            want = _reference(g)
+            assert math.isclose(got.item(), want, rel_tol=2e-6, abs_tol=0.0), (name, got.item(), want)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_chunked_energy_keeps_inf_and_nan(dtype, small_chunks):
+    backend = TR.TorchBackend()
+    base = torch.randn(5003).to(dtype)
+    for at in (0, 999, 1000, 4321, 5002):  # first entry, chunk edges, the tail
+        g = base.clone()
+        g[at] = math.inf
+        assert backend._energy(g).item() == math.inf, at
+        g[at] = -math.inf
+        assert backend._energy(g).item() == math.inf, at
+        g[(at + 1777) % g.numel()] = math.nan
+        assert math.isnan(backend._energy(g).item()), at
+        g = base.clone()
+        g[at] = math.nan
+        assert math.isnan(backend._energy(g).item()), at
+
+
+def test_float64_entries_beyond_float32_become_inf(small_chunks):
+    g = torch.randn(4099, dtype=torch.float64)
+    g[2222] = 1e300
+    assert TR.TorchBackend()._energy(g).item() == math.inf
+    g[2222] = 1e-300  # rounds to float32 zero: the energy is that of the other entries
+    assert math.isclose(TR.TorchBackend()._energy(g).item(), _reference(g), rel_tol=2e-6)
+
+
+def test_default_chunks_on_a_gradient_of_several_chunks():
+    """The shipped chunk sizes (no monkeypatch): a bf16 gradient of 3.5 chunks and a fp32 one over ROW rows."""
+    backend = TR.TorchBackend()
+    g16 = torch.randn(int(3.5 * TR.CPU_CHUNK) + 3).to(torch.bfloat16)
+    g32 = torch.randn(5 * TR.ROW + 17)
+    for g in (g16, g32, g16[::3], g32[1::2]):
+        assert math.isclose(backend._energy(g).item(), _reference(g), rel_tol=1e-5)
+
+
+def test_scratch_is_one_chunk_at_most_and_fp32_dense_needs_none():
+    backend = TR.TorchBackend()
+    backend._energy(torch.randn(4 * TR.CPU_CHUNK + 5))  # dense float32: read in place
+    assert backend._scratch == {}
+    backend._energy(torch.randn(100).to(torch.bfloat16))
+    assert backend._scratch[torch.device("cpu")].numel() == 100  # only as much as needed
+    backend._energy(torch.randn(3 * TR.CPU_CHUNK + 5).to(torch.float16))
+    scratch = backend._scratch[torch.device("cpu")]
+    assert scratch.numel() == TR.CPU_CHUNK and scratch.dtype == torch.float32
+    backend._energy(torch.randn(3 * TR.CPU_CHUNK + 5, dtype=torch.float64))
+    assert backend._scratch[torch.device("cpu")] is scratch  # reused across steps and dtypes
+
+
+def test_the_traced_form_agrees(monkeypatch, small_chunks):
+    """Under torch.compile tracing the backend uses one vector_norm expression (fused by the compiler);
+    it agrees with the chunked eager form."""
+    backend = TR.TorchBackend()
+    gs = [g for _, g in _layouts(torch.bfloat16, 37, 101)] + [torch.randn(3001, dtype=torch.float64)]
+    eager = [backend._energy(g).item() for g in gs]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = [backend._energy(g).item() for g in gs]
+    for e, t in zip(eager, traced):
+        assert math.isclose(e, t, rel_tol=1e-5, abs_tol=0.0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_the_accelerator_form_computes_the_same_sum(dtype, monkeypatch):
+    """_device_energy (CUDA and other accelerators) run on CPU tensors: its arithmetic, not its speed."""
+    monkeypatch.setattr(TR, "ACCEL_CHUNK", 1000)
+    scratch = torch.empty(1000)
+    for name, g in _layouts(dtype, 37, 101):
+        got = TR._device_energy(g, scratch).item()
+        assert math.isclose(got, _reference(g), rel_tol=2e-6, abs_tol=0.0), name
+
+
+def _gate(monitor, params, **kw):
+    return dgg.DynamicGradientGate(monitor, params, backend="torch", **kw)
+
+
+def test_nan_energy_closes_the_gate_through_every_chunk_path(small_chunks):
+    for dtype in FLOATS:
+        w = torch.nn.Parameter(torch.zeros(4001, dtype=dtype))
+        gate = _gate(w, [w], threshold=math.inf)
+        w.grad = torch.randn(4001).to(dtype)
+        assert not bool(gate.step())
+        w.grad[3999] = math.nan
+        assert bool(gate.step()), dtype
+        assert math.isnan(gate.stats()["energy"].item())
+        assert torch.equal(w.grad, torch.zeros_like(w.grad))
+
+
+def test_gate_energy_is_the_reference_on_a_multi_chunk_mix(small_chunks):
+    a = torch.nn.Parameter(torch.zeros(70, 90))
+    b = torch.nn.Parameter(torch.zeros(3333, dtype=torch.bfloat16))
+    gate = _gate([a, b], [a, b], threshold=math.inf)
+    a.grad = torch.randn(90, 70).t()
+    b.grad = torch.randn(3333).to(torch.bfloat16)
+    gate.step()
+    want = _reference(a.grad) + _reference(b.grad)
+    assert math.isclose(gate.stats()["energy"].item(), want, rel_tol=2e-6)
+
+
+def test_overlap_reduction_uses_the_same_energy(small_chunks):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 77, bias=False).to(torch.bfloat16)
+    gate = _gate(lin.weight, [lin.weight], threshold=math.inf, overlap=True)
+    lin(torch.randn(5, 40).to(torch.bfloat16)).float().pow(2).sum().backward()
+    want = _reference(lin.weight.grad)
+    gate.step()
+    assert math.isclose(gate.stats()["energy"].item(), want, rel_tol=2e-6)
+
+
+# ----------------------------------------------------------------------------- mask
+def _param_grads():
+    """(params, the buffers their grads live in): every dtype family and layout a params grad can have."""
+    params, buffers = [], []
+
+    def add(shape, dtype, grad, buffer=None):
+        p = torch.nn.Parameter(torch.zeros(shape), requires_grad=dtype.is_floating_point or dtype.is_complex)
+        if p.dtype != dtype:
+            p.data = torch.zeros(shape).to(dtype)
+        p.grad = grad
+        params.append(p)
+        buffers.append(grad if buffer is None else buffer)
+
+    for dtype in FLOATS:
+        add((3, 5), dtype, (torch.rand(3, 5) + 1).to(dtype))
+        g = (torch.rand(3, 5) + 1).to(dtype)
+        g[1, 2] = math.nan  # 0 * NaN is NaN: a closed step must write, not multiply
+        add((3, 5), dtype, g)
+        add((4, 6), dtype, (torch.rand(6, 4) + 1).to(dtype).t())  # transposed: dense, not contiguous
+        buf = (torch.rand(4, 9) + 1).to(dtype)
+        add((4, 4), dtype, buf[:, 1:9:2], buf)  # gapped: the gaps must stay as they were
+    add((7,), torch.int32, torch.arange(1, 8, dtype=torch.int32))
+    add((5,), torch.int64, torch.arange(1, 6, dtype=torch.int64))
+    add((6,), torch.complex64, torch.full((6,), complex(1, math.nan), dtype=torch.complex64))
+    if hasattr(torch, "float8_e4m3fn"):
+        add((8,), torch.float8_e4m3fn, torch.full((8,), 1.5).to(torch.float8_e4m3fn))
+        buf = torch.full((3, 8), 0.75).to(torch.float8_e5m2)
+        add((3, 4), torch.float8_e5m2, buf[:, ::2], buf)
+    return params, buffers
+
+
+def _closing_gate(params):
+    """A gate whose monitor is its own 16-entry gradient: NaN there closes it, randn keeps it open."""
+    mon = torch.nn.Parameter(torch.zeros(16))
+    mon.grad = torch.randn(16)
+    return _gate(mon, [mon, *params], threshold=math.inf, window=2), mon
+
+
+def _expected_zeroed(p, buf_before, buf_after):
+    """The grad's own elements are zero, every other element of the buffer it is a view of is as it was."""
+    assert bit_equal(p.grad, torch.zeros_like(p.grad)), p.grad
+    # which elements of the buffer the grad covers: the grad's geometry applied to an index tensor
+    offset = (p.grad.data_ptr() - buf_after.data_ptr()) // p.grad.element_size()
+    covered = torch.zeros(buf_after.numel(), dtype=torch.bool)
+    covered[torch.arange(buf_after.numel()).as_strided(p.grad.shape, p.grad.stride(), offset).reshape(-1)] = True
+    rest = ~covered.view(buf_after.shape)
+    assert bit_equal(buf_after[rest], buf_before[rest])
+
+
+def test_an_open_cpu_step_writes_no_params_grad():
+    params, buffers = _param_grads()
+    gate, mon = _closing_gate(params)
+    for _ in range(3):  # the window fills, later steps test z; threshold=inf: never closes on finite data
+        versions = [b._version for b in buffers] + [mon.grad._version]
+        before = [b.clone() for b in buffers] + [mon.grad.clone()]
+        assert not bool(gate.step())
+        after = buffers + [mon.grad]
+        assert [b._version for b in after] == versions  # not written at all, not even with the same values
+        assert all(bit_equal(a, b) for a, b in zip(after, before))
+
+
+def test_a_closed_cpu_step_zeroes_every_element_and_nothing_else():
+    params, buffers = _param_grads()
+    gate, mon = _closing_gate(params)
+    assert not bool(gate.step())
+    before = [b.clone() for b in buffers]
+    mon.grad[3] = math.nan
+    assert bool(gate.step())
+    assert torch.equal(mon.grad, torch.zeros(16))
+    for p, b0, b1 in zip(params, before, buffers):
+        _expected_zeroed(p, b0, b1)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_the_device_form_keeps_the_contract(closed, monkeypatch):
+    """What accelerators and traced code run (masked_fill_ with the 0-dim decision, no host read): forced
+    on CPU here by making the decision unreadable on the host."""
+    monkeypatch.setattr(TR, "_host_decision", lambda decision: None)
+    params, buffers = _param_grads()
+    gate, mon = _closing_gate(params)
+    assert not bool(gate.step())
+    before = [b.clone() for b in buffers]
+    if closed:
+        mon.grad[0] = math.nan
+    assert bool(gate.step()) == closed
+    for p, b0, b1 in zip(params, before, buffers):
+        if closed:
+            _expected_zeroed(p, b0, b1)
+        else:
+            assert bit_equal(b1, b0)
+
+
+def test_the_host_read_happens_only_for_plain_cpu_tensors_outside_tracing(monkeypatch):
+    closed, open_ = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+    assert TR._host_decision(closed) is True and TR._host_decision(open_) is False
+    assert TR._host_decision(torch.zeros((), dtype=torch.bool, device="meta")) is None  # a device: stay there
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert TR._host_decision(open_.as_subclass(Sub)) is None  # fake, functional, DTensor: never read
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert TR._host_decision(closed) is None
+
+
+def test_a_traced_mask_uses_the_device_form(monkeypatch):
+    """Under torch.compile tracing the mask must not branch on the decision: it goes through zero_where."""
+    calls = []
+    real = TR.zero_where
+    monkeypatch.setattr(TR, "zero_where", lambda g, d: (calls.append(g), real(g, d)))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.full((5,), math.nan)
+    TR.TorchBackend().mask(torch.ones((), dtype=torch.bool), [g])
+    assert len(calls) == 1 and torch.equal(g, torch.zeros(5))
+
+
+def test_write_zeros_handles_every_byte_size():
+    for t in [torch.full((3,), 7, dtype=torch.uint8), torch.full((4,), -1, dtype=torch.int16),
+              torch.full((2, 3), math.nan).t(), torch.full((5,), complex(math.nan, 1), dtype=torch.complex128),
+              torch.ones(4, dtype=torch.bool)]:
+        TR._write_zeros(t)
+        assert bit_equal(t, torch.zeros_like(t)), t.dtype
