@@ -1,6 +1,10 @@
-"""Helpers for the input-contract tests (test_inputs.py, test_fuzz.py): the backends a device offers,
-snapshots that show nothing was modified, and the bad inputs the gate must refuse."""
+"""Helpers the test modules share: the backends a device offers (as a list, or as pytest params), loading a
+script as a module, snapshots that show nothing was modified, and the bad inputs the gate must refuse."""
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +33,27 @@ def backends_for(device: str) -> list[str]:
             if "build of csrc/ failed" in str(e):
                 raise
     return names
+
+
+# Every backend as a pytest param: triton skips without the package, cuda without a GPU.
+BACKEND_PARAMS = ["torch", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+CPU_BACKEND_PARAMS = BACKEND_PARAMS[:2]
+
+
+def load_module(path: Path, name: str):
+    """The Python file at ``path`` imported as module ``name`` (a script outside the package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str = "rlvr_reuse"):
+    return load_module(REPO / "benchmarks" / f"{name}.py", f"{name}_bench")
 
 
 # -- nothing modified ---------------------------------------------------------------------------

@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 import dgg_kernels as dgg
+from contract import CPU_BACKEND_PARAMS
 
 # triton runs under the interpreter on CPU; its cases skip without the package
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = CPU_BACKEND_PARAMS
 
 
 class Tiny(nn.Module):

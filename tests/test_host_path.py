@@ -15,6 +15,7 @@ import dgg_kernels as dgg
 from dgg_kernels.backends import auto, resolve_backend, triton_usable
 from dgg_kernels.backends import triton_fused as TF
 from dgg_kernels.backends.base import MaskPlan
+from contract import backends_for
 
 needs_triton = pytest.mark.skipif(not triton_usable(torch.device("cpu")), reason="triton interpreter unavailable")
 
@@ -398,18 +399,6 @@ def test_load_extension_without_build_never_builds(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_backends():
-    from dgg_kernels.backends import cuda_ext
-
-    out = ["triton"]
-    try:
-        cuda_ext.load_extension()
-        out.append("cuda")
-    except RuntimeError:
-        pass
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fast", [True, False], ids=["direct", "jit-only"])
 def test_triton_direct_launches_match_the_torch_backend_gpu(fast, monkeypatch):
@@ -441,7 +430,7 @@ def test_triton_direct_launches_match_the_torch_backend_gpu(fast, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _gpu_backends() if torch.cuda.is_available() else ["triton"])
+@pytest.mark.parametrize("backend", backends_for("cuda")[1:] if torch.cuda.is_available() else ["triton"])
 def test_closed_mask_hits_new_grad_tensors_gpu(backend):
     params = [torch.nn.Parameter(torch.empty(n, device="cuda", dtype=dt))
               for n, dt in [(1000, torch.bfloat16), (7, torch.float32), (33, torch.float16)] * 100]

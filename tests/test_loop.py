@@ -1,17 +1,15 @@
 """reuse_passes: the loop helper, and the reuse experiment that is its main user (--quick smoke run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import dgg_kernels as dgg
+from contract import load_benchmark
 
 
 class CountingGate:
@@ -129,17 +127,10 @@ def test_integer_scalars_are_accepted():
     assert list(dgg.reuse_passes(gate, np.int64(2))) == [1, 2]
 
 
-def _load_benchmark():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "rlvr_reuse.py")
-    spec = importlib.util.spec_from_file_location("rlvr_reuse_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_rlvr_reuse_quick_smoke(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark()
     threads = torch.get_num_threads()
     try:
         res = bench.main(["--quick", "--no-plots", "--device", "cpu", "--out", str(tmp_path)])

@@ -4,9 +4,10 @@ import torch
 import torch.nn as nn
 
 import dgg_kernels as dgg
+from contract import CPU_BACKEND_PARAMS
 from sequences import bit_equal
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]  # skips without triton
+BACKENDS = CPU_BACKEND_PARAMS  # triton skips without the package
 
 
 def _pair(backend, shapes=((31, 6), (31,)), **kw):

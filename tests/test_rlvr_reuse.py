@@ -1,24 +1,17 @@
 """benchmarks/rlvr_reuse.py: arm specs, flags and configurations (its smoke run is in test_loop.py)."""
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from contract import load_benchmark
 
-def _load_benchmark():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "rlvr_reuse.py")
-    spec = importlib.util.spec_from_file_location("rlvr_reuse_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+
 
 
 def test_rlvr_reuse_arm_specs_and_flags():
     import torch
 
-    bench = _load_benchmark()
+    bench = load_benchmark()
     stat, mode = bench.default_rule()
     arms = bench.parse_arms("k1,k8,dgg8@0.3")
     assert [a.name for a in arms] == ["fixed K=1", "fixed K=8", f"dgg K=8 t=0.3 {bench.rule_name(stat, mode)}"]
@@ -41,7 +34,7 @@ def test_rlvr_reuse_arm_specs_and_flags():
 
 
 def test_rlvr_reuse_paper_calibrated_and_control_arms():
-    bench = _load_benchmark()
+    bench = load_benchmark()
     arms = bench.parse_arms("dgg8@0.3:paper,dgg8@0.3:norm:batch,cal8@0.5:paper,rnd8@0.5")
     assert [a.name for a in arms] == ["dgg K=8 t=0.3 paper/step", "dgg K=8 t=0.3 norm/batch",
                                       "cal K=8 rate=0.5 paper/step", "random K=8 p=0.5"]
@@ -56,7 +49,7 @@ def test_rlvr_reuse_paper_calibrated_and_control_arms():
 def test_rlvr_reuse_rerun_of_the_analysis_from_the_json(tmp_path):
     import torch
 
-    bench = _load_benchmark()
+    bench = load_benchmark()
     threads = torch.get_num_threads()
     try:
         res = bench.main(["--quick", "--no-plots", "--arms", "k1,k2,dgg2@0.3:paper,cal2@0.5,rnd2@0.5", "--seeds", "2",
@@ -81,7 +74,7 @@ def test_rlvr_reuse_rerun_of_the_analysis_from_the_json(tmp_path):
 def bench_no_work(monkeypatch):
     """The benchmark module, with the first piece of work (building the model) raising: a refused flag must stop
     the script before it."""
-    bench = _load_benchmark()
+    bench = load_benchmark()
 
     def make_model(*a, **k):
         raise AssertionError("rlvr_reuse started working before refusing the flag")
@@ -130,7 +123,7 @@ def test_rlvr_reuse_gpu_config_without_cuda_is_refused(bench_no_work, tmp_path, 
 
 
 def test_rlvr_reuse_explicit_flags_win_over_presets(tmp_path):
-    bench = _load_benchmark()
+    bench = load_benchmark()
     out = str(tmp_path / "o")
     args = bench.parse_args(["--quick", "--seeds", "2", "--batches", "3", "--arms", "k1", "--out", out])
     assert (args.seeds, args.batches, args.arms) == (2, 3, "k1") and args.vocab == bench.QUICK["vocab"]
@@ -154,7 +147,7 @@ def test_rlvr_reuse_raw_json_survives_a_failing_analysis(tmp_path, monkeypatch):
 
     import torch
 
-    bench = _load_benchmark()
+    bench = load_benchmark()
 
     def broken(res):
         raise RuntimeError("analysis broke")

@@ -13,10 +13,11 @@ import torch
 
 import dgg_kernels as dgg
 from dgg_kernels import state as S
+from contract import BACKEND_PARAMS
 from semantics_model import play
 from sequences import make_sequence, run_gate, same_records
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = BACKEND_PARAMS
 N = 64  # gradient length: energies 0..64 are exact
 
 

@@ -9,10 +9,8 @@ Anything else is refused with an error that names the version found, and the gat
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,12 @@ import torch
 
 import dgg_kernels as dgg
 from dgg_kernels import state as S
+from contract import load_module
 
 DATA = Path(__file__).resolve().parent / "data" / "gate_states"
 
 
-def _load_maker():
-    spec = importlib.util.spec_from_file_location("gate_states_make", DATA / "make_states.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _load_maker()
+M = load_module(DATA / "make_states.py", "gate_states_make")
 
 
 def _saved(name: str) -> dict:
