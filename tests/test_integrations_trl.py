@@ -1,6 +1,8 @@
 """DGGGRPOTrainer on a tiny random-init Qwen2 and a locally built tokenizer (no downloads, CPU)."""
 from __future__ import annotations
 
+import os
+import warnings
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from trl import GRPOConfig  # noqa: E402
 
+import dgg_kernels as dgg  # noqa: E402
+from dgg_kernels.integrations.checkpoint import GATE_FILE, load_gate, save_gate  # noqa: E402
 from dgg_kernels.integrations.trl import DGGGRPOTrainer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -168,3 +172,123 @@ def test_misconfiguration_is_refused(tmp_path):
         _trainer(tmp_path, steps_per_generation=2, gradient_accumulation_steps=1)
     with pytest.warns(UserWarning, match="num_iterations is 1"):
         _trainer(tmp_path, num_iterations=1)
+
+
+# -- the gate's state in checkpoints, and what a resumed run repeats ------------------------------------------------
+
+class Surge(Probe):
+    """Multiplies the lm_head gradient of optimizer step ``surge_step`` by 1000: a surge the z test closes on."""
+
+    surge_step = 5
+
+    def _clip_grad_norm(self, model):
+        if self.state.global_step == self.surge_step:
+            self.model.get_output_embeddings().weight.grad.mul_(1000.0)
+        return super()._clip_grad_norm(model)
+
+
+# num_iterations 4; window 3 is full from the 4th step on; z > 20 only for the surge; a checkpoint every 2 steps
+RESUMED = dict(cls=Surge, gate_window=3, gate_threshold=20.0, max_steps=10, save_strategy="steps", save_steps=2)
+
+
+def _gate_tensors(gate):
+    return gate.state_dict()["state"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = _trainer(tmp_path_factory.mktemp("uninterrupted"), **RESUMED)
+        tr.train()
+    finally:
+        torch.set_num_threads(n)
+    # steps 0-3: the first batch's 4 passes; step 5 (pass 2 of the second batch) closes; 6-9: a fresh batch
+    assert [(s, c, r) for s, _, _, c, r in tr.seen if c] == [(5, True, 2)]
+    assert [r for *_, r in tr.seen] == [1, 2, 3, 4, 1, 2, 1, 2, 3, 4]
+    return tr
+
+
+def _resume(tmp_path, run, step):
+    folder = os.path.join(run.args.output_dir, f"checkpoint-{step}")
+    assert os.path.isfile(os.path.join(folder, GATE_FILE))
+    tr = _trainer(tmp_path, **RESUMED)
+    tr.train(resume_from_checkpoint=folder)
+    return tr
+
+
+@pytest.mark.parametrize("step", [4, 6])
+def test_resume_on_a_batch_boundary_repeats_the_uninterrupted_run(tmp_path, uninterrupted, step):
+    # checkpoint-4: the first batch ran its last pass; checkpoint-6: the gate had just closed. Either way the next
+    # step starts a new batch in the uninterrupted run too, so the resumed run sees the same rollouts, and the
+    # restored gate (its window full) closes on the surge of step 5 exactly as the uninterrupted run did.
+    a = uninterrupted
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(middle of a generated batch|holds no gate state)")
+        b = _resume(tmp_path, a, step)
+    assert b.seen == a.seen[step:]  # step, raw norm, gate norm, closed, reuse index: bit for bit
+    for k, v in _gate_tensors(a.gate).items():
+        assert torch.equal(_gate_tensors(b.gate)[k], v), k
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_resume_mid_batch_starts_a_new_batch_with_the_gate_restored(tmp_path, uninterrupted):
+    # checkpoint-8: pass 2 of the third batch had run. GRPOTrainer does not save its buffered batch: the resumed run
+    # generates a fresh one (reuse index 1 where the uninterrupted run had 3), with the gate's window and counters
+    a = uninterrupted
+    saved = dgg.DynamicGradientGate(torch.nn.Parameter(torch.zeros(2)), window=3, threshold=20.0, statistic="norm",
+                                    max_reuse=4, backend="torch")  # the trainer's gate settings
+    assert load_gate(saved, os.path.join(a.args.output_dir, "checkpoint-8"))
+    at_8 = {k: int(v) for k, v in saved.stats().items() if k in ("accepted", "closed_total", "reuse_index")}
+    assert at_8 == {"accepted": 7, "closed_total": 1, "reuse_index": 2}
+    with pytest.warns(UserWarning, match="middle of a generated batch"):
+        b = _resume(tmp_path, a, 8)
+    assert [r for *_, r in b.seen] == [1, 2] and [r for *_, r in a.seen[8:]] == [3, 4]
+    assert b.generations == 1  # the uninterrupted run generated nothing after step 7
+    s = b.gate.stats()
+    assert int(s["accepted"]) == at_8["accepted"] + sum(not c for _, _, _, c, _ in b.seen)
+    assert int(s["closed_total"]) == at_8["closed_total"] + sum(c for _, _, _, c, _ in b.seen)
+
+
+def test_checkpoint_without_gate_state_or_with_other_settings(tmp_path):
+    tr = _trainer(tmp_path / "out", gate_window=3, gate_threshold=20.0)
+    before = {k: v.clone() for k, v in _gate_tensors(tr.gate).items()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.warns(UserWarning, match="holds no gate state"):
+        tr._load_optimizer_and_scheduler(str(empty))
+    other = dgg.DynamicGradientGate(torch.nn.Parameter(torch.zeros(3)), window=5, threshold=20.0, statistic="norm",
+                                    max_reuse=4, backend="torch")
+    save_gate(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=f"{GATE_FILE}.*window=5"):
+        tr._load_optimizer_and_scheduler(str(tmp_path / "other"))
+    for k, v in _gate_tensors(tr.gate).items():
+        assert torch.equal(v, before[k]), k  # nothing loaded
+
+
+def test_save_gate_and_load_gate(tmp_path):
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    gate = dgg.DynamicGradientGate(w, window=2, threshold=0.0, backend="torch")
+    for scale in (1.0, 1.0, 1.0, 9.0):
+        w.grad = torch.full_like(w, scale)
+        gate.step()
+    assert bool(gate.stats()["closed"])
+    assert save_gate(gate, tmp_path / "ck", write=False) is None and not (tmp_path / "ck").exists()
+    path = save_gate(gate, tmp_path / "ck")
+    assert path == str(tmp_path / "ck" / GATE_FILE) and os.listdir(tmp_path / "ck") == [GATE_FILE]
+    fresh = dgg.DynamicGradientGate(torch.nn.Parameter(torch.zeros(4, 3)), window=2, threshold=0.0, backend="torch")
+    assert load_gate(fresh, tmp_path / "ck")
+    for k, v in _gate_tensors(gate).items():
+        assert torch.equal(_gate_tensors(fresh)[k], v), k
+    assert fresh.should_stop()
+    with pytest.raises(FileNotFoundError, match=GATE_FILE):
+        load_gate(fresh, tmp_path / "nowhere")
+    assert load_gate(fresh, tmp_path / "nowhere", missing_ok=True) is False
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / GATE_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_gate(fresh, tmp_path / "bad")
+    with pytest.raises(TypeError, match="DynamicGradientGate"):
+        save_gate({"config": {}}, tmp_path / "ck")

@@ -21,26 +21,47 @@ number of optimizer steps taken on one generated batch) becomes a *maximum*:
 
 Supported: ``steps_per_generation == gradient_accumulation_steps`` (TRL's
 default: one optimizer step per pass over a generated batch), no fp16
-GradScaler (bf16 and fp32 are fine), a single device, DDP, and FSDP2: a model
-sharded by accelerate (``fsdp_config={"fsdp_version": 2}``) or at load time by
-transformers (``from_pretrained(..., distributed_config=DistributedConfig(...))``).
+GradScaler (bf16 and fp32 are fine), a single device, DDP, FSDP2 and
+DeepSpeed ZeRO-1/2/3.  FSDP2: a model sharded by accelerate
+(``fsdp_config={"fsdp_version": 2}``) or at load time by transformers
+(``from_pretrained(..., distributed_config=DistributedConfig(...))``).
 Under FSDP2 the lm_head gradient is a DTensor shard on each rank; the gate
 combines the ranks' partial energies (docs/distributed.md), so every rank
 reaches the same decision.  Accelerate replaces the model's parameters when it
 shards them in ``accelerator.prepare``, after this trainer is built, so the
 gate is rebuilt on the sharded parameters right after that (state carried
-over).  Refused: DeepSpeed (its engine steps the optimizer inside backward,
-before the gate could judge, and ZeRO keeps the reduced gradients in its own
-partitioned buffers) and FSDP1 (flat parameters: a rank's ``.grad`` of the
-lm_head is an arbitrary slice of a flattened buffer).
+over).  DeepSpeed (accelerate's DeepSpeed plugin, ``args.deepspeed``):
+accelerate runs ``engine.step()`` inside ``accelerator.backward``, so neither
+``_clip_grad_norm`` nor an optimizer hook sees the gradient before the update;
+once accelerate has built the engine (in ``accelerator.prepare``) the gate is
+rebuilt as an ``integrations.deepspeed.DeepSpeedGate`` (state carried over),
+which reads each rank's partition of the lm_head gradient in ZeRO's own
+buffers and steps inside ``engine.step()``, between the gradient reduction
+and DeepSpeed's optimizer step; ``gate_discard`` picks how a closed step is
+discarded there.  Refused: FSDP1 (flat parameters: a rank's ``.grad`` of the
+lm_head is an arbitrary slice of a flattened buffer), DeepSpeed ZeRO stage 0,
+and whatever ``DeepSpeedGate`` refuses (offload, fp16, model parallelism, ...).
+
+The pieces every trainer adapter shares (the default monitor, the fp16
+refusal, settings as a GateConfig, the gate bound to the model and its
+optimizer, the metrics) are ``integrations.adapter``'s; this module adds what
+is TRL's: where the gate steps, the regeneration, checkpoints, logging.
+
+Checkpoints: every resumable Trainer checkpoint (not ``save_only_model``) gets
+the gate's state next to the optimizer's, as ``dgg_gate.pt`` (written by the
+process that saves, ``args.should_save``), and ``resume_from_checkpoint``
+restores it on every rank (``integrations/checkpoint.py``).  GRPOTrainer
+generates a fresh batch on resume, so a resumed run matches the uninterrupted
+one exactly only from a checkpoint on a generation boundary
+(docs/integrations.md, "Checkpoints and resume").
 """
 from __future__ import annotations
 
 import warnings
 
-import torch
-
-from ..gate import DynamicGradientGate
+from ..config import GateConfig
+from .adapter import GateBinding, refuse_grad_scaling, resolve_config, warn_single_pass
+from .checkpoint import GATE_FILE, load_gate, save_gate
 
 try:
     from trl import GRPOTrainer
@@ -58,28 +79,42 @@ class DGGGRPOTrainer(GRPOTrainer):
     Takes every GRPOTrainer argument, plus:
 
     Args:
-        gate_window, gate_threshold, gate_statistic, gate_eps, gate_backend:
-            the gate's settings (see GateConfig).  ``max_reuse`` is
+        gate_config: the gate's settings, a GateConfig or a mapping of its
+            fields (default: GateConfig's defaults).  ``max_reuse`` is always
             ``args.num_iterations``.
+        gate_window, gate_threshold, gate_statistic, gate_eps, gate_backend:
+            single settings, overriding ``gate_config``'s (see GateConfig).
         gate_monitor: the tensor(s) whose gradient the gate watches (default:
             the model's output embedding weight, i.e. lm_head.weight; with
             tied embeddings that gradient includes the input embedding's).
+        gate_discard: under DeepSpeed only, how a closed step is discarded:
+            ``"overflow"`` (default; DeepSpeed's own skip, counted in
+            ``skipped_steps``, the LR scheduler does not step) or
+            ``"found_inf"`` (the fused torch AdamW skips; DeepSpeed and the
+            scheduler count the step as applied).  See
+            ``dgg_kernels.integrations.deepspeed``.
 
-    After training, ``trainer.gate`` holds the gate, ``trainer.dgg_regenerations``
-    counts generated batches and ``trainer.dgg_early_stops`` how many of them
-    were cut short by the gate.  The logs gain ``dgg/lm_head_grad_norm``,
-    ``dgg/z`` and ``dgg/closed`` (averaged over the optimizer steps logged).
+    After training, ``trainer.gate`` holds the gate (under DeepSpeed a
+    ``DeepSpeedGate``), ``trainer.dgg`` its ``adapter.GateBinding``,
+    ``trainer.dgg_regenerations`` counts generated batches and
+    ``trainer.dgg_early_stops`` how many of them were cut short by the gate
+    (both count what this process ran: after a resume, since the resume; the
+    gate's own counters are saved in checkpoints).  The logs gain the
+    binding's metrics, ``dgg/lm_head_grad_norm``, ``dgg/z``, ``dgg/closed``,
+    ... (averaged over the optimizer steps logged).
     """
 
     def __init__(
         self,
         *args,
-        gate_window: int = 8,
-        gate_threshold: float = 0.3,
-        gate_statistic: str = "norm",
-        gate_eps: float = 1e-8,
-        gate_backend: str = "auto",
+        gate_config: GateConfig | dict | None = None,
+        gate_window: int | None = None,
+        gate_threshold: float | None = None,
+        gate_statistic: str | None = None,
+        gate_eps: float | None = None,
+        gate_backend: str | None = None,
         gate_monitor=None,
+        gate_discard: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -90,50 +125,48 @@ class DGGGRPOTrainer(GRPOTrainer):
                 f"{a.steps_per_generation} and {a.gradient_accumulation_steps}): the gate's reuse index counts "
                 "passes over a generated batch, so each pass must be exactly one optimizer step."
             )
-        if a.fp16:
-            raise ValueError(
-                "DGGGRPOTrainer does not support fp16 with GradScaler: the gate would see scaled gradients "
-                "(accelerate unscales them inside clipping, after the gate). Use bf16 or fp32."
-            )
-        if self.num_iterations < 2:
-            warnings.warn(
-                "num_iterations is 1: every optimizer step starts a new batch (reuse index 1), so the gate only "
-                "closes on non-finite gradients. Set num_iterations (the maximum reuse) to 2 or more.",
-                stacklevel=2,
-            )
+        refuse_grad_scaling(bool(a.fp16), trainer="DGGGRPOTrainer")
+        warn_single_pass(int(self.num_iterations), setting="num_iterations")
         if self.is_deepspeed_enabled:
+            stage = getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None)
+            if stage not in (1, 2, 3):
+                raise ValueError(
+                    f"DGGGRPOTrainer under DeepSpeed needs ZeRO stage 1, 2 or 3 (got {stage!r}): the gate reads "
+                    "ZeRO's partitioned gradient buffers (dgg_kernels.integrations.deepspeed)"
+                )
+            from .deepspeed import DISCARDS
+
+            if gate_discard is not None and gate_discard not in DISCARDS:
+                raise ValueError(f"gate_discard must be one of {DISCARDS}, got {gate_discard!r}")
+        elif gate_discard is not None:
             raise ValueError(
-                "DGGGRPOTrainer does not support DeepSpeed: its engine runs the optimizer step inside backward, "
-                "before the Trainer's clipping hook where the gate judges the gradient, and ZeRO keeps the reduced "
-                "gradients in its own partitioned buffers. Use FSDP2 (fsdp_config={'fsdp_version': 2}) or DDP."
+                "gate_discard applies under DeepSpeed only (elsewhere a closed gate zeroes the gradients and "
+                "gate.attach makes the fused optimizer skip the step)"
             )
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError(
                 "DGGGRPOTrainer supports FSDP2 only (fsdp_config={'fsdp_version': 2}): FSDP1 flattens parameters, "
                 "so a rank's lm_head .grad is an arbitrary slice of a flat buffer the gate cannot combine."
             )
-        if gate_monitor is None:
-            head = self.model.get_output_embeddings()
-            if head is None:
-                raise ValueError("the model has no output embeddings; pass gate_monitor=<the lm_head weight>")
-            gate_monitor = head.weight
-        self._dgg_settings = dict(
-            window=gate_window, threshold=gate_threshold, statistic=gate_statistic, eps=gate_eps,
-            max_reuse=max(1, int(self.num_iterations)), backend=gate_backend,
-        )
-        monitor = [gate_monitor] if isinstance(gate_monitor, torch.Tensor) else list(gate_monitor)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self._dgg_monitor_names = [names.get(id(t)) for t in monitor]  # to find them again after sharding
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.gate = DynamicGradientGate(monitor, params, **self._dgg_settings)
-        self._dgg_optimizer = None
-        self._dgg_handles = []
+        single = dict(window=gate_window, threshold=gate_threshold, statistic=gate_statistic, eps=gate_eps,
+                      backend=gate_backend)
+        single["max_reuse"] = max(1, int(self.num_iterations))
+        self.gate_config = resolve_config(gate_config, override=single, where="gate_config")
+        # under DeepSpeed this gate only holds the state until the engine exists (_dgg_rebind builds the real one)
+        self.dgg = GateBinding(self.model, self.gate_config, monitor=gate_monitor, trainer="DGGGRPOTrainer")
+        self._dgg_discard = gate_discard or "overflow"
+        self._dgg_logged = 0  # DeepSpeed: gate steps already logged (the gate steps inside engine.step())
         self._dgg_stepped = False  # set when _clip_grad_norm ran the gate for the coming optimizer step
         self._dgg_unread = False  # a gate step whose stats have not been logged yet
         self.dgg_regenerations = 0
         self.dgg_early_stops = 0
 
-    # -- FSDP2 through accelerate: the parameters are replaced when the model is prepared -------------------------
+    @property
+    def gate(self):
+        """The gate: a DynamicGradientGate, or under DeepSpeed (once the engine exists) a DeepSpeedGate."""
+        return self.dgg.gate
+
+    # -- accelerate's prepare: FSDP2 swaps the parameters, DeepSpeed builds its engine ---------------------------
 
     def _prepare_for_training(self, *args, **kwargs):
         out = super()._prepare_for_training(*args, **kwargs)
@@ -141,27 +174,68 @@ class DGGGRPOTrainer(GRPOTrainer):
         return out
 
     def _dgg_rebind(self) -> None:
-        """Watch the model's current parameters (accelerate's FSDP2 prepare swaps them for sharded ones)."""
-        current = dict(self.model.named_parameters())
-        monitor = [t if n is None else current.get(n, t) for n, t in zip(self._dgg_monitor_names, self.gate.monitor)]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        same = lambda a, b: len(a) == len(b) and all(x is y for x, y in zip(a, b))  # noqa: E731
-        if same(monitor, self.gate.monitor) and same(params, self.gate.params):
+        """Watch the model's current parameters (accelerate's FSDP2 prepare swaps them for sharded ones), or,
+        under DeepSpeed, the engine accelerate has just built.  The gate's state is carried over."""
+        if self.is_deepspeed_enabled:
+            self._dgg_bind_deepspeed()
+        else:
+            self.dgg.rebind(self.model)
+
+    def _dgg_bind_deepspeed(self) -> None:
+        from .deepspeed import DeepSpeedGate
+
+        engine = self.model_wrapped
+        old = self.dgg.gate
+        if isinstance(old, DeepSpeedGate) and old.engine is engine:
             return
-        saved = self.gate.state_dict()
-        self.gate = DynamicGradientGate(monitor, params, **self._dgg_settings)
-        self.gate.load_state_dict(saved)
-        if self._dgg_optimizer is not None:  # the hooks hold the old gate: register them again, in order
-            inner, self._dgg_optimizer = self._dgg_optimizer, None
-            self._dgg_hook(inner)
+        # ZeRO keeps the model's parameter objects: the tensors watched so far are the engine module's
+        monitor = list(old.monitor_params) if isinstance(old, DeepSpeedGate) else list(old.monitor)
+        gate = DeepSpeedGate(engine, monitor, config=self.gate_config, discard=self._dgg_discard)
+        gate.load_state_dict(old.state_dict())
+        if isinstance(old, DeepSpeedGate):
+            old.remove()  # a new engine (train() called again): unhook the old one
+        self.dgg.gate = gate  # the binding's loop and metrics calls are the gate API, which a DeepSpeedGate has
+        self._dgg_logged = gate.step_count
+
+    # -- the gate's state in checkpoints: saved and loaded with the optimizer's ---------------------------------------
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # the Trainer calls this on every rank for each resumable checkpoint, before it writes trainer_state.json
+        super()._save_optimizer_and_scheduler(output_dir)
+        save_gate(self.gate, output_dir, write=self.args.should_save)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # on resume, on every rank, inside _prepare_for_training (so a gate rebuilt for FSDP2 keeps what is loaded)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        if not load_gate(self.gate, checkpoint, missing_ok=True):
+            warnings.warn(
+                f"the checkpoint {checkpoint} holds no gate state ({GATE_FILE}; saved without DGGGRPOTrainer or "
+                "by an older dgg_kernels): the gate starts fresh and its window refills before it can close on z",
+                stacklevel=2,
+            )
+        elif not self.gate.should_stop():  # one host read, once per resume
+            # the uninterrupted run would reuse its buffered batch for the next step; GRPOTrainer regenerates
+            warnings.warn(
+                f"resuming from {checkpoint} in the middle of a generated batch (after pass "
+                f"{int(self.gate.stats()['reuse_index'])} of at most {self.num_iterations}): GRPOTrainer does not "
+                "save its buffered batch and generates a fresh one, which starts at reuse index 1, so from here "
+                "the run differs from the uninterrupted one. The gate's state is restored. A checkpoint where the "
+                "batch had ended (its last pass ran or the gate closed) resumes exactly (docs/integrations.md, "
+                "Checkpoints and resume).",
+                stacklevel=2,
+            )
 
     # -- the gate step: on the raw gradient, before clipping and the optimizer ------------------------------------
 
     def _dgg_step(self) -> None:
-        self.gate.step()
+        self.dgg.step()
         self._dgg_unread = True
 
     def _clip_grad_norm(self, model):
+        if self.is_deepspeed_enabled:  # the update already ran, inside accelerator.backward; the gate ran with it
+            return super()._clip_grad_norm(model)
         self._dgg_step()
         self._dgg_stepped = True
         return super()._clip_grad_norm(model)
@@ -173,19 +247,11 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        self._dgg_hook(optimizer)
+        if not self.is_deepspeed_enabled:  # DeepSpeed wraps this optimizer; the DeepSpeedGate hooks the engine
+            # the pre-step hook goes in before attach's (hooks run in registration order): the gate decides, then
+            # attach's hook hands that decision to the fused kernel as found_inf
+            self.dgg.attach(optimizer, pre_step=self._dgg_pre_step)
         return optimizer
-
-    def _dgg_hook(self, optimizer) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper keeps the torch optimizer here
-        if inner is self._dgg_optimizer:
-            return
-        for h in self._dgg_handles:
-            h.remove()
-        # registered before attach's hook, and hooks run in registration order: the gate decides, then
-        # attach's hook hands that decision to the fused kernel as found_inf
-        self._dgg_handles = [inner.register_step_pre_hook(self._dgg_pre_step), self.gate.attach(inner)]
-        self._dgg_optimizer = inner
 
     # -- regenerate instead of reusing once the gate has closed ----------------------------------------------------
 
@@ -204,8 +270,9 @@ class DGGGRPOTrainer(GRPOTrainer):
                 self.dgg_early_stops += 1
                 regenerate = True
             if regenerate:
-                self.gate.new_batch()
+                self.dgg.new_batch()
                 self.dgg_regenerations += 1
+            self.dgg.new_pass()
         return super()._prepare_inputs(generation_batch)
 
     def log(self, logs, *args, **kwargs):
@@ -214,11 +281,14 @@ class DGGGRPOTrainer(GRPOTrainer):
         return super().log(logs, *args, **kwargs)
 
     def _dgg_log(self) -> None:
-        if not self._dgg_unread:
+        count = getattr(self.gate, "step_count", None)
+        if count is not None:  # DeepSpeed: the gate stepped inside engine.step(), where the trainer does not see
+            if count == self._dgg_logged:
+                return
+            self._dgg_logged = count
+        elif not self._dgg_unread:
             return
-        s = self.gate.stats()
         m = self._metrics["train"]
-        m["dgg/lm_head_grad_norm"].append(float(s["norm"]))
-        m["dgg/z"].append(float(s["z"]))
-        m["dgg/closed"].append(float(s["closed"]))
+        for key, value in self.dgg.metrics().items():  # one device-to-host copy
+            m[key].append(value)
         self._dgg_unread = False

@@ -1,0 +1,446 @@
+"""One rank of the DeepSpeed tests in test_integrations_deepspeed.py (CPU, gloo, DS_ACCELERATOR=cpu).
+
+Run as ``python tests/ds_worker.py CASE`` with RANK, WORLD_SIZE and DGG_STORE
+(a file path for the rendezvous) in the environment (the launcher in
+test_distributed.py sets them).  Every check raises on failure (non-zero
+exit); a rank that finishes prints "RANK <r> OK <case>".
+
+No DeepSpeed op is JIT-compiled here: DeepSpeed's comm backend builds its
+shared-memory op (used only by its inference all-reduce) whenever the op
+probes as compatible, which costs minutes of compiling on a fresh machine.
+``deepspeed.ops.__compatible_ops__`` is the table that probe fills (computed
+once per process, on first use); setting it to an empty table before the
+engine starts marks every op incompatible, so nothing is built and the
+training collectives go through gloo as usual.
+
+Cases:
+  engines  (1 or 2 ranks)  ZeRO-1/2/3 engines on a tiny Embedding -> Linear -> lm_head model, fp32 (and bf16
+                           at 2 ranks), both discard routes, the gate stepped explicitly or from inside
+                           engine.step(), gradient accumulation; a surge and a NaN (in one rank's fragment)
+                           close the gate; decisions equal a single-process gate on the full gradient; params
+                           and optimizer state bit-identical across closed steps; what DeepSpeed reports; every
+                           refusal
+  trl      (2 ranks)       DGGGRPOTrainer under accelerate's DeepSpeed plugin: ZeRO-2 (discard "overflow") and
+                           ZeRO-3 ("found_inf"); a NaN on rank 1 closes every rank, the gate saw the unclipped
+                           gradient, the closed step moved nothing, what DeepSpeed and the Trainer counted
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+
+T0 = time.monotonic()
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+deepspeed.ops.__compatible_ops__ = {}  # build no op (see the docstring)
+
+import dgg_kernels as dgg  # noqa: E402
+from dgg_kernels.integrations.deepspeed import DeepSpeedGate  # noqa: E402
+from deepspeed.utils import safe_get_full_grad, safe_get_local_grad  # noqa: E402
+from sequences import bit_equal  # noqa: E402
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+VOCAB, HIDDEN = 37, 7  # 259 lm_head elements: ZeRO-3 pads the last rank's partition at 2 ranks
+
+
+def log(*a):
+    print(f"[rank {RANK}] {time.monotonic() - T0:.1f}s", *a, flush=True)
+
+
+def expect_error(exc, fragment: str, fn):
+    try:
+        fn()
+    except exc as e:
+        assert fragment in str(e), f"expected {fragment!r} in: {e}"
+        return e
+    raise AssertionError(f"expected {exc.__name__} containing {fragment!r}")
+
+
+def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t.contiguous())
+    for r, o in enumerate(out):
+        assert torch.equal(o, out[0]), f"{what}: rank {r} differs from rank 0"
+
+
+def state_bits(gate) -> torch.Tensor:
+    parts = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in gate.state_dict()["state"].values()]
+    return torch.cat(parts)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # registered in this order, the lm_head straddles the ZeRO-1/2 partitions of 2 ranks (emb + 28 of its
+        # 259 elements on rank 0, the other 231 and lin on rank 1): each rank holds a piece
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.lin = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.lin(self.emb(ids))))
+
+
+def make_engine(stage, *, dtype="fp32", ga=1, fused=True, extra_zero=None, clip=1.0, seed=0):
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ga, "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, **(extra_zero or {})}, "steps_per_print": 10**6,
+    }
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
+    return engine
+
+
+def local_snapshot(engine) -> list[torch.Tensor]:
+    """This rank's weights (low-precision and fp32 master) and optimizer state, copied."""
+    z = engine.optimizer
+    out = []
+    if engine.zero_optimization_stage() < 3:
+        out += [p.detach().clone() for p in engine.module.parameters()]
+        out += [t.detach().clone() for t in z.single_partition_of_fp32_groups]
+    else:
+        out += [p.ds_tensor.detach().clone() for p in engine.module.parameters()]
+        out += [t.detach().clone() for t in z.fp32_partitioned_groups_flat]
+    for st in z.optimizer.state.values():
+        out += [v.detach().clone() for _, v in sorted(st.items()) if isinstance(v, torch.Tensor)]
+    return out
+
+
+def full_state_finite(engine) -> bool:
+    """Whether every weight and Adam moment is finite, assembled whole by DeepSpeed (collectives: every rank).
+
+    Not the local partitions: ZeRO-3 allocates a parameter's partition with torch.empty and copies only the real
+    elements in, so the last rank's padding holds whatever memory it got (NaN bits now and then), harmlessly."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    ok = True
+    for p in engine.module.parameters():
+        for t in (safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "exp_avg"),
+                  safe_get_full_optimizer_state(p, "exp_avg_sq")):
+            ok = ok and t is not None and bool(torch.isfinite(t).all())
+    return ok
+
+
+def local_fragment(engine, head):
+    """This rank's piece of the lm_head gradient through DeepSpeed's own API (None where it owns none)."""
+    if engine.zero_optimization_stage() < 3:
+        m = getattr(head, "_hp_mapping", None)
+        if m is None:
+            return None
+        return m.get_lp_grad_fragment(head._index_in_param_group).view(-1)
+    z = head._z3_optimizer
+    g = z._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition[head.ds_id]  # the partition itself
+    if g.dtype == torch.float32:
+        assert safe_get_local_grad(head).data_ptr() == g.data_ptr()  # what DeepSpeed's public API returns
+    pn, r = head.partition_numel(), dist.get_rank()
+    return g.view(-1)[: max(0, min(pn, head.ds_numel - r * pn))]
+
+
+def solo_group():
+    """A process group of this rank alone (every rank takes part in building each)."""
+    mine = None
+    for r in range(WORLD):
+        g = dist.new_group([r])
+        if r == RANK:
+            mine = g
+    return mine
+
+
+# rollout batches: (name, what to inject at which pass (1-based)); each runs passes until the gate stops
+SCHEDULE = [("A", {}), ("B", {2: "surge"}), ("C", {1: "nan"}), ("D", {})]
+# eps 0.05 (the norms are ~0.3): the passes' natural wobble stays far below z = 4, the x1000 surge far above
+SETTINGS = dict(window=3, threshold=4.0, statistic="norm", eps=0.05, max_reuse=4, backend="torch")
+
+
+def run_engine(stage, discard, mode, *, dtype="fp32", ga=1, extra_zero=None, solo=None):
+    """Train through SCHEDULE; checks every step against a single-process gate on the full gradient."""
+    what = f"ZeRO-{stage} {dtype} discard={discard} {mode} ga={ga} {extra_zero or ''}"
+    engine = make_engine(stage, dtype=dtype, ga=ga, extra_zero=extra_zero)
+    z = engine.optimizer
+    head = engine.module.lm_head.weight
+    gate = DeepSpeedGate(engine, discard=discard, **SETTINGS)
+    assert gate.monitor_params == [head] and vars(z)["step"] == gate._optimizer_step
+    full = nn.Parameter(torch.zeros(VOCAB, HIDDEN))
+    ref = dgg.DynamicGradientGate(full, decision_group=solo, **SETTINGS)
+    assert ref._sharding is None or ref._sharding.group is None or not ref._sharding.combines
+    owners = torch.zeros(WORLD, dtype=torch.int64)
+    owners[RANK] = 0 if engine.zero_optimization_stage() < 3 and getattr(head, "_hp_mapping", None) is None else 1
+    dist.all_reduce(owners)
+    nan_rank = max(r for r in range(WORLD) if owners[r])  # the NaN goes into this rank's fragment only
+    assert int(owners.sum()) == WORLD, f"{what}: every rank should hold a piece of the lm_head gradient"
+    gens = {name: torch.Generator().manual_seed(1000 * i + RANK) for i, (name, _) in enumerate(SCHEDULE)}
+    skipped = lr_steps = applied = 0
+    decisions, reuse = [], []
+    sched = engine.lr_scheduler
+    for name, inject in SCHEDULE:
+        data = [(torch.randint(VOCAB, (2, 5), generator=gens[name]), torch.randint(VOCAB, (2, 5), generator=gens[name]))
+                for _ in range(ga)]
+        for k in dgg.reuse_passes(gate):
+            if k == 1:
+                ref.new_batch()
+            for m, (ids, tgt) in enumerate(data):
+                loss = F.cross_entropy(engine(ids).float().reshape(-1, VOCAB), tgt.reshape(-1))
+                if inject.get(k) == "surge":
+                    loss = loss * 1000.0
+                engine.backward(loss)
+                if m < ga - 1:
+                    assert not engine.is_gradient_accumulation_boundary()
+                    if mode == "explicit":
+                        expect_error(RuntimeError, "outside a gradient accumulation boundary", gate.step)
+                    engine.step()  # not a boundary: no optimizer step, no gate step
+            if inject.get(k) == "nan" and RANK == nan_rank:
+                local_fragment(engine, head)[3] = math.nan
+            full.grad = safe_get_full_grad(head).detach().clone().float()  # a collective: every rank
+            ref_closed = bool(ref.step())
+            before = local_snapshot(engine)
+            lr_before = sched.last_epoch
+            if mode == "explicit":
+                closed = gate.step()
+                assert closed.dtype == torch.bool and closed.dim() == 0
+                expect_error(RuntimeError, "already called", gate.step)
+            engine.step()
+            after = local_snapshot(engine)
+            s, r = gate.stats(), ref.stats()
+            closed = bool(s["closed"])
+            assert closed == ref_closed, (what, name, k, closed, ref_closed)
+            assert int(s["reuse_index"]) == int(r["reuse_index"]) == k, (what, name, k)
+            if math.isfinite(float(r["norm"])):
+                # float32 sums in another order: the norms agree to rounding; z divides by a std that can be
+                # a thousandth of the norm (passes over one batch), which magnifies that rounding
+                for key, rel in (("norm", 1e-5), ("mean", 1e-5), ("std", 1e-3), ("z", 1e-3)):
+                    a, b = float(s[key]), float(r[key])
+                    assert abs(a - b) <= rel * max(1.0, abs(b)), (what, name, k, key, a, b)
+            assert full_state_finite(engine), (what, name, k, closed, "non-finite weights or optimizer state")
+            same = all(bit_equal(x, y) for x, y in zip(before, after))
+            if closed:
+                assert same, (what, name, k, "a closed step changed weights or optimizer state")
+            else:
+                moved = torch.tensor([0 if same else 1])
+                dist.all_reduce(moved)
+                assert int(moved) > 0, (what, name, k, "an open step changed nothing")
+            assert all(x.grad is None for x in gate._m_proxies + gate._p_proxies), "the gate kept DeepSpeed's buffers"
+            # what DeepSpeed reports
+            if discard == "overflow":
+                skipped += closed
+                lr_steps += not closed
+                assert engine.was_step_applied() == (not closed)
+            else:
+                lr_steps += 1
+                assert engine.was_step_applied()
+            applied += 1
+            if closed:
+                norm = float(engine.get_global_grad_norm())
+                assert norm == (math.inf if discard == "overflow" else 0.0), (what, name, k, norm)
+                assert float(z.loss_scale) == 1.0, (what, z.loss_scale)  # bf16/fp32: a static scale, untouched
+            assert engine.skipped_steps == skipped, (what, engine.skipped_steps, skipped)
+            assert sched.last_epoch - lr_before == (1 if (discard == "found_inf" or not closed) else 0)
+            assert engine.global_steps == applied
+            decisions.append(closed)
+            reuse.append(k)
+    # batch A: 4 passes; B: closes at the surge of pass 2; C: closes at the NaN of pass 1; D: 4 passes
+    assert reuse == [1, 2, 3, 4, 1, 2, 1, 1, 2, 3, 4], (what, reuse)
+    assert decisions == [False] * 5 + [True, True] + [False] * 4, (what, decisions)
+    assert int(gate.stats()["closed_total"]) == 2 and int(gate.stats()["accepted"]) == 9
+    assert_same_on_all_ranks(state_bits(gate), f"{what}: gate state")
+    if stage < 3:
+        for p in engine.module.parameters():
+            assert_same_on_all_ranks(p.detach().float(), f"{what}: weights")
+    gate.remove()
+    assert "step" not in vars(z) and getattr(z, "_dgg_gate", None) is None
+    log(f"{what}: decisions {decisions} equal the full-gradient gate; closed steps moved nothing; "
+        f"skipped_steps={engine.skipped_steps}")
+
+
+def check_refusals(solo):
+    e2 = make_engine(2)
+    z = e2.optimizer
+    untouched = lambda: "step" not in vars(z) and getattr(z, "_dgg_gate", None) is None  # noqa: E731
+    expect_error(ValueError, "discard must be one of", lambda: DeepSpeedGate(e2, discard="nan"))
+    expect_error(TypeError, "unknown setting(s) ['windw']", lambda: DeepSpeedGate(e2, windw=3))
+    expect_error(ValueError, "window", lambda: DeepSpeedGate(e2, window=1))  # GateConfig's own check
+    expect_error(TypeError, "needs a deepspeed.DeepSpeedEngine", lambda: DeepSpeedGate(e2.module))
+    expect_error(ValueError, "not in the ZeRO optimizer's parameter groups",
+                 lambda: DeepSpeedGate(e2, nn.Parameter(torch.zeros(3))))
+    e2.module.lin.bias.requires_grad_(False)
+    expect_error(ValueError, "does not require grad", lambda: DeepSpeedGate(e2, e2.module.lin.bias))
+    e2.module.lin.bias.requires_grad_(True)
+    for attr, value, fragment in [
+        ("fp16_enabled", True, "fp16"),
+        ("torch_autocast_enabled", True, "torch_autocast"),
+        ("managed_gradient_accumulation", False, "managed_gradient_accumulation"),
+    ]:
+        setattr(e2, attr, lambda v=value: v)
+        expect_error(ValueError, fragment, lambda: DeepSpeedGate(e2))
+        delattr(e2, attr)
+    e2.mpu = object()
+    expect_error(ValueError, "model, sequence or expert parallelism", lambda: DeepSpeedGate(e2))
+    e2.mpu = None
+    assert untouched()
+    g = DeepSpeedGate(e2)
+    expect_error(RuntimeError, "already has a DeepSpeedGate", lambda: DeepSpeedGate(e2))
+    g.remove()
+    assert untouched()
+    # gate.step() with no reduced gradient (before any backward): a clear error, nothing hooked changed
+    g = DeepSpeedGate(e2)
+    expect_error(RuntimeError, "holds no reduced gradient", g.step)
+    g.remove()
+    # found_inf needs a fused torch Adam/AdamW
+    e_nf = make_engine(2, fused=False)
+    expect_error(ValueError, "needs a fused torch.optim.Adam", lambda: DeepSpeedGate(e_nf, discard="found_inf"))
+    assert "step" not in vars(e_nf.optimizer)
+    # overflow needs DeepSpeed to look at the gradient: fp32 ZeRO-2 without compute_grad_norm does not
+    e_nn = make_engine(2, extra_zero={"compute_grad_norm": False}, clip=0.0)
+    expect_error(ValueError, "discard='overflow' needs DeepSpeed to check", lambda: DeepSpeedGate(e_nn))
+    assert "step" not in vars(e_nn.optimizer)
+    DeepSpeedGate(e_nn, discard="found_inf").remove()  # the route that works there
+    # stage 0: no partitioned gradients
+    e0 = make_engine(0)
+    expect_error(ValueError, "supports ZeRO stages 1, 2 and 3", lambda: DeepSpeedGate(e0))
+    log("refusals: each raised with the engine unhooked")
+
+
+def engines_case() -> None:
+    solo = solo_group()
+    check_refusals(solo)
+    for stage in (1, 2, 3):
+        run_engine(stage, "overflow", "hook", solo=solo)
+        run_engine(stage, "found_inf", "explicit", solo=solo)
+    run_engine(2, "overflow", "explicit", ga=2, solo=solo)
+    if WORLD > 1:
+        # bf16 (DeepSpeed's overflow check on by default), and overlapped reduction with contiguous buffers
+        run_engine(2, "overflow", "hook", dtype="bf16", extra_zero={"overlap_comm": True}, solo=solo)
+        run_engine(3, "found_inf", "hook", dtype="bf16", solo=solo)
+
+
+def run_trl(stage: int, discard: str | None) -> None:
+    """DGGGRPOTrainer under accelerate's DeepSpeed plugin: a NaN in one element of rank 1's lm_head gradient
+    (before the reduction) at optimizer step 1 closes the gate on every rank."""
+    import tempfile
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    from dgg_kernels.integrations.deepspeed import DeepSpeedGate
+    from dgg_kernels.integrations.trl import DGGGRPOTrainer
+    from test_integrations_trl import _config, _dataset, _model, _reward, _tokenizer
+
+    what = f"TRL + ZeRO-{stage} discard={discard or 'overflow'}"
+    ds_config = {
+        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 10**6,
+    }
+
+    class Probe(DGGGRPOTrainer):
+        poison_step = 1
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.seen, self.snapshots, self.raw = [], {}, []
+            head = self.model.get_output_embeddings().weight
+            head.register_hook(self._poison)  # runs on this rank's gradient, before DeepSpeed reduces it
+
+        def _poison(self, grad):
+            if self.state.global_step == self.poison_step and RANK == 1:
+                grad = grad.clone()
+                grad.view(-1)[3] = math.nan
+            return grad
+
+        def _dgg_bind_deepspeed(self):
+            super()._dgg_bind_deepspeed()
+            gate, step = self.gate, self.gate._gate_step
+
+            def traced():  # the gradient the gate is about to judge, assembled whole (a collective: every rank)
+                head = self.model.get_output_embeddings().weight
+                self.raw.append(float(safe_get_full_grad(head).norm()))
+                return step()
+
+            gate._gate_step = traced
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            step = self.state.global_step
+            self.snapshots[step] = local_snapshot(self.deepspeed)
+            out = super().training_step(model, inputs, num_items_in_batch)  # backward + engine.step() + gate
+            s = self.gate.stats()
+            self.seen.append((step, float(s["norm"]), bool(s["closed"]), int(s["reuse_index"]),
+                              self.deepspeed.skipped_steps))
+            return out
+
+    # transformers hands accelerate no backend under DeepSpeed (it expects a GPU, where accelerate picks NCCL); on
+    # a CPU-only machine accelerate would then count one process. Its state is a process-wide singleton: set it up
+    # first, for DeepSpeed over gloo, and tell the Trainer's arguments to use it (use_configured_state).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    state = PartialState(backend="gloo")
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    assert state.num_processes == WORLD and state.process_index == RANK
+    tok = _tokenizer()
+    args = _config(tempfile.mkdtemp(), max_steps=6, use_cpu=False, bf16=False, deepspeed=ds_config,
+                   accelerator_config={"use_configured_state": True})
+    tr = Probe(model=_model(len(tok)), reward_funcs=_reward, args=args, train_dataset=_dataset(),
+               processing_class=tok, gate_threshold=1e9, gate_discard=discard)
+    assert tr.is_deepspeed_enabled and isinstance(tr.gate, dgg.DynamicGradientGate)  # until the engine exists
+    tr.train()
+    gate, engine = tr.gate, tr.deepspeed
+    assert isinstance(gate, DeepSpeedGate) and gate.engine is engine and gate.stage == stage
+    assert gate.discard == (discard or "overflow")
+    assert gate.monitor_params[0] is tr.model.get_output_embeddings().weight
+    assert [s for s, *_ in tr.seen] == list(range(6)) and len(tr.raw) == 6
+    for (step, norm, closed, _, _), raw in zip(tr.seen, tr.raw):
+        assert closed == (step == Probe.poison_step), (what, step, closed)
+        if not closed:  # the raw, reduced gradient: before DeepSpeed clipped it to max_grad_norm
+            assert abs(norm - raw) <= 1e-5 * raw and raw > 100 * tr.args.max_grad_norm, (what, step, norm, raw)
+    assert [r for _, _, _, r, _ in tr.seen] == [1, 2, 1, 2, 3, 4], what  # the close cut batch 1 short
+    assert tr.dgg_early_stops == 1 and tr.dgg_regenerations == 2
+    assert all(bit_equal(a, b) for a, b in zip(tr.snapshots[1], tr.snapshots[2])), what  # it moved nothing
+    assert not all(bit_equal(a, b) for a, b in zip(tr.snapshots[0], tr.snapshots[1])), what
+    steps = [float(st["step"]) for st in engine.optimizer.optimizer.state.values()]  # one per param group
+    assert steps and all(n == 5.0 for n in steps), (what, steps)  # the fused AdamW ran 5 of the 6 steps
+    if gate.discard == "overflow":  # DeepSpeed counted the discarded step, and accelerate told the Trainer
+        assert [k for *_, k in tr.seen] == [0, 1, 1, 1, 1, 1] and tr.lr_scheduler.last_epoch == 5, what
+    else:  # DeepSpeed did not see it: the step counts as applied, the scheduler stepped
+        assert [k for *_, k in tr.seen] == [0] * 6 and tr.lr_scheduler.last_epoch == 6, what
+    logged = [h for h in tr.state.log_history if "dgg/closed" in h]
+    assert [h["dgg/closed"] for h in logged] == [float(s == Probe.poison_step) for s in range(6)], what
+    assert_same_on_all_ranks(state_bits(gate), f"{what}: gate")
+    if stage < 3:
+        for p in tr.model.parameters():
+            assert_same_on_all_ranks(p.detach(), f"{what}: weights")
+    log(f"{what}: a NaN on rank 1 closed every rank; the gate judged the unclipped gradient; skipped_steps "
+        f"{engine.skipped_steps}")
+
+
+def trl_case() -> None:
+    run_trl(2, None)
+    run_trl(3, "found_inf")
+
+
+if __name__ == "__main__":
+    case = sys.argv[1]
+    dist.init_process_group("gloo", init_method="file://" + os.environ["DGG_STORE"], rank=RANK, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        {"engines": engines_case, "trl": trl_case}[case]()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    print(f"RANK {RANK} OK {case}", flush=True)
