@@ -167,9 +167,24 @@ def test_z_threshold_cuts_reuse_short(tmp_path):
     assert tr.generations == tr.dgg_regenerations == 1 + sum(reuse[i] == 1 for i in range(1, len(reuse)))
 
 
+@pytest.mark.parametrize("poison", [3, 2], ids=["last-step-of-pass", "first-step-of-pass"])
+def test_passes_of_several_optimizer_steps(tmp_path, poison):
+    """steps_per_generation 2, no accumulation: every pass over a generated batch is 2 optimizer steps, both
+    tested at the pass's reuse index. A NaN in pass 2 closes that step and every later step of the batch
+    (on device: the fused AdamW skips them), and the next pass regenerates."""
+    tr = _trainer(tmp_path, gate_threshold=1e9, poison_step=poison, steps_per_generation=2, max_steps=12)
+    tr.train()
+    assert [r for *_, r in tr.seen] == [1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [s for s, _, _, c, _ in tr.seen if c] == list(range(poison, 4))
+    assert all(torch.equal(a, b) for a, b in zip(tr.snapshots[poison], tr.snapshots[4]))  # nothing applied
+    opt = getattr(tr.optimizer, "optimizer", tr.optimizer)
+    assert float(opt.state[tr.model.get_output_embeddings().weight]["step"]) == 12 - (4 - poison)
+    assert tr.dgg_early_stops == 1 and tr.generations == 2
+
+
 def test_misconfiguration_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="steps_per_generation"):
-        _trainer(tmp_path, steps_per_generation=2, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="steps_per_generation .3. to be a multiple of gradient_accumulation"):
+        _trainer(tmp_path, steps_per_generation=3, gradient_accumulation_steps=2)
     with pytest.warns(UserWarning, match="num_iterations is 1"):
         _trainer(tmp_path, num_iterations=1)
 

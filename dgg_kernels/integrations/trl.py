@@ -19,8 +19,11 @@ number of optimizer steps taken on one generated batch) becomes a *maximum*:
   read per pass) and, when the gate has closed, moves ``_step`` forward to
   the next multiple so that GRPOTrainer regenerates instead of reusing.
 
-Supported: ``steps_per_generation == gradient_accumulation_steps`` (TRL's
-default: one optimizer step per pass over a generated batch), no fp16
+Supported: ``steps_per_generation`` a multiple of ``gradient_accumulation_steps``
+(TRL's default is equal: one optimizer step per pass over a generated batch;
+a multiple k gives passes of k optimizer steps, all tested at the pass's reuse
+index, and a close ends the batch: the pass's remaining steps close on device
+and the next pass regenerates), no fp16
 GradScaler (bf16 and fp32 are fine), a single device, DDP, FSDP2 and
 DeepSpeed ZeRO-1/2/3.  FSDP2: a model sharded by accelerate
 (``fsdp_config={"fsdp_version": 2}``) or at load time by transformers
@@ -119,11 +122,12 @@ class DGGGRPOTrainer(GRPOTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         a = self.args
-        if a.steps_per_generation != a.gradient_accumulation_steps:
+        if a.steps_per_generation % a.gradient_accumulation_steps:
             raise ValueError(
-                f"DGGGRPOTrainer needs steps_per_generation == gradient_accumulation_steps (got "
-                f"{a.steps_per_generation} and {a.gradient_accumulation_steps}): the gate's reuse index counts "
-                "passes over a generated batch, so each pass must be exactly one optimizer step."
+                f"DGGGRPOTrainer needs steps_per_generation ({a.steps_per_generation}) to be a multiple of "
+                f"gradient_accumulation_steps ({a.gradient_accumulation_steps}): a pass over a generated batch "
+                "must be a whole number of optimizer steps (the gate tests every step of pass r at reuse index r), "
+                "or an optimizer step would mix the gradients of two passes."
             )
         refuse_grad_scaling(bool(a.fp16), trainer="DGGGRPOTrainer")
         warn_single_pass(int(self.num_iterations), setting="num_iterations")
