@@ -1,0 +1,376 @@
+"""One rank of the verl integration tests (test_integrations_verl.py): verl 0.9's FSDP2 engine on CPU with gloo.
+
+Run as ``python tests/verl_worker.py CASE`` with RANK, WORLD_SIZE and DGG_STORE
+(a FileStore path) in the environment, and DGG_VERL_DIR (a folder shared by
+the ranks).  Every check raises on failure; a rank that finishes prints
+"RANK <r> OK <case>".
+
+Cases (main = gate then open, at world size 1 and 2 in one launch):
+  gate   DGGActorRolloutRefWorker (role "actor", built from verl's own ppo_trainer config with an
+         ``actor_rollout_ref.actor.dgg`` section) over rollout batches of 3 epochs x 2 mini-batches: a surge
+         injected into the lm_head gradient mid-pass closes the gate at exactly that step, on every rank; a NaN
+         on the last rank alone closes every rank at the first step of a batch; the closed step leaves every
+         rank's parameter shard and optimizer state bit-identical; the rest of the batch is not run; the LR
+         scheduler steps exactly once per rollout batch; the gate's state is the same on every rank, and it is
+         saved with verl's checkpoint and restored into a fresh worker.
+  open   the same worker with threshold=inf (the observer mode) against plain verl (ActorRolloutRefWorker): the
+         parameters, optimizer state, losses, grad norms and learning rates are bit-identical, batch after batch.
+  config (world size 1) the settings and what is refused: dgg keys, FSDP1, Megatron, fp16, LoRA, a non-fused
+         optimizer; max_reuse below ppo_epochs (the loop stops at max_reuse passes, the scheduler still steps
+         once); prepare_config and verl's validate_config on the example of docs/integrations.md; the
+         ``python -m dgg_kernels.integrations.verl`` entry point; the DGG trainers in verl's trainer registry.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import verl_cpu  # noqa: E402
+
+verl_cpu.setup()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from dgg_kernels.integrations import verl as dv  # noqa: E402
+from dgg_kernels.integrations.checkpoint import GATE_FILE  # noqa: E402
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+SHARED = os.environ["DGG_VERL_DIR"]
+EPOCHS = 3
+ROWS = 8  # per rank
+MINI = 4 * WORLD  # global mini-batch: 4 rows per rank, so 2 mini-batches per epoch
+PER_PASS = ROWS // 4
+
+
+def log(*a):
+    print(f"[rank {RANK}]", *a, flush=True)
+
+
+def model_path() -> str:
+    path = os.path.join(SHARED, "model")
+    if RANK == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        verl_cpu.save_tiny_model(path)
+    dist.barrier()
+    return path
+
+
+def make_worker(dgg: dict | None, *, overrides=(), epochs=EPOCHS):
+    cfg = verl_cpu.actor_config(model_path(), ppo_epochs=epochs, mini_batch=MINI, dgg=dgg, overrides=overrides)
+    cls = dv.DGGActorRolloutRefWorker if dgg is not None else dv.ActorRolloutRefWorker
+    worker = cls(cfg.actor_rollout_ref, role="actor")
+    worker.init_model()
+    return worker
+
+
+def batch(i: int, epochs=EPOCHS):
+    return verl_cpu.rollout_batch(ROWS, seed=1000 * i + RANK, epochs=epochs, mini_batch=MINI)
+
+
+def metrics_of(out) -> dict:
+    if out is None:
+        return {}
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get(out, "metrics")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def snapshot(engine) -> list[torch.Tensor]:
+    """This rank's parameter shards and every optimizer state tensor (step counts included), copied."""
+    out = [local(p).detach().clone() for p in engine.module.parameters()]
+    for p in engine.module.parameters():
+        for v in engine.optimizer.state.get(p, {}).values():
+            if isinstance(v, torch.Tensor):
+                out.append(local(v).detach().clone())
+    return out
+
+
+def bits_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype
+        and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        for x, y in zip(a, b)
+    )
+
+
+def same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t.contiguous())
+    for r, o in enumerate(out):
+        assert torch.equal(o, out[0]), f"{what}: rank {r} differs from rank 0"
+
+
+def gate_bits(gate) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).contiguous().view(torch.uint8) for t in gate.state.state_dict().values()])
+
+
+class Probe:
+    """Wraps one engine's optimizer_step (an instance attribute; verl's train_batch calls self.optimizer_step):
+    injects a gradient fault at chosen steps, and records each step's decision and whether it changed anything."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.inner = engine.optimizer_step
+        engine.optimizer_step = self
+        self.faults: dict[int, str] = {}  # global step index -> "surge" | "nan" | "nan_last_rank"
+        self.steps = 0
+        self.log: list[tuple[int, bool, bool]] = []  # (step, closed, state changed)
+
+    def __call__(self):
+        k = self.steps
+        self.steps += 1
+        fault = self.faults.get(k)
+        grad = local(self.engine.module.lm_head.weight.grad)
+        if fault == "surge":
+            grad.mul_(1e4)
+        elif fault == "nan_last_rank" and RANK == WORLD - 1 and grad.numel():
+            grad.view(-1)[0] = math.nan
+        before = snapshot(self.engine)
+        out = self.inner()
+        closed = bool(self.engine.dgg.gate.stats()["closed"])
+        changed = not bits_equal(before, snapshot(self.engine))
+        self.log.append((k, closed, changed))
+        return out
+
+
+# -- gate ---------------------------------------------------------------------------------------------------------
+
+def gate_case() -> None:
+    worker = make_worker({"enable": True, "window": 3, "threshold": 10.0, "statistic": "norm"})
+    engine = worker.actor.engine
+    assert type(worker.actor) is dv.DGGTrainingWorker and type(engine) is dv.DGGFSDPEngine
+    gate = worker.actor.gate
+    assert gate is engine.dgg.gate and gate.config.max_reuse == EPOCHS and gate.config.threshold == 10.0
+    assert gate.sharded or WORLD == 1, "FSDP2's lm_head should be a DTensor shard the gate combines"
+    assert engine.optimizer.param_groups[0].get("fused") is True
+    probe = Probe(engine)
+    per_batch = PER_PASS * EPOCHS
+    plan = [  # (fault: (step within the batch, kind) or None, optimizer steps run, passes, skipped mini-batches)
+        (None, per_batch, EPOCHS, 0),
+        ((PER_PASS + 1, "surge"), PER_PASS + 2, 2, per_batch - PER_PASS - 2),  # pass 2, its second mini-batch
+        ((0, "nan_last_rank"), 1, 1, per_batch - 1),  # the batch's first step (reuse index 1), one rank's NaN
+        (None, per_batch, EPOCHS, 0),
+    ]
+    lrs = []
+    for i, (fault, ran, passes, skipped) in enumerate(plan):
+        start = probe.steps
+        probe.faults = {} if fault is None else {start + fault[0]: fault[1]}
+        closed_at = None if fault is None else start + fault[0]
+        m = metrics_of(worker.update_actor(batch(i)))
+        assert probe.steps - start == ran, f"batch {i}: {probe.steps - start} optimizer steps ran, expected {ran}"
+        assert engine.lr_scheduler.last_epoch == i + 1, (
+            f"batch {i}: the LR scheduler stepped {engine.lr_scheduler.last_epoch} times in {i + 1} batches")
+        for k, closed, changed in probe.log[start:]:
+            assert closed == (k == closed_at), f"batch {i} step {k}: closed={closed}, expected a close at {closed_at}"
+            assert changed != closed, f"batch {i} step {k}: closed={closed} but the state changed={changed}"
+        if m:  # the ranks that return metrics
+            assert m["dgg/passes"] == passes and m["dgg/skipped_mini_batches"] == skipped, (i, m)
+            assert m["dgg/mini_batches"] == ran and len(m["grad_norm"]) == ran, (i, m)
+            assert m["dgg/closed"] == float(closed_at is not None), (i, m)
+            assert len(m["lr"]) == 1, f"batch {i}: lr reported {m['lr']}"
+            lrs.append(m["lr"][0])
+            if closed_at is not None:
+                assert m["grad_norm"][-1] == 0.0  # verl clips after the gate: a discarded step's gradient is zero
+        same_on_all_ranks(gate_bits(gate), f"gate state after batch {i}")
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs), lrs  # cosine decay, one step per batch
+    same_on_all_ranks(torch.tensor([c for _, c, _ in probe.log]), "decisions")
+    s = gate.stats()
+    assert int(s["closed_total"]) == 2 and int(s["accepted"]) == probe.steps - 2
+
+    # the gate's state travels with verl's checkpoint of the actor
+    ckpt = os.path.join(SHARED, "ckpt", "actor")
+    worker.save_checkpoint(ckpt, global_step=len(plan))
+    dist.barrier()
+    assert os.path.isfile(os.path.join(ckpt, GATE_FILE))
+    saved = gate_bits(gate)
+    fresh = make_worker({"enable": True, "window": 3, "threshold": 10.0, "statistic": "norm"})
+    assert not torch.equal(gate_bits(fresh.actor.gate), saved)
+    fresh.load_checkpoint(ckpt)
+    assert torch.equal(gate_bits(fresh.actor.gate), saved), "the restored gate differs from the saved one"
+    assert bits_equal(snapshot(fresh.actor.engine), snapshot(engine))
+
+
+# -- open ---------------------------------------------------------------------------------------------------------
+
+def open_case() -> None:
+    plain = make_worker(None)
+    gated = make_worker({"enable": True, "window": 3, "threshold": "inf"})
+    assert type(plain.actor.engine).__name__ == "FSDPEngineWithLMHead" and not hasattr(plain.actor, "gate")
+    assert math.isinf(gated.actor.gate.config.threshold)
+    assert bits_equal(snapshot(plain.actor.engine), snapshot(gated.actor.engine))
+    for i in range(3):
+        mp = metrics_of(plain.update_actor(batch(i)))
+        mg = metrics_of(gated.update_actor(batch(i)))
+        assert bits_equal(snapshot(plain.actor.engine), snapshot(gated.actor.engine)), f"batch {i}: state differs"
+        if mp:
+            assert {k for k in mg if not k.startswith("dgg/")} == set(mp), (sorted(mg), sorted(mp))
+            for key in ("loss", "grad_norm", "lr", "actor/pg_loss"):
+                assert list(map(float, mp[key])) == list(map(float, mg[key])), (i, key, mp[key], mg[key])
+            assert mg["dgg/closed"] == 0.0 and mg["dgg/passes"] == EPOCHS and mg["dgg/skipped_mini_batches"] == 0
+            assert mg["dgg/z"] != 0.0  # the window is full (3 of 6 steps in): z is computed, it just never closes
+    assert plain.actor.engine.lr_scheduler.last_epoch == gated.actor.engine.lr_scheduler.last_epoch == 3
+
+
+# -- config (world size 1) ----------------------------------------------------------------------------------------
+
+def expect(exc, fragment: str, fn):
+    try:
+        fn()
+    except exc as e:
+        assert fragment in str(e), f"{exc.__name__} without {fragment!r}: {e}"
+        return e
+    raise AssertionError(f"no {exc.__name__} ({fragment!r})")
+
+
+def config_case() -> None:
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    path = model_path()
+
+    def actor(dgg, *overrides):
+        return verl_cpu.actor_config(path, mini_batch=MINI, dgg=dgg, overrides=overrides).actor_rollout_ref.actor
+
+    on = {"enable": True}
+    cfg = dv.gate_config_from_actor(actor({**on, "window": 5, "statistic": "energy+increment",
+                                           "window_mode": "batch"}))
+    assert (cfg.window, cfg.statistic, cfg.window_mode, cfg.max_reuse) == (5, "energy+increment", "batch", EPOCHS)
+    assert dv.gate_config_from_actor(actor({"enable": False, "window": 5})) is None
+    assert dv.gate_config_from_actor(actor(None)) is None
+    expect(ValueError, "unknown key(s) ['windw']", lambda: dv.gate_config_from_actor(actor({**on, "windw": 5})))
+    expect(ValueError, "unknown key(s)", lambda: dv.gate_config_from_actor(actor({"enable": False, "windw": 5})))
+    expect(ValueError, "window must be an int >= 2", lambda: dv.gate_config_from_actor(actor({**on, "window": 1})))
+    expect(ValueError, "enable must be true or false", lambda: dv.gate_config_from_actor(actor({"enable": "yes"})))
+    e = expect(ValueError, "FSDP1", lambda: dv.gate_config_from_actor(actor(on, "actor_rollout_ref.actor.strategy=fsdp")))
+    assert "strategy=fsdp2" in str(e)
+    e = expect(ValueError, "Megatron", lambda: dv.gate_config_from_actor(
+        actor(on, "actor_rollout_ref.actor.strategy=megatron")))
+    assert "process_group" in str(e)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        dv.gate_config_from_actor(actor(on, "actor_rollout_ref.actor.ppo_epochs=1"))
+    assert any("only closes on non-finite" in str(x.message) for x in w), [str(x.message) for x in w]
+    # a worker refuses before it builds anything
+    expect(ValueError, "FSDP1", lambda: make_worker(on, overrides=("actor_rollout_ref.actor.strategy=fsdp",)))
+    # and the engine, once it knows the optimizer, precision and LoRA setting
+    expect(ValueError, "fused=True", lambda: make_worker(
+        on, overrides=("++actor_rollout_ref.actor.optim.override_optimizer_config.fused=false",)))
+    expect(ValueError, "torch.optim", lambda: make_worker(
+        on, overrides=("actor_rollout_ref.actor.optim.optimizer=RMSprop",)))
+    expect(ValueError, "fp16 with a gradient scaler", lambda: make_worker(
+        on, overrides=("++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp16",)))
+    expect(ValueError, "LoRA", lambda: make_worker(on, overrides=("actor_rollout_ref.model.lora_rank=4",
+                                                                  "actor_rollout_ref.model.target_modules=all-linear")))
+
+    # max_reuse below ppo_epochs: the loop stops after max_reuse passes; the scheduler still steps once
+    worker = make_worker({**on, "max_reuse": 2, "threshold": "inf"})
+    for i in range(2):
+        m = metrics_of(worker.update_actor(batch(i)))
+        assert m["dgg/passes"] == 2 and m["dgg/mini_batches"] == 2 * PER_PASS, m
+        assert m["dgg/skipped_mini_batches"] == PER_PASS * (EPOCHS - 2) and len(m["lr"]) == 1, m
+        assert worker.actor.engine.lr_scheduler.last_epoch == i + 1
+
+    # verl's trainer config: the DGG trainer, Ray's setup hook, and a copy verl's validate_config accepts
+    from verl.utils.config import validate_config
+
+    full = verl_cpu.actor_config(path, mini_batch=MINI, dgg=on, overrides=(
+        "data.train_batch_size=8", "trainer.nnodes=1"))
+    checked = dv.prepare_config(full)
+    assert full.trainer.v1.trainer_mode == "dgg_sync"
+    assert full.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == dv.SETUP_HOOK
+    assert "dgg" in full.actor_rollout_ref.actor and "dgg" not in checked.actor_rollout_ref.actor
+    validate_config(checked, use_reference_policy=False, use_critic=False)
+    expect(Exception, "dgg", lambda: validate_config(full, use_reference_policy=False, use_critic=False))
+    again = dv.prepare_config(full)  # idempotent: dgg_sync stays dgg_sync
+    assert full.trainer.v1.trainer_mode == "dgg_sync" and OmegaConf.to_container(again) == OmegaConf.to_container(
+        checked)
+    expect(ValueError, "use_v1", lambda: dv.prepare_config(verl_cpu.actor_config(
+        path, mini_batch=MINI, dgg=on, overrides=("trainer.use_v1=false",))))
+    expect(ValueError, "separate_async", lambda: dv.prepare_config(verl_cpu.actor_config(
+        path, mini_batch=MINI, dgg=on, overrides=("trainer.v1.trainer_mode=separate_async",))))
+    # the example in docs/integrations.md composes, prepares and passes verl's checks
+    example = docs_example()
+    assert any(a.startswith("+actor_rollout_ref.actor.dgg.") for a in example), example
+    import verl.trainer
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.trainer.__file__), "config"),
+                               version_base=None):
+        doc_cfg = compose(config_name="ppo_trainer", overrides=example)
+    doc_checked = dv.prepare_config(doc_cfg)
+    assert doc_cfg.trainer.v1.trainer_mode == "dgg_sync"
+    assert dv.gate_config_from_actor(doc_cfg.actor_rollout_ref.actor).threshold == 0.3
+    validate_config(doc_checked, use_reference_policy=False, use_critic=False)
+    # the entry point, as a user runs it (Hydra's --cfg job prints the composed config and runs nothing)
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, "-m", "dgg_kernels.integrations.verl", "--cfg", "job",
+         "actor_rollout_ref.actor.dgg.enable=true", "+actor_rollout_ref.actor.dgg.threshold=0.5"],
+        capture_output=True, text=True, timeout=300, cwd=SHARED,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = OmegaConf.create(run.stdout)
+    assert OmegaConf.to_container(printed.actor_rollout_ref.actor.dgg) == {"enable": True, "threshold": 0.5}
+
+    try:
+        import transfer_queue  # noqa: F401  (verl's v1 trainer imports it; .ci/verl.sh installs it)
+    except ImportError:
+        log("transfer_queue not installed: register_trainers() not exercised")
+        return
+    from verl.trainer.ppo.utils import Role
+    from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSync, get_trainer_cls
+
+    dv.ray_setup()  # what Ray runs in every worker process: registers, and again without complaint
+    dv.ray_setup()
+    trainers = dv.register_trainers()
+    assert sorted(trainers) == ["dgg_colocate_async", "dgg_sync"]
+    assert get_trainer_cls("dgg_sync") is trainers["dgg_sync"] and issubclass(trainers["dgg_sync"], PPOTrainerSync)
+    assert issubclass(trainers["dgg_colocate_async"], PPOTrainerColocateAsync)
+    for ref, role in ((False, Role.ActorRollout), (True, Role.ActorRolloutRef)):
+        cfg = verl_cpu.actor_config(path, mini_batch=MINI, dgg=on, overrides=(
+            "data.train_batch_size=8", "trainer.nnodes=1") + (("actor_rollout_ref.actor.use_kl_loss=true",)
+                                                             if ref else ()))
+        dv.prepare_config(cfg)
+        trainer = trainers["dgg_sync"].__new__(trainers["dgg_sync"])
+        trainer.config = cfg
+        trainer._init_resource_pool_mgr()  # verl's, then the actor role gets the DGG worker
+        remote = trainer.role_worker_mapping[role]
+        assert issubclass(remote.__ray_metadata__.modified_class, dv.DGGActorRolloutRefWorker), (role, remote)
+
+
+def docs_example() -> list[str]:
+    """The overrides of the ``python -m dgg_kernels.integrations.verl`` example in docs/integrations.md, as the
+    module's main() hands them to Hydra."""
+    import shlex
+
+    text = open(os.path.join(os.path.dirname(HERE), "docs", "integrations.md")).read()
+    start = text.index("python -m dgg_kernels.integrations.verl \\")
+    block = text[start:text.index("```", start)]
+    return dv.hydra_overrides(shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))[3:])
+
+
+def main_case() -> None:
+    gate_case()
+    open_case()
+
+
+CASES = {"main": main_case, "gate": gate_case, "open": open_case, "config": config_case}
+
+if __name__ == "__main__":
+    case = sys.argv[1]
+    CASES[case]()
+    dist.barrier()
+    print(f"RANK {RANK} OK {case}", flush=True)
+    dist.destroy_process_group()
