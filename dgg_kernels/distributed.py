@@ -234,7 +234,7 @@ def _decision_group(decision_group, dtensor_mesh, what: str):
             f"{what} lives on a {dtensor_mesh.ndim}-D mesh of {dtensor_mesh.size()} ranks, not the whole job "
             f"({dist.get_world_size()} ranks): the gate cannot build a group over just those ranks without every "
             "rank of the job taking part. Pass decision_group= (a process group over exactly the mesh's ranks, "
-            "e.g. dist.new_group(mesh.mesh.flatten().tolist()) called on every rank)."
+            "e.g. dist.new_group(mesh.mesh.flatten().tolist()) called on every rank)."  # host-read-ok: message text
         )
     if multi_rank():
         return dist.group.WORLD

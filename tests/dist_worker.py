@@ -36,6 +36,7 @@ import dgg_kernels as dgg  # noqa: E402
 from dgg_kernels.backends import triton_usable  # noqa: E402
 from semantics_model import play  # noqa: E402
 from sequences import assert_stats_match, bit_equal, make_sequence  # noqa: E402
+from rank_checks import assert_same_on_all_ranks, expect_error, state_bits  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -53,17 +54,8 @@ def log(*a):
 
 # -- helpers -------------------------------------------------------------------------------------------------------
 
-def state_bits(gate) -> torch.Tensor:
-    """The gate's whole saved state as bytes (NaN payloads included)."""
-    parts = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in gate.state.state_dict().values()]
-    return torch.cat(parts)
 
 
-def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
-    out = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(out, t.contiguous())
-    for r, o in enumerate(out):
-        assert torch.equal(o, out[0]), f"{what}: rank {r} differs from rank 0"
 
 
 def stats_of(gate) -> dict:
@@ -76,13 +68,6 @@ def split_rows(full: torch.Tensor, n: int, i: int) -> torch.Tensor:
     return pieces[i] if i < len(pieces) else full[:0]
 
 
-def expect_error(exc, fragment: str, fn):
-    try:
-        fn()
-    except exc as e:
-        assert fragment in str(e), f"expected {fragment!r} in: {e}"
-        return e
-    raise AssertionError(f"expected {exc.__name__} containing {fragment!r}")
 
 
 # -- 1. sequences: decisions equal a single-process gate fed the full gradient ----------------------------------------

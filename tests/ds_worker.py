@@ -52,6 +52,7 @@ import dgg_kernels as dgg  # noqa: E402
 from dgg_kernels.integrations.deepspeed import DeepSpeedGate  # noqa: E402
 from deepspeed.utils import safe_get_full_grad, safe_get_local_grad  # noqa: E402
 from sequences import bit_equal  # noqa: E402
+from rank_checks import assert_same_on_all_ranks, expect_error, state_bits  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -62,25 +63,10 @@ def log(*a):
     print(f"[rank {RANK}] {time.monotonic() - T0:.1f}s", *a, flush=True)
 
 
-def expect_error(exc, fragment: str, fn):
-    try:
-        fn()
-    except exc as e:
-        assert fragment in str(e), f"expected {fragment!r} in: {e}"
-        return e
-    raise AssertionError(f"expected {exc.__name__} containing {fragment!r}")
 
 
-def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
-    out = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(out, t.contiguous())
-    for r, o in enumerate(out):
-        assert torch.equal(o, out[0]), f"{what}: rank {r} differs from rank 0"
 
 
-def state_bits(gate) -> torch.Tensor:
-    parts = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in gate.state_dict()["state"].values()]
-    return torch.cat(parts)
 
 
 class Tiny(nn.Module):

@@ -39,6 +39,7 @@ import torch.distributed as dist  # noqa: E402
 
 from dgg_kernels.integrations import verl as dv  # noqa: E402
 from dgg_kernels.integrations.checkpoint import GATE_FILE  # noqa: E402
+from rank_checks import assert_same_on_all_ranks, expect_error, state_bits  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -103,15 +104,8 @@ def bits_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     )
 
 
-def same_on_all_ranks(t: torch.Tensor, what: str) -> None:
-    out = [torch.empty_like(t) for _ in range(WORLD)]
-    dist.all_gather(out, t.contiguous())
-    for r, o in enumerate(out):
-        assert torch.equal(o, out[0]), f"{what}: rank {r} differs from rank 0"
 
 
-def gate_bits(gate) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).contiguous().view(torch.uint8) for t in gate.state.state_dict().values()])
 
 
 class Probe:
@@ -181,9 +175,9 @@ def gate_case() -> None:
             lrs.append(m["lr"][0])
             if closed_at is not None:
                 assert m["grad_norm"][-1] == 0.0  # verl clips after the gate: a discarded step's gradient is zero
-        same_on_all_ranks(gate_bits(gate), f"gate state after batch {i}")
+        assert_same_on_all_ranks(state_bits(gate), f"gate state after batch {i}")
     assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs), lrs  # cosine decay, one step per batch
-    same_on_all_ranks(torch.tensor([c for _, c, _ in probe.log]), "decisions")
+    assert_same_on_all_ranks(torch.tensor([c for _, c, _ in probe.log]), "decisions")
     s = gate.stats()
     assert int(s["closed_total"]) == 2 and int(s["accepted"]) == probe.steps - 2
 
@@ -192,11 +186,11 @@ def gate_case() -> None:
     worker.save_checkpoint(ckpt, global_step=len(plan))
     dist.barrier()
     assert os.path.isfile(os.path.join(ckpt, GATE_FILE))
-    saved = gate_bits(gate)
+    saved = state_bits(gate)
     fresh = make_worker({"enable": True, "window": 3, "threshold": 10.0, "statistic": "norm"})
-    assert not torch.equal(gate_bits(fresh.actor.gate), saved)
+    assert not torch.equal(state_bits(fresh.actor.gate), saved)
     fresh.load_checkpoint(ckpt)
-    assert torch.equal(gate_bits(fresh.actor.gate), saved), "the restored gate differs from the saved one"
+    assert torch.equal(state_bits(fresh.actor.gate), saved), "the restored gate differs from the saved one"
     assert bits_equal(snapshot(fresh.actor.engine), snapshot(engine))
 
 
@@ -223,13 +217,6 @@ def open_case() -> None:
 
 # -- config (world size 1) ----------------------------------------------------------------------------------------
 
-def expect(exc, fragment: str, fn):
-    try:
-        fn()
-    except exc as e:
-        assert fragment in str(e), f"{exc.__name__} without {fragment!r}: {e}"
-        return e
-    raise AssertionError(f"no {exc.__name__} ({fragment!r})")
 
 
 def config_case() -> None:
@@ -248,13 +235,13 @@ def config_case() -> None:
     assert (cfg.window, cfg.statistic, cfg.window_mode, cfg.max_reuse) == (5, "energy+increment", "batch", EPOCHS)
     assert dv.gate_config_from_actor(actor({"enable": False, "window": 5})) is None
     assert dv.gate_config_from_actor(actor(None)) is None
-    expect(ValueError, "unknown key(s) ['windw']", lambda: dv.gate_config_from_actor(actor({**on, "windw": 5})))
-    expect(ValueError, "unknown key(s)", lambda: dv.gate_config_from_actor(actor({"enable": False, "windw": 5})))
-    expect(ValueError, "window must be an int >= 2", lambda: dv.gate_config_from_actor(actor({**on, "window": 1})))
-    expect(ValueError, "enable must be true or false", lambda: dv.gate_config_from_actor(actor({"enable": "yes"})))
-    e = expect(ValueError, "FSDP1", lambda: dv.gate_config_from_actor(actor(on, "actor_rollout_ref.actor.strategy=fsdp")))
+    expect_error(ValueError, "unknown key(s) ['windw']", lambda: dv.gate_config_from_actor(actor({**on, "windw": 5})))
+    expect_error(ValueError, "unknown key(s)", lambda: dv.gate_config_from_actor(actor({"enable": False, "windw": 5})))
+    expect_error(ValueError, "window must be an int >= 2", lambda: dv.gate_config_from_actor(actor({**on, "window": 1})))
+    expect_error(ValueError, "enable must be true or false", lambda: dv.gate_config_from_actor(actor({"enable": "yes"})))
+    e = expect_error(ValueError, "FSDP1", lambda: dv.gate_config_from_actor(actor(on, "actor_rollout_ref.actor.strategy=fsdp")))
     assert "strategy=fsdp2" in str(e)
-    e = expect(ValueError, "Megatron", lambda: dv.gate_config_from_actor(
+    e = expect_error(ValueError, "Megatron", lambda: dv.gate_config_from_actor(
         actor(on, "actor_rollout_ref.actor.strategy=megatron")))
     assert "process_group" in str(e)
     with warnings.catch_warnings(record=True) as w:
@@ -262,15 +249,15 @@ def config_case() -> None:
         dv.gate_config_from_actor(actor(on, "actor_rollout_ref.actor.ppo_epochs=1"))
     assert any("only closes on non-finite" in str(x.message) for x in w), [str(x.message) for x in w]
     # a worker refuses before it builds anything
-    expect(ValueError, "FSDP1", lambda: make_worker(on, overrides=("actor_rollout_ref.actor.strategy=fsdp",)))
+    expect_error(ValueError, "FSDP1", lambda: make_worker(on, overrides=("actor_rollout_ref.actor.strategy=fsdp",)))
     # and the engine, once it knows the optimizer, precision and LoRA setting
-    expect(ValueError, "fused=True", lambda: make_worker(
+    expect_error(ValueError, "fused=True", lambda: make_worker(
         on, overrides=("++actor_rollout_ref.actor.optim.override_optimizer_config.fused=false",)))
-    expect(ValueError, "torch.optim", lambda: make_worker(
+    expect_error(ValueError, "torch.optim", lambda: make_worker(
         on, overrides=("actor_rollout_ref.actor.optim.optimizer=RMSprop",)))
-    expect(ValueError, "fp16 with a gradient scaler", lambda: make_worker(
+    expect_error(ValueError, "fp16 with a gradient scaler", lambda: make_worker(
         on, overrides=("++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp16",)))
-    expect(ValueError, "LoRA", lambda: make_worker(on, overrides=("actor_rollout_ref.model.lora_rank=4",
+    expect_error(ValueError, "LoRA", lambda: make_worker(on, overrides=("actor_rollout_ref.model.lora_rank=4",
                                                                   "actor_rollout_ref.model.target_modules=all-linear")))
 
     # max_reuse below ppo_epochs: the loop stops after max_reuse passes; the scheduler still steps once
@@ -291,13 +278,13 @@ def config_case() -> None:
     assert full.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == dv.SETUP_HOOK
     assert "dgg" in full.actor_rollout_ref.actor and "dgg" not in checked.actor_rollout_ref.actor
     validate_config(checked, use_reference_policy=False, use_critic=False)
-    expect(Exception, "dgg", lambda: validate_config(full, use_reference_policy=False, use_critic=False))
+    expect_error(Exception, "dgg", lambda: validate_config(full, use_reference_policy=False, use_critic=False))
     again = dv.prepare_config(full)  # idempotent: dgg_sync stays dgg_sync
     assert full.trainer.v1.trainer_mode == "dgg_sync" and OmegaConf.to_container(again) == OmegaConf.to_container(
         checked)
-    expect(ValueError, "use_v1", lambda: dv.prepare_config(verl_cpu.actor_config(
+    expect_error(ValueError, "use_v1", lambda: dv.prepare_config(verl_cpu.actor_config(
         path, mini_batch=MINI, dgg=on, overrides=("trainer.use_v1=false",))))
-    expect(ValueError, "separate_async", lambda: dv.prepare_config(verl_cpu.actor_config(
+    expect_error(ValueError, "separate_async", lambda: dv.prepare_config(verl_cpu.actor_config(
         path, mini_batch=MINI, dgg=on, overrides=("trainer.v1.trainer_mode=separate_async",))))
     # the example in docs/integrations.md composes, prepares and passes verl's checks
     example = docs_example()

@@ -40,7 +40,7 @@ def _is_writer() -> bool:
 
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
+        return value.detach().cpu()  # host-read-ok: writing a checkpoint, not the step
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -59,7 +59,7 @@ The loop reads the device once per optimizer step, between steps:
 ``should_stop()`` before each epoch's first mini-batch, and whether the last
 step closed before the others.  verl's own step already synchronizes every
 mini-batch (``FSDPEngine.optimizer_step`` branches on
-``torch.isfinite(grad_norm)`` and returns ``grad_norm.item()``), so these reads
+``torch.isfinite(grad_norm)`` and returns the norm as a Python float), so these reads
 add no stall.  ``metrics()`` reads once per rollout batch.
 
 Refused, with an error that says what to do: FSDP1 (``strategy=fsdp``), the
@@ -377,7 +377,7 @@ class DGGTrainingWorker(TrainingWorker):
             return None
         metrics = dict(tu.get(output, "metrics"))
         metrics.update(run.metrics())
-        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()  # host-read-ok: the report verl's worker returns, as its own does
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_batch(self, data: TensorDict) -> TensorDict:
@@ -389,7 +389,7 @@ class DGGTrainingWorker(TrainingWorker):
         if not self.engine.is_mp_src_rank_with_outputs():
             return None
         metrics = {} if lr is None else {"lr": lr}
-        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()  # host-read-ok: the report verl's worker returns, as its own does
 
 
 # -- the worker -----------------------------------------------------------------------------------------------------
