@@ -241,16 +241,25 @@ def _decision_group(decision_group, dtensor_mesh, what: str):
     return None
 
 
+def _outside(members, ranks) -> ValueError:
+    return ValueError(
+        f"decision_group spans ranks {sorted(members)}, which does not hold every rank that shares the monitor "
+        f"gradient ({sorted(ranks)}): the combine needs every piece"
+    )
+
+
 def _gather_sets(group, ranks: list[int]) -> list[tuple[int, ...]]:
     """Every group rank's shard set (a host all_gather_object at construction), checked to partition the group."""
     every: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, tuple(ranks), group=group)
     order = _group_ranks(group)
     sets: list[tuple[int, ...]] = []
+    for s in every:  # every rank checks the same gathered list, so every rank raises alike
+        if any(r not in order for r in s):
+            raise _outside(order, list(s))
     for j, s in enumerate(every):
         s = tuple(sorted(s))
-        if order[j] not in s or any(r not in order for r in s) or any(tuple(sorted(every[order.index(r)])) != s
-                                                                      for r in s):
+        if order[j] not in s or any(tuple(sorted(every[order.index(r)])) != s for r in s):
             raise ValueError(
                 f"the ranks that step this gate do not agree on who shares the monitor gradient (rank {order[j]} "
                 f"says {list(s)}; every rank's set: {[list(x) for x in every]}): every rank of decision_group must "
@@ -319,16 +328,18 @@ def sharding_for(
             specs[i] = (monitor[i].device_mesh, tuple(monitor[i].placements))
     if ranks is None:  # plain tensors, no process_group: every rank holds the whole gradient
         ranks = [dist.get_rank()] if dist.is_available() and dist.is_initialized() else [0]
-    group = _decision_group(decision_group, mesh if process_group is None else None, "monitor")
-    members = [0] if group is None else _group_ranks(group)
-    if group is not None and any(r not in members for r in ranks):
-        raise ValueError(
-            f"decision_group spans ranks {sorted(members)}, which does not hold every rank that shares the monitor "
-            f"gradient ({ranks}): the combine needs every piece"
-        )
-    if group is None or len(members) == 1:
+    group = _decision_group(decision_group, mesh, "monitor")
+    if group is None:
         return Sharding(None, [ranks], ranks, specs, device)
-    if process_group is not None or decision_group is not None:
+    members = _group_ranks(group)
+    gather = len(members) > 1 and (process_group is not None or decision_group is not None)
+    if not gather and any(r not in members for r in ranks):
+        # no collective follows (one rank), or every rank derives ranks and members from the same mesh: the
+        # same verdict everywhere; where the ranks exchange their layouts, _gather_sets raises on all alike
+        raise _outside(members, ranks)
+    if len(members) == 1:
+        return Sharding(None, [ranks], ranks, specs, device)
+    if gather:
         sets = _gather_sets(group, ranks)  # the layout of the other ranks is not known here: ask them
     elif mesh is not None:
         sets = _mesh_sets(mesh, dims, members)

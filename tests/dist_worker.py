@@ -536,6 +536,27 @@ def mesh2d_case() -> None:
         train_and_check(model, opt, gate, [head], steps=20, seed=8, data_seed=300 + dp,
                         what=f"FSDP2xTP ({'one group' if one_group else 'per mesh dim'})", cfg=cfg)
     hsdp_check(init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
+    stage_check(mesh)
+
+
+def stage_check(mesh) -> None:
+    """Only some ranks step a gate (a pipeline's last stage: ranks 2 and 3 hold the lm_head, sharded over a 1-D
+    sub-mesh): its decision group is that sub-mesh, also when its group is passed as process_group, so the other
+    ranks take part in nothing."""
+    sub = mesh["tp"]  # rows of the 2 x 2 mesh: ranks (0, 1) and (2, 3)
+    if RANK >= 2:
+        for pg in (None, sub.get_group(0)):
+            w = nn.Parameter(distribute_tensor(torch.zeros(9, 4), sub, [Shard(0)]))
+            gate = dgg.DynamicGradientGate(w, backend="torch", window=2, threshold=1e9, process_group=pg)
+            assert sorted(dist.get_process_group_ranks(gate.decision_group)) == [2, 3]
+            for k in range(3):
+                full = torch.randn(9, 4, generator=torch.Generator().manual_seed(k))
+                if k == 2:
+                    full[8, 3] = math.nan  # in rank 3's shard only
+                w.grad = distribute_tensor(full, sub, [Shard(0)], src_data_rank=None)
+                assert bool(gate.step()) == (k == 2)
+    dist.barrier()
+    log("a gate stepped by ranks 2 and 3 only combined over them")
 
 
 def hsdp_check(mesh) -> None:
