@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,7 +35,7 @@ import dgg_kernels as dgg  # noqa: E402
 from dgg_kernels.backends import triton_usable  # noqa: E402
 from semantics_model import play  # noqa: E402
 from sequences import assert_stats_match, bit_equal, make_sequence  # noqa: E402
-from rank_checks import assert_same_on_all_ranks, expect_error, state_bits  # noqa: E402
+from rank_checks import assert_same_on_all_ranks, expect_error, run_case, state_bits  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -681,13 +680,4 @@ def pytest_approx(x, rel=1e-5):
 
 
 if __name__ == "__main__":
-    case = sys.argv[1]
-    dist.init_process_group("gloo", init_method="file://" + os.environ["DGG_STORE"], rank=RANK, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
-    try:
-        {"main": main_case, "mesh2d": mesh2d_case, "trl": trl_case}[case]()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    print(f"RANK {RANK} OK {case}", flush=True)
+    run_case({"main": main_case, "mesh2d": mesh2d_case, "trl": trl_case})

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 
 T0 = time.monotonic()
 
@@ -52,7 +51,7 @@ import dgg_kernels as dgg  # noqa: E402
 from dgg_kernels.integrations.deepspeed import DeepSpeedGate  # noqa: E402
 from deepspeed.utils import safe_get_full_grad, safe_get_local_grad  # noqa: E402
 from sequences import bit_equal  # noqa: E402
-from rank_checks import assert_same_on_all_ranks, expect_error, state_bits  # noqa: E402
+from rank_checks import assert_same_on_all_ranks, expect_error, run_case, state_bits  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -420,13 +419,4 @@ def trl_case() -> None:
 
 
 if __name__ == "__main__":
-    case = sys.argv[1]
-    dist.init_process_group("gloo", init_method="file://" + os.environ["DGG_STORE"], rank=RANK, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
-    try:
-        {"engines": engines_case, "trl": trl_case}[case]()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    print(f"RANK {RANK} OK {case}", flush=True)
+    run_case({"engines": engines_case, "trl": trl_case})

@@ -1,6 +1,10 @@
-"""Checks the multi-rank workers share (tests/dist_worker.py, ds_worker.py, verl_worker.py): an expected error,
-a tensor equal on every rank, and a gate's whole saved state as bytes."""
+"""What the multi-rank workers share (tests/dist_worker.py, ds_worker.py, verl_worker.py): an expected error, a
+tensor equal on every rank, a gate's whole saved state as bytes, and the gloo worker's main."""
 from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,3 +32,18 @@ def state_bits(gate) -> torch.Tensor:
     """The gate's whole saved state as bytes (NaN payloads included)."""
     parts = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in gate.state.state_dict().values()]
     return torch.cat(parts)
+
+
+def run_case(cases: dict) -> None:
+    """A worker's main: join the gloo group (file rendezvous at $DGG_STORE, 60 s collective timeout), run the case
+    named by argv[1] on one thread, and print the line the launcher looks for once every rank got through."""
+    case, rank = sys.argv[1], int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method="file://" + os.environ["DGG_STORE"], rank=rank,
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        cases[case]()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    print(f"RANK {rank} OK {case}", flush=True)
