@@ -109,7 +109,7 @@ dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, con
   check_state_tensor(stats, "stats", at::kFloat, dgg::kNumStatSlots, device);
   check_state_tensor(decision, "decision", at::kBool, 1, device);
   check_state_tensor(hyper, "hyper", at::kDouble, dgg::kNumHyperSlots, device);
-  check_state_tensor(acc, "acc", at::kDouble, 1, device);
+  check_state_tensor(acc, "acc", at::kDouble, dgg::kNumAccSlots, device);
   dgg::GateStateView v{};
   v.ring = ring.data_ptr<double>();
   v.prev = prev.data_ptr<double>();
@@ -129,7 +129,9 @@ void reduce_impl(const std::vector<at::Tensor>& grads, const at::Tensor& partial
                  const at::Tensor& acc, int64_t max_blocks, const dgg::GateStateView* state) {
   const at::Device device = acc.device();
   TORCH_CHECK(device.is_cuda(), "dgg: acc is on ", device, "; the cuda backend needs a CUDA device");
-  check_state_tensor(acc, "acc", at::kDouble, 1, device);
+  // acc: where the energy goes (its first element): the state's acc, or one float64 of per-tensor sums
+  TORCH_CHECK(acc.scalar_type() == at::kDouble && acc.is_contiguous() && acc.numel() >= 1,
+              "dgg: acc must be a non-empty contiguous float64 tensor on ", device);
   TORCH_CHECK(partials.device() == device && partials.scalar_type() == at::kFloat && partials.is_contiguous(),
               "dgg: partials must be a contiguous float32 tensor on ", device);
   TORCH_CHECK(ticket.device() == device && ticket.scalar_type() == at::kInt && ticket.numel() == 1,
@@ -222,5 +224,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_threads", &dgg::gate_mask_threads, "threads per block of the mask kernel");
   m.attr("MAX_STEP_TENSORS") = dgg::kMaxStepTensors;
   // (len(ints), len(stats), len(hyper)) this build expects; the loader compares it with state.py
-  m.attr("STATE_LAYOUT") = py::make_tuple(dgg::kNumIntSlots, dgg::kNumStatSlots, dgg::kNumHyperSlots);
+  m.attr("STATE_LAYOUT") =
+      py::make_tuple(dgg::kNumIntSlots, dgg::kNumStatSlots, dgg::kNumHyperSlots, dgg::kNumAccSlots);
 }

@@ -15,6 +15,7 @@ what each threshold would have done::
             ...; loss.backward(); gate.step(); rec.record(gate); opt.step()
     rec.close_rates([0.1, 0.3, 1.0])          # {0.1: 0.62, 0.3: 0.41, 1.0: 0.12}: fraction of batches closed
     rec.threshold_for_close_rate(0.2)         # the smallest threshold closing at most 20% of the batches
+    rec.threshold_for_close_rate(0.2, test="kl")  # the same for the KL stop: a KL limit (observe_kl each step)
 
 ``record()`` only queues two small device copies (no host synchronization),
 so it can sit in the training loop; the report methods read the device (once
@@ -52,11 +53,11 @@ import torch
 
 from . import state as S
 
-_TESTS = (None, "energy", "increment")
+_TESTS = (None, "energy", "increment", "kl")
 # columns of a recorded row: the gate's stats (float32 -> float64, exact), then its ints (int64 -> float64)
 _N_COLS = S.N_STATS + S.N_INTS
 _REUSE_COL = S.N_STATS + S.REUSE
-_Z_COL = {None: S.Z, "energy": S.Z_ENERGY, "increment": S.Z_INCREMENT}
+_Z_COL = {None: S.Z, "energy": S.Z_ENERGY, "increment": S.Z_INCREMENT, "kl": S.KL}
 
 
 def _closes(score: float, t: float) -> bool:
@@ -126,8 +127,8 @@ class Recorder:
     @staticmethod
     def _score(row: list[float], test) -> float:
         """What this step does under threshold t: it closes iff score > t (+inf: under every t, see _closes)."""
-        if not math.isfinite(row[S.ENERGY]):
-            return math.inf  # NaN/Inf energy closes at any threshold, at any pass
+        if not (math.isfinite(row[S.ENERGY]) and math.isfinite(row[S.KL])):
+            return math.inf  # a NaN/Inf energy or KL closes at any threshold, at any pass
         if row[_REUSE_COL] <= 1:
             return -math.inf  # the first pass of a batch never closes on a finite gradient
         z = row[_Z_COL[test]]
@@ -155,7 +156,9 @@ class Recorder:
 
         test: None (the gate's z: for "energy+increment" the larger of both tests'), "energy" or
         "increment" (only that test's z, as if the other were not watched; 0 for a test the gate does
-        not run, so such a test never closes a batch).
+        not run, so such a test never closes a batch), or "kl": the KL the trainer gave the gate
+        (observe_kl; 0 where none was given), so a "threshold" is a KL limit, kl_factor * target_kl
+        (the KL stop fires from the second pass on, with no window).
         """
         return [max(s for _, s in b) for b in self._batches(test)]
 

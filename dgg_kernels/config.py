@@ -11,6 +11,10 @@ WINDOW_MODES = ("step", "batch")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
+def _positive_finite(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Settings of one DynamicGradientGate.
@@ -31,6 +35,14 @@ class GateConfig:
     eps:       added to the window std before dividing (> 0).
     max_reuse: passes over one rollout batch before should_stop() says stop (>= 1).
     backend:   "auto", "torch", "triton" or "cuda".
+    target_kl: the KL stop, off when None: a second test, on the approximate KL of
+               the current policy to the rollout policy that the trainer gives
+               the gate each step (DynamicGradientGate.observe_kl).  The gate
+               closes when the reuse index is above 1 and kl > kl_factor * target_kl
+               (alone: threshold=float("inf"); with a finite threshold, either
+               test closes).  A finite number > 0.
+    kl_factor: the multiple of target_kl the KL must exceed (> 0, finite; 1.5 is
+               stable-baselines3's and Spinning Up's rule, 1.0 CleanRL's).
     """
 
     window: int = 8
@@ -40,6 +52,8 @@ class GateConfig:
     max_reuse: int = 4
     backend: str = "auto"
     window_mode: str = "step"
+    target_kl: float | None = None
+    kl_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
@@ -55,12 +69,7 @@ class GateConfig:
             )
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
-        if (
-            isinstance(self.eps, bool)
-            or not isinstance(self.eps, (int, float))
-            or not math.isfinite(self.eps)
-            or self.eps <= 0
-        ):
+        if not _positive_finite(self.eps):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         if isinstance(self.max_reuse, bool) or not isinstance(self.max_reuse, int) or self.max_reuse < 1:
             raise ValueError(f"max_reuse must be an int >= 1, got {self.max_reuse!r}")
@@ -68,6 +77,17 @@ class GateConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {self.window_mode!r}")
+        if self.target_kl is not None and not _positive_finite(self.target_kl):
+            raise ValueError(f"target_kl must be None (no KL stop) or a finite number > 0, got {self.target_kl!r}")
+        if not _positive_finite(self.kl_factor):
+            raise ValueError(f"kl_factor must be a finite number > 0, got {self.kl_factor!r}")
+        if self.target_kl is not None and not math.isfinite(self.target_kl * self.kl_factor):
+            raise ValueError(f"target_kl * kl_factor overflows: {self.target_kl!r} * {self.kl_factor!r}")
+
+    @property
+    def kl_limit(self) -> float:
+        """The KL above which the KL test closes: kl_factor * target_kl, or inf when there is no KL stop."""
+        return math.inf if self.target_kl is None else float(self.target_kl) * float(self.kl_factor)
 
     @property
     def statistic_id(self) -> int:

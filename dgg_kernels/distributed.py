@@ -7,13 +7,13 @@ each rank holds a piece of its gradient.  A sharded step is then
 
 ``reduce`` writes this rank's partial energy (the float64 sum of squares of
 its local shards) into ``state.acc``; the combine all-gathers those partials
-over the ranks that hold the other pieces into a float64[group size] buffer,
+over the ranks that hold the other pieces into a float64[group size, 2] buffer,
 whose entries are in group-rank order on every rank, and every rank sums that
 same vector with the same kernel.  Same bits in, same bits out: every rank
 finalizes on the same energy and ends the step with bit-identical state and
 decision, independent of the collective's algorithm (a ring or tree
 all-reduce would add in an order the library picks).  The collective is one
-``all_gather_single`` (``all_gather_into_tensor``) of 8 bytes per rank, per
+``all_gather_single`` (``all_gather_into_tensor``) of 16 bytes per rank (the partial energy and the KL), per
 sharded mesh dimension; it runs on the device (no host sync) and, with NCCL,
 can be captured in a CUDA graph.  Its cost at scale is in docs/distributed.md.
 
@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from . import state as S
 
 try:  # torch >= 2.4 has the public module; older torch has no DTensor support here
     from torch.distributed.tensor import DTensor
@@ -142,8 +144,8 @@ class Sharding:
         self.specs = specs
         self.dims = [None if s is None else sharded_dims(s[1], "monitor") for s in specs]
         self.n_sets = len(sets)
-        self.buffer = None if group is None else torch.zeros(dist.get_world_size(group), dtype=torch.float64,
-                                                             device=device)
+        self.buffer = None if group is None else torch.zeros(dist.get_world_size(group) * S.N_ACC,
+                                                             dtype=torch.float64, device=device)
         self.member = None
         if group is not None and len(sets) > 1:
             order = _group_ranks(group)  # group rank j is global rank order[j]
@@ -194,22 +196,30 @@ class Sharding:
         self.specs[i] = (mesh, tuple(placements))
 
     def combine(self, acc: torch.Tensor) -> None:
-        """acc (float64[1], this rank's partial energy) -> the energy every rank of the group finalizes on.
+        """acc (float64[N_ACC]: this rank's partial energy and its KL) -> the energy and the KL every rank of
+        the group finalizes on.
 
-        One all-gather of 8 bytes per rank; then, on every rank, the same
-        ops on the same gathered vector: the partials of each shard set summed
-        in group-rank order, and the largest of those sums (NaN if any is NaN:
-        a replica that saw a NaN closes every replica).  Replicas of one
-        gradient hold equal sums, so the largest is that sum; replicas that
-        disagree (a gradient synchronized by hand after a hook read it, a rank
-        that skipped the sync) still reach one decision, the most cautious one.
+        One all-gather of 16 bytes per rank; then, on every rank, the same
+        ops on the same gathered vectors.  The energy: the partials of each
+        shard set summed in group-rank order, and the largest of those sums
+        (NaN if any is NaN: a replica that saw a NaN closes every replica).
+        Replicas of one gradient hold equal sums, so the largest is that sum;
+        replicas that disagree (a gradient synchronized by hand after a hook
+        read it, a rank that skipped the sync) still reach one decision, the
+        most cautious one.  The KL: the mean over every rank of the group
+        (each data-parallel rank measures it on its own tokens; NaN if any
+        rank's is NaN).
         """
         _all_gather(self.buffer, acc, group=self.group)
+        parts = self.buffer.view(-1, S.N_ACC)
+        energy, kl = parts[:, S.ACC_ENERGY], parts[:, S.ACC_KL]
+        out_energy, out_kl = acc[S.ACC_ENERGY : S.ACC_ENERGY + 1], acc[S.ACC_KL : S.ACC_KL + 1]
         if self.member is None:
-            torch.sum(self.buffer, dim=0, keepdim=True, out=acc)
+            torch.sum(energy, dim=0, keepdim=True, out=out_energy)
         else:
-            sums = torch.where(self.member, self.buffer, torch.zeros_like(self.buffer)).sum(dim=1)
-            torch.amax(sums, dim=0, keepdim=True, out=acc)
+            sums = torch.where(self.member, energy, torch.zeros_like(energy)).sum(dim=1)
+            torch.amax(sums, dim=0, keepdim=True, out=out_energy)
+        torch.mean(kl, dim=0, keepdim=True, out=out_kl)
 
 
 def _group_ranks(group) -> list[int]:

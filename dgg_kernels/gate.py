@@ -6,6 +6,7 @@ masks (see backends/torch_ref.py for the semantics).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -67,14 +68,15 @@ class DynamicGradientGate:
         params: Tensors whose ``.grad`` is zeroed when the gate closes
             (default: the monitor tensors).  Entries whose ``.grad`` is None
             at step() are skipped.
-        window, threshold, statistic, eps, max_reuse, backend, window_mode:
+        window, threshold, statistic, eps, max_reuse, backend, window_mode, target_kl, kl_factor:
             see GateConfig.  statistic="energy+increment" is the paper's rule
             (energy and increment tests, closing when either fires);
             threshold=float("inf") is the observer mode (z reported, never
             closes on a finite gradient; see dgg_kernels.calibration);
             window_mode="batch" keeps one statistic per rollout batch in the
-            window (the first pass after new_batch()).  The defaults are
-            GateConfig's.  docs/semantics.md has the exact rules.
+            window (the first pass after new_batch()); target_kl turns on the
+            KL stop (the trainer gives the KL each step with observe_kl()).
+            The defaults are GateConfig's.  docs/semantics.md has the exact rules.
         overlap: launch the monitor reduction from a post-accumulate-grad hook
             during backward (on a side stream on CUDA), so step() only
             finalizes and masks.  step() uses that reduction only if every
@@ -123,10 +125,12 @@ class DynamicGradientGate:
         process_group=None,
         window_mode: str = GateConfig.window_mode,
         decision_group=None,
+        target_kl: float | None = None,
+        kl_factor: float = GateConfig.kl_factor,
     ) -> None:
         self.config = GateConfig(
             window=window, threshold=threshold, statistic=statistic, eps=eps, max_reuse=max_reuse, backend=backend,
-            window_mode=window_mode,
+            window_mode=window_mode, target_kl=target_kl, kl_factor=kl_factor,
         )
         self.monitor = _tensor_list(monitor, "monitor")
         self.params = list(self.monitor) if params is None else _tensor_list(params, "params")
@@ -150,8 +154,9 @@ class DynamicGradientGate:
         self._combine_key = ops.register_backend(self._sharding) if combines else 0
         self.state = GateState.new(
             self.config.window, self.config.threshold, self.config.eps, self.device,
-            n_rings=self.config.n_rings, window_mode=self.config.window_mode,
+            n_rings=self.config.n_rings, window_mode=self.config.window_mode, kl_limit=self.config.kl_limit,
         )
+        self._kl_observed = False  # observe_kl() called since the last step (required each step with target_kl)
         self.overlap = bool(overlap)
         self._overlap_hooks: list = []
         if self.overlap:
@@ -243,8 +248,14 @@ class DynamicGradientGate:
         the gate closed (the params' gradients are now zero).  No host sync.
         """
         # every input is checked here, for every backend, before the state or any gradient is touched
+        if self.config.target_kl is not None and not self._kl_observed:
+            raise RuntimeError(
+                f"this gate has a KL stop (target_kl={self.config.target_kl}) but observe_kl() was not called "
+                "since the last step(): give it the step's KL (a 0-dim tensor) before every step()"
+            )
         grads = inputs.monitor_grads(self.monitor, self._sharding, self.device)
         zero, key = self._param_grads()
+        self._kl_observed = False
         if self.overlap and self._consume_overlap(grads):
             self._backend.finalize_partials(len(grads), self.state, self.config)
             return self._mask(zero, key)
@@ -306,6 +317,56 @@ class DynamicGradientGate:
         """
         self.state.ints[S.PASS_MODE : S.PASS_NEW + 1].fill_(1)
 
+    def observe_kl(self, kl) -> None:
+        """Give the next step() the approximate KL of the current policy to the rollout policy (no host sync).
+
+        ``kl``: a 0-dim floating tensor on the gate's device (any float dtype;
+        detached here), or a Python number, usually the batch mean of a k1
+        (log r) or k3 ((r - 1) - log r) estimator over the tokens of the
+        loss, with r = exp(logp - old_logp).  The next step() judges it and
+        then forgets it: with target_kl set, call this before every step()
+        (step() raises otherwise); without, a given KL is reported in
+        stats()["kl"] and closes the gate only when it is not finite.  The
+        gate closes when kl is not finite, or the reuse index is above 1 and
+        kl > kl_factor * target_kl.  On several ranks the KL judged is the
+        mean over the decision group's ranks.
+
+        Raises (nothing modified): TypeError for a non-tensor non-number, a
+        non-floating dtype or a DTensor; ValueError for a tensor that is not
+        0-dim, or a non-finite value given as a Python number or a CPU
+        tensor; RuntimeError for a tensor on another device.  A non-finite
+        value in an accelerator tensor cannot be seen without a host sync:
+        it closes the gate (docs/semantics.md, "The KL stop").
+        """
+        slot = self.state.acc[S.ACC_KL]
+        if isinstance(kl, torch.Tensor):
+            from .distributed import is_dtensor
+            from .backends.torch_ref import host_value
+
+            if is_dtensor(kl):
+                raise TypeError("kl is a DTensor: pass a plain 0-dim tensor (kl.full_tensor() or kl.to_local() "
+                                "for a replicated value)")
+            if not kl.is_floating_point():
+                raise TypeError(f"kl must be a floating-point tensor, got dtype {kl.dtype}")
+            if kl.dim() != 0:
+                raise ValueError(f"kl must be a 0-dim tensor (one number: the batch's mean KL), got shape "
+                                 f"{tuple(kl.shape)}")
+            if kl.device != self.device:
+                raise RuntimeError(f"kl is on {kl.device}, but the gate was built on {self.device} (its state "
+                                   "lives there)")
+            value = host_value(kl)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"kl is {value}: the KL must be finite (a NaN or Inf KL means a broken loss)")
+            with torch.no_grad():
+                slot.copy_(kl.detach())
+        else:
+            if isinstance(kl, bool) or not isinstance(kl, (int, float)):
+                raise TypeError(f"kl must be a 0-dim tensor or a number, got {type(kl).__name__}")
+            if not math.isfinite(kl):
+                raise ValueError(f"kl is {kl}: the KL must be finite (a NaN or Inf KL means a broken loss)")
+            slot.fill_(float(kl))
+        self._kl_observed = True
+
     def should_stop(self) -> bool:
         """True once the gate closed, or the max_reuse-th pass ran, since new_batch().  Reads the device: the
         trainer's loop decision, once per pass (after the pass's last step)."""
@@ -315,8 +376,9 @@ class DynamicGradientGate:
         """The last step's report as 0-dim device tensors (a snapshot; no host read).
 
         energy, norm, statistic, mean, std, z, z_energy, z_increment (float32);
-        closed (bool); reuse_index, accepted, closed_total (int64).  A test's z
-        is 0 until its window is full.
+        closed (bool); reuse_index, accepted, closed_total (int64); kl
+        (float32: the KL the step judged, observe_kl(); 0 when none was
+        given).  A test's z is 0 until its window is full.
 
         z_energy is the z of the magnitude test (statistic "norm": of the norm;
         "energy" and "energy+increment": of the energy), z_increment the z of the
@@ -325,7 +387,9 @@ class DynamicGradientGate:
         "energy+increment", z is the larger of the two, and statistic, mean and
         std are those of the test whose z is reported (the increment test only
         when its z is strictly larger).  For every statistic the gate closed iff
-        the energy was not finite, or the reuse index is above 1 and z > threshold.
+        the energy or the given KL was not finite, or the reuse index is above
+        1 and z > threshold or kl > kl_factor * target_kl (or, in passes of
+        several steps, an earlier step of the batch closed).
         """
         f = self.state.stats.clone()
         i = self.state.ints.clone()
@@ -342,6 +406,7 @@ class DynamicGradientGate:
             "closed_total": i[S.CLOSED_TOTAL],
             "z_energy": f[S.Z_ENERGY],
             "z_increment": f[S.Z_INCREMENT],
+            "kl": f[S.KL],
         }
 
     def state_dict(self) -> dict:
@@ -378,6 +443,6 @@ class DynamicGradientGate:
         c = self.config
         return (
             f"DynamicGradientGate(window={c.window}, threshold={c.threshold}, statistic={c.statistic!r}, "
-            f"eps={c.eps}, max_reuse={c.max_reuse}, window_mode={c.window_mode!r}, backend={self.backend!r}, "
-            f"device={self.device})"
+            f"eps={c.eps}, max_reuse={c.max_reuse}, window_mode={c.window_mode!r}, target_kl={c.target_kl!r}, "
+            f"kl_factor={c.kl_factor!r}, backend={self.backend!r}, device={self.device})"
         )

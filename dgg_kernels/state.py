@@ -42,13 +42,20 @@ CLOSED = 6     # 1.0 closed / 0.0 open; float32 so it can serve as an optimizer'
 Z_ENERGY = 7     # z of the magnitude test ("norm": of the norm; "energy", "energy+increment": of the energy);
                  # 0 for "increment", which runs no such test (as for a test whose window is filling)
 Z_INCREMENT = 8  # z of the increment test ("increment", "energy+increment"); 0 for "norm" and "energy"
-N_STATS = 9
+KL = 9           # the KL the step judged (observe_kl; the mean over the decision group's ranks), 0 if none given
+N_STATS = 10
 
 # hyper: float64[N_HYPER], settings the kernels read in float64
 THRESHOLD = 0    # float("inf"): the observer mode
 EPS = 1
 WINDOW_MODE = 2  # GateConfig.window_mode_id: 0.0 "step", 1.0 "batch" (read at run time, like the threshold)
-N_HYPER = 3
+KL_LIMIT = 3     # GateConfig.kl_limit: kl_factor * target_kl, inf when there is no KL stop
+N_HYPER = 4
+
+# acc: float64[N_ACC], one step's inputs to the finalize (scratch, not saved)
+ACC_ENERGY = 0   # the squared sum the reduce writes (a rank's partial until the combine)
+ACC_KL = 1       # the KL observe_kl wrote (0 when none); the finalize reads it and writes 0 back
+N_ACC = 2
 
 _SAVED = ("ring", "prev", "ints", "stats", "decision")
 
@@ -66,8 +73,9 @@ class GateState:
     stats:    float32[N_STATS] the last step's report
     decision: bool[]           True when the last step closed the gate (step() returns a copy);
                                stats[CLOSED] holds the same bit as float32 for fused optimizers
-    hyper:    float64[N_HYPER] threshold, eps and window mode (from the config, not saved)
-    acc:      float64[1]       scratch: the squared sum the reduce writes and the finalize reads (not saved)
+    hyper:    float64[N_HYPER] threshold, eps, window mode and KL limit (from the config, not saved)
+    acc:      float64[N_ACC]   scratch: the step's inputs, the squared sum the reduce writes and the KL
+                               observe_kl writes, which the finalize reads (not saved)
     """
 
     ring: torch.Tensor
@@ -81,12 +89,13 @@ class GateState:
     @classmethod
     def new(
         cls, window: int, threshold: float, eps: float, device: torch.device, n_rings: int = 1,
-        window_mode: str = "step",
+        window_mode: str = "step", kl_limit: float = float("inf"),
     ) -> "GateState":
         """A fresh state; ``n_rings`` is GateConfig.n_rings (2 for statistic "energy+increment")."""
         f64 = dict(dtype=torch.float64, device=device)
         hyper = [0.0] * N_HYPER
         hyper[THRESHOLD], hyper[EPS], hyper[WINDOW_MODE] = float(threshold), float(eps), float(WINDOW_MODES.index(window_mode))
+        hyper[KL_LIMIT] = float(kl_limit)
         return cls(
             ring=torch.zeros(n_rings * window, **f64),
             prev=torch.zeros(1, **f64),
@@ -94,7 +103,7 @@ class GateState:
             stats=torch.zeros(N_STATS, dtype=torch.float32, device=device),
             decision=torch.zeros((), dtype=torch.bool, device=device),
             hyper=torch.tensor(hyper, **f64),
-            acc=torch.zeros(1, **f64),
+            acc=torch.zeros(N_ACC, **f64),
         )
 
     def state_dict(self) -> dict:
@@ -145,7 +154,7 @@ class GateState:
 #      run the script for it, and add a row to the table in docs/semantics.md.
 # Never renumber a slot: a layout's slots keep their meaning in every later version.
 
-STATE_VERSION = 4  # the layout state_dict() writes
+STATE_VERSION = 5  # the layout state_dict() writes
 
 _CONFIG_V1 = frozenset({"window", "threshold", "statistic", "eps", "max_reuse"})
 
@@ -177,6 +186,9 @@ LAYOUTS = (
            _CONFIG_V1 | {"window_mode"}, 9, 9, torch.bool, versioned=False, ring_per_test=True),
     Layout(4, "passes of several steps: int slots PASS_MODE, PASS_NEW, BATCH_CLOSED; always with \"version\"",
            _CONFIG_V1 | {"window_mode"}, 12, 9, torch.bool, versioned=True, ring_per_test=True),
+    Layout(5, "the KL stop: settings target_kl, kl_factor; stats slot KL",
+           _CONFIG_V1 | {"window_mode", "target_kl", "kl_factor"}, 12, 10, torch.bool, versioned=True,
+           ring_per_test=True),
 )
 
 
@@ -222,8 +234,20 @@ def _upgrade_3(sd: dict) -> dict:
     return {**sd, "version": 4, "state": {**state, "ints": torch.cat([ints, extra])}}
 
 
+def _upgrade_4(sd: dict) -> dict:
+    """4 -> 5: settings target_kl (None: version 4 had no KL stop) and kl_factor (1.0); stats slot KL appended
+    (0: no KL was given to a version 4 gate)."""
+    state = sd["state"]
+    return {
+        **sd,
+        "version": 5,
+        "config": {**sd["config"], "target_kl": None, "kl_factor": 1.0},
+        "state": {**state, "stats": torch.cat([state["stats"], state["stats"].new_zeros(1)])},
+    }
+
+
 # _UPGRADES[n]: a version n dict -> the same dict in version n + 1
-_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3}
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4}
 assert [lay.version for lay in LAYOUTS] == list(range(1, STATE_VERSION + 1))
 assert sorted(_UPGRADES) == list(range(1, STATE_VERSION))
 

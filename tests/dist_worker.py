@@ -374,6 +374,36 @@ def check_agreement(mesh) -> None:
         assert_same_on_all_ranks(torch.stack(bits), f"{backend}: unsynchronized replicas")
         assert any(closed_at) and not all(closed_at), closed_at
 
+    # 1b. the KL stop: each rank gives the KL of its own tokens; every rank judges their mean (plain replicas
+    # and FSDP2-style shards alike), reaching one decision even where a rank's own KL says otherwise
+    for backend in BACKENDS:
+        for kind in ("plain", "sharded"):
+            def param(x):
+                return nn.Parameter(x if kind == "plain" else distribute_tensor(x, mesh, [Shard(0)]))
+
+            w = param(torch.zeros(9, 4))
+            gate = dgg.DynamicGradientGate(w, backend=backend, threshold=math.inf, target_kl=0.01, kl_factor=1.5,
+                                           max_reuse=8)
+            g = torch.Generator().manual_seed(9)  # the same on every rank
+            gate.new_batch()
+            closed_at, bits = [], []
+            for step in range(10):
+                full = torch.randn(9, 4, generator=g)
+                w.grad = full.clone() if kind == "plain" else distribute_tensor(full, mesh, [Shard(0)])
+                kls = (torch.rand(WORLD, generator=g) * 0.03).to(torch.float32)
+                gate.observe_kl(kls[RANK].clone())
+                closed = bool(gate.step())
+                mean = kls.double().mean().item()
+                assert gate.stats()["kl"].item() == float(torch.tensor(mean, dtype=torch.float32)), (backend, kind)
+                reuse = gate.stats()["reuse_index"].item()
+                assert closed == (reuse > 1 and mean > 0.015), (backend, kind, step, closed, mean)
+                closed_at.append(closed)
+                bits.append(state_bits(gate))
+                if gate.should_stop():
+                    gate.new_batch()
+            assert any(closed_at) and not all(closed_at), (backend, kind, closed_at)
+            assert_same_on_all_ranks(torch.stack(bits), f"{backend} {kind}: KL stop")
+
     # 2. gradients all-reduced by hand after backward (common in RL trainers): overlap is refused, the plain
     # step judges the synchronized gradient and matches a single-rank gate fed the mean gradient
     torch.manual_seed(0)

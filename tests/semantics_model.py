@@ -39,9 +39,12 @@ class _Test:
 
 
 class GateModel:
-    def __init__(self, window=8, threshold=0.3, statistic="norm", eps=1e-8, max_reuse=4, window_mode="step"):
+    def __init__(self, window=8, threshold=0.3, statistic="norm", eps=1e-8, max_reuse=4, window_mode="step",
+                 target_kl=None, kl_factor=1.0):
         self.W, self.threshold, self.statistic, self.eps, self.max_reuse = window, threshold, statistic, eps, max_reuse
         self.window_mode = window_mode
+        # the KL stop: closes from reuse index 2 on when the given KL exceeds kl_factor * target_kl
+        self.kl_limit = math.inf if target_kl is None else target_kl * kl_factor
         # "energy+increment" runs two tests, each with a window of W; the others one
         kinds = ["energy", "increment"] if statistic == "energy+increment" else [statistic]
         self.tests = {k: _Test(window) for k in kinds}
@@ -65,8 +68,9 @@ class GateModel:
     def new_pass(self):
         self.pass_mode = self.pass_new = True
 
-    def step(self, energy: float) -> dict:
-        finite = math.isfinite(energy)
+    def step(self, energy: float, kl: float = 0.0) -> dict:
+        """One step on this energy, with the KL the trainer gave (0.0: none)."""
+        finite = math.isfinite(energy) and math.isfinite(kl)
         norm = math.sqrt(energy) if not math.isnan(energy) else math.nan
         has_prev = self.prev_energy is not None
         # each watched test: its statistic, whether it may enter the window, and its magnitude
@@ -83,7 +87,7 @@ class GateModel:
             mean, std, full = test.judge(s)
             z = (s - mean) / (std + self.eps) if full else 0.0
             judged[kind] = dict(statistic=s, mean=mean, std=std, z=z, full=full)
-        fires = any(j["full"] and j["z"] > self.threshold for j in judged.values())
+        fires = any(j["full"] and j["z"] > self.threshold for j in judged.values()) or kl > self.kl_limit
         closed = (not finite) or (self.reuse > 1 and fires) or (self.pass_mode and self.batch_closed)
         self.batch_closed = self.batch_closed or closed
         # how large the float32 rounding of this step's stats can be, in their units
@@ -107,7 +111,7 @@ class GateModel:
         else:
             shown = next(iter(judged.values()))
         magnitude = judged.get("energy", judged.get("norm"))
-        out = dict(closed=closed, energy=energy, norm=norm, err_scale=err_scale, reuse_index=self.reuse,
+        out = dict(closed=closed, energy=energy, norm=norm, err_scale=err_scale, reuse_index=self.reuse, kl=kl,
                    statistic=shown["statistic"], mean=shown["mean"], std=shown["std"], z=shown["z"])
         # a test the statistic does not run reports z = 0 (std: None)
         out["z_energy"] = magnitude["z"] if magnitude else 0.0

@@ -149,6 +149,8 @@ def assert_stats_match(got: dict, want: dict, step: int, err_scale: float, model
     """
     for key in ("energy", "norm"):
         assert close(got[key], want[key], 2e-5), (step, key, got[key], want[key])
+    if "kl" in want and "kl" in got:  # the given KL, stored and reported unchanged (a float32 value)
+        assert got["kl"] == want["kl"] or math.isnan(got["kl"]) and math.isnan(want["kl"]), (step, "kl", got, want)
     d = 2e-5 * err_scale  # how far statistic, mean and std may move by float32 rounding
     for key in ("statistic", "mean", "std"):
         assert close(got[key], want[key], 2e-5, abs_=d), (step, key, got[key], want[key])

@@ -101,12 +101,14 @@ def test_slot_order_matches_the_kernel_struct():
     assert f"kMaxStepTensors = {cuda_ext.MAX_STEP_TENSORS};" in header
     # the group sizes the binding checks ints, stats and hyper against
     assert f"kNumIntSlots = {S.N_INTS};" in header and f"kNumStatSlots = {S.N_STATS};" in header
-    assert f"kNumHyperSlots = {S.N_HYPER};" in header
+    assert f"kNumHyperSlots = {S.N_HYPER};" in header and f"kNumAccSlots = {S.N_ACC};" in header
     # every slot of each group is named once, so the finalize can reach all of them
-    n_ints, n_stats = S.N_INTS, S.N_STATS
-    assert sorted(want[:n_ints]) == list(range(n_ints))
-    assert sorted(want[n_ints : n_ints + n_stats]) == list(range(n_stats))
-    assert sorted(want[n_ints + n_stats :]) == list(range(S.N_HYPER))
+    groups = [S.N_INTS, S.N_STATS, S.N_HYPER, S.N_ACC]
+    start = 0
+    for n in groups:
+        assert sorted(want[start : start + n]) == list(range(n))
+        start += n
+    assert start == len(want)
     # the statistic and window-mode ids the kernels compare with
     from dgg_kernels.config import STATISTICS, WINDOW_MODES
 

@@ -82,6 +82,8 @@ configs = st.fixed_dictionaries(dict(
     eps=st.sampled_from([1e-8, 1e-3]),
     max_reuse=st.integers(1, 6),
     window_mode=st.sampled_from(WINDOW_MODES),
+    target_kl=st.one_of(st.none(), st.sampled_from([0.005, 0.01, 0.05])),
+    kl_factor=st.sampled_from([1.0, 1.5]),
 ))
 
 
@@ -97,7 +99,24 @@ def events(draw):
     inject = None
     if draw(st.integers(0, 7)) == 0:
         inject = (draw(st.integers(0, 2)), draw(st.floats(0.0, 0.999)), draw(st.sampled_from(sorted(INJECT))))
-    return ("step", draw(st.floats(-3.0, 3.0)), inject)
+    # the KL given to the step (observe_kl), or None: none given (0.0 as a Python number with a KL stop)
+    kl = draw(st.one_of(st.none(), st.floats(-0.01, 0.12)))
+    return ("step", draw(st.floats(-3.0, 3.0)), inject, kl)
+
+
+def _kl_of(ev) -> float | None:
+    """The KL a step event gives, as the gate stores it (rounded to float32), or None."""
+    kl = ev[3] if len(ev) > 3 else None
+    return None if kl is None else float(torch.tensor(kl, dtype=torch.float32))
+
+
+def _observe(sc, gate, ev, device) -> None:
+    """Give the gate the step's KL: a float32 tensor, or 0.0 as a number when a KL stop needs one."""
+    kl = _kl_of(ev)
+    if kl is not None:
+        gate.observe_kl(torch.tensor(kl, dtype=torch.float32, device=device))
+    elif sc["cfg"].get("target_kl") is not None:
+        gate.observe_kl(0.0)
 
 
 @st.composite
@@ -191,6 +210,7 @@ def play(sc, backend, device):
             p.grad = g
         grads = [p.grad for p in monitor + extra]
         bases = [None if g is None else (g if g._base is None else g._base).clone() for g in grads]
+        _observe(sc, gate, ev, device)
         closed = bool(gate.step().item())
         ok = True
         for p, g, base in zip(monitor + extra, grads, bases):
@@ -220,7 +240,7 @@ def model_records(sc, events=None):
             m.new_pass()
         elif ev[0] == "step":
             _, mon, _ = _grads_for_step(sc, t, ev[1], ev[2], "cpu")
-            rec = m.step(energy_of(mon))
+            rec = m.step(energy_of(mon), _kl_of(ev) or 0.0)
             out.append((rec, m.stop, (m.reuse, m.accepted, m.closed_total)))
     return out
 
@@ -331,8 +351,10 @@ def test_fuzz_refused_inputs_are_refused_alike_and_modify_nothing(device, case):
                 laid, _, extra_grads = _grads_for_step(sc, t, ev[1], ev[2], device)
                 for p, g in zip(monitor + extra, laid + extra_grads):
                     p.grad = g
+                _observe(sc, gate, ev, device)
                 gate.step()
         laid, _, extra_grads = _grads_for_step(sc, t + 1, 0.0, None, device)
+        _observe(sc, gate, ("step", 0.0, None, None), device)
         for p, g in zip(monitor + extra, laid + extra_grads):
             p.grad = g
         name = break_input(kind, monitor, extra, index)
@@ -350,6 +372,7 @@ def test_fuzz_refused_inputs_are_refused_alike_and_modify_nothing(device, case):
         laid, _, extra_grads = _grads_for_step(sc, t + 2, 0.0, None, device)
         for p, g in zip(monitor + extra, laid + extra_grads):
             p.grad = g
+        _observe(sc, gate, ("step", 0.0, None, None), device)
         closed = bool(gate.step().item())
         after[backend] = (closed, gate.should_stop(), _counts({"stats": {k: v.item() for k, v in gate.stats().items()}}))
     assert len(set(errors.values())) == 1, errors
@@ -365,7 +388,8 @@ def test_fuzz_refused_inputs_are_refused_alike_and_modify_nothing(device, case):
 SETTINGS_VALID = dict(
     window=st.integers(2, 9), threshold=st.one_of(st.floats(0.0, 5.0), st.just(math.inf)),
     statistic=st.sampled_from(STATISTICS), eps=st.floats(1e-12, 1.0), max_reuse=st.integers(1, 8),
-    window_mode=st.sampled_from(WINDOW_MODES),
+    window_mode=st.sampled_from(WINDOW_MODES), target_kl=st.one_of(st.none(), st.floats(1e-6, 1.0)),
+    kl_factor=st.floats(0.5, 3.0),
 )
 SETTINGS_MISTYPED = dict(  # values a user might pass by mistake
     window=st.sampled_from([-1, 0, 1, 2.0, 2.5, "4", None, True]),
@@ -374,6 +398,8 @@ SETTINGS_MISTYPED = dict(  # values a user might pass by mistake
     eps=st.sampled_from([0, 0.0, -1e-8, math.nan, math.inf, None, False, "1e-8"]),
     max_reuse=st.sampled_from([0, -2, 1.0, "2", None, True]),
     window_mode=st.sampled_from(["epoch", "Step", None, 0]),
+    target_kl=st.sampled_from([0, 0.0, -0.01, math.nan, math.inf, "0.01", True]),
+    kl_factor=st.sampled_from([0, -1.5, math.nan, math.inf, None, "1.5", True]),
 )
 
 

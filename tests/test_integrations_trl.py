@@ -182,6 +182,36 @@ def test_passes_of_several_optimizer_steps(tmp_path, poison):
     assert tr.dgg_early_stops == 1 and tr.generations == 2
 
 
+def test_kl_stop_ends_every_batch_whose_kl_exceeds_the_target(tmp_path):
+    """gate_config target_kl: the trainer gives the gate the k3 KL of each optimizer step's micro-batches (token
+    mean); with a target far below any KL an update produces, every batch ends at pass 2 and that pass's
+    update is skipped; pass 1 (the rollout policy itself) has no KL to speak of and is never judged."""
+    tr = _trainer(tmp_path, gate_threshold=1e9, gate_config={"target_kl": 1e-7, "kl_factor": 1.5},
+                  max_grad_norm=1.0, gradient_accumulation_steps=2, steps_per_generation=2, max_steps=6)
+    kls = []
+    orig = tr.gate.observe_kl
+
+    def spy(kl):
+        kls.append(float(kl))
+        orig(kl)
+
+    tr.gate.observe_kl = spy
+    tr.train()
+    reuse = [r for *_, r in tr.seen]
+    closed = [c for _, _, _, c, _ in tr.seen]
+    assert reuse == [1, 2, 1, 2, 1, 2] and closed == [False, True] * 3
+    assert tr.dgg_early_stops == 2 and tr.generations == 3
+    # two micro-batches per optimizer step: two observations each, the second the mean over both
+    assert len(kls) == 12
+    assert all(abs(k) < 1e-6 for k in kls[0::4] + kls[1::4])  # pass 1: the policy is the rollout policy
+    assert all(k > 1.5e-7 for k in kls[3::4])
+    logged = [h["dgg/kl"] for h in tr.state.log_history if "dgg/kl" in h]
+    assert logged == pytest.approx(kls[1::2], rel=1e-5, abs=1e-12)
+    for step in (1, 3, 5):
+        if step + 1 in tr.snapshots:
+            assert all(torch.equal(a, b) for a, b in zip(tr.snapshots[step], tr.snapshots[step + 1]))
+
+
 def test_misconfiguration_is_refused(tmp_path):
     with pytest.raises(ValueError, match="steps_per_generation .3. to be a multiple of gradient_accumulation"):
         _trainer(tmp_path, steps_per_generation=3, gradient_accumulation_steps=2)

@@ -250,7 +250,7 @@ def test_a_closed_cpu_step_zeroes_every_element_and_nothing_else():
 def test_the_device_form_keeps_the_contract(closed, monkeypatch):
     """What accelerators and traced code run (masked_fill_ with the 0-dim decision, no host read): forced
     on CPU here by making the decision unreadable on the host."""
-    monkeypatch.setattr(TR, "_host_decision", lambda decision: None)
+    monkeypatch.setattr(TR, "host_value", lambda decision: None)
     params, buffers = _param_grads()
     gate, mon = _closing_gate(params)
     assert not bool(gate.step())
@@ -267,15 +267,15 @@ def test_the_device_form_keeps_the_contract(closed, monkeypatch):
 
 def test_the_host_read_happens_only_for_plain_cpu_tensors_outside_tracing(monkeypatch):
     closed, open_ = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
-    assert TR._host_decision(closed) is True and TR._host_decision(open_) is False
-    assert TR._host_decision(torch.zeros((), dtype=torch.bool, device="meta")) is None  # a device: stay there
+    assert TR.host_value(closed) is True and TR.host_value(open_) is False
+    assert TR.host_value(torch.zeros((), dtype=torch.bool, device="meta")) is None  # a device: stay there
 
     class Sub(torch.Tensor):
         pass
 
-    assert TR._host_decision(open_.as_subclass(Sub)) is None  # fake, functional, DTensor: never read
+    assert TR.host_value(open_.as_subclass(Sub)) is None  # fake, functional, DTensor: never read
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert TR._host_decision(closed) is None
+    assert TR.host_value(closed) is None
 
 
 def test_a_traced_mask_uses_the_device_form(monkeypatch):

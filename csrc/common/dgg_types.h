@@ -33,15 +33,17 @@ struct StepTensorTable {
 struct StateSlots {
   int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2,     // ints (int64)
       pass_mode, pass_new, batch_closed;
-  int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment;        // stats (float32)
-  int32_t threshold, eps, window_mode;                                                 // hyper (float64)
+  int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment, kl;    // stats (float32)
+  int32_t threshold, eps, window_mode, kl_limit;                                       // hyper (float64)
+  int32_t acc_energy, acc_kl;                                                          // acc (float64)
 };
-// Slots per group, in StateSlots order, and the lengths of ints, stats and hyper
-// (state.py N_INTS, N_STATS, N_HYPER; the binding checks both).
+// Slots per group, in StateSlots order, and the lengths of ints, stats, hyper and acc
+// (state.py N_INTS, N_STATS, N_HYPER, N_ACC; the binding checks both).
 constexpr int kNumIntSlots = 12;
-constexpr int kNumStatSlots = 9;
-constexpr int kNumHyperSlots = 3;
-constexpr int kNumSlots = kNumIntSlots + kNumStatSlots + kNumHyperSlots;
+constexpr int kNumStatSlots = 10;
+constexpr int kNumHyperSlots = 4;
+constexpr int kNumAccSlots = 2;
+constexpr int kNumSlots = kNumIntSlots + kNumStatSlots + kNumHyperSlots + kNumAccSlots;
 
 // The statistic, as GateConfig.statistic_id numbers it.
 constexpr int32_t kStatNorm = 0;
@@ -57,7 +59,7 @@ constexpr int32_t kWindowBatch = 1;
 // the settings the finalize needs.  Shapes: ring float64[n_rings * window]
 // (n_rings 2 for kStatEnergyIncrement, else 1), prev float64[1],
 // ints int64[kNumIntSlots], stats float32[kNumStatSlots], decision bool[],
-// hyper float64[kNumHyperSlots], acc float64[1].
+// hyper float64[kNumHyperSlots], acc float64[kNumAccSlots] (the step's energy and observed KL).
 struct GateStateView {
   double* ring;
   double* prev;

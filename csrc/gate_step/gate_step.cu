@@ -83,6 +83,10 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   // there anyway); NaN fails both comparisons and stays NaN.
   if (energy > flt_max) energy = INFINITY;
   const bool finite = energy <= flt_max;
+  // the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+  const double kl = st.acc[sl.acc_kl];
+  const bool kl_finite = fabs(kl) <= DBL_MAX;
+  const bool kl_over = kl > st.hyper[sl.kl_limit];
   const double norm = sqrt(energy);
   const bool has_prev = ints[sl.has_prev] > 0;
   // the first accepted step has nothing to subtract: increment 0, enters no increment window
@@ -108,8 +112,8 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
     const int64_t pos2 = ints[sl.pos2];
     const WindowTest e = window_test(st.ring, count, window, energy, eps);
     const WindowTest i = window_test(st.ring + window, count2, window, increment, eps);
-    const bool fires = (e.full && e.z > threshold) || (i.full && i.z > threshold);
-    closed = !finite || (reuse > 1 && fires) || latched;
+    const bool fires = (e.full && e.z > threshold) || (i.full && i.z > threshold) || kl_over;
+    closed = !finite || !kl_finite || (reuse > 1 && fires) || latched;
     push = !closed && enters;
     const bool push2 = push && has_prev;
     if (push) st.ring[pos] = energy;
@@ -138,7 +142,7 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
     mean = t.mean;
     stdev = t.stdev;
     z = t.z;
-    closed = !finite || (t.full && reuse > 1 && z > threshold) || latched;
+    closed = !finite || !kl_finite || (reuse > 1 && ((t.full && z > threshold) || kl_over)) || latched;
     push = !closed && enters && pushable;
     if (push) st.ring[pos] = stat;
     // the test this statistic does not run reports 0
@@ -168,6 +172,8 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   st.stats[sl.closed] = closed ? 1.0f : 0.0f;
   st.stats[sl.z_energy] = static_cast<float>(z_energy);
   st.stats[sl.z_increment] = static_cast<float>(z_increment);
+  st.stats[sl.kl] = static_cast<float>(kl);
+  st.acc[sl.acc_kl] = 0.0;  // consumed: a step without observe_kl judges no KL
   *st.decision = closed;
 }
 
@@ -215,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
   d = block_sum(d);
   if (threadIdx.x == 0) {
     *ticket = 0u;  // ready for the next launch or graph replay, no memset needed
-    acc[0] = d;
+    acc[0] = d;  // the energy's output: the state's acc[ACC_ENERGY], which state.py keeps first
     if (do_finalize) gate_finalize(d, st);
   }
 }
@@ -223,11 +229,11 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void gate_finalize_kernel(GateStateView st, const double* sums, int64_t n_sums) {
   double energy;
   if (sums == nullptr) {
-    energy = st.acc[0];
+    energy = st.acc[st.slots.acc_energy];
   } else {
     energy = 0.0;
     for (int64_t k = 0; k < n_sums; ++k) energy += sums[k];
-    st.acc[0] = energy;
+    st.acc[st.slots.acc_energy] = energy;
   }
   gate_finalize(energy, st);
 }

@@ -33,13 +33,18 @@ from .base import Backend, DeviceTable, MaskPlan, dense, zero_where
 SLOTS = [
     S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV, S.POS2, S.COUNT2,
     S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED,
-    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED, S.Z_ENERGY, S.Z_INCREMENT,
-    S.THRESHOLD, S.EPS, S.WINDOW_MODE,
+    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED, S.Z_ENERGY, S.Z_INCREMENT, S.KL,
+    S.THRESHOLD, S.EPS, S.WINDOW_MODE, S.KL_LIMIT,
+    S.ACC_ENERGY, S.ACC_KL,
 ]  # fmt: skip
 
 # Monitor tensors one reduce launch takes (csrc kMaxStepTensors); more take
 # one launch each per this many.  Checked against the module on load.
 MAX_STEP_TENSORS = 8
+
+# The reduce writes the energy to the first element of the acc it is given (the state's acc, or one float64
+# per monitor tensor with overlap=True).
+assert S.ACC_ENERGY == 0, "csrc's reduce writes the energy to acc[0]"
 
 # Reduce and mask grids: a few resident blocks per SM keep enough 16-byte
 # loads in flight to saturate HBM, while the last block's float64 sum over
@@ -127,7 +132,7 @@ def _check_module(mod) -> None:
     """Raise unless ``mod`` (prebuilt or just built) was compiled for this package's tables: the monitor
     tensors one launch takes and the state layout (state.py N_INTS, N_STATS, N_HYPER).  An extension left from
     another checkout (an editable install after a pull) fails here, on every way of loading it."""
-    want = {"MAX_STEP_TENSORS": MAX_STEP_TENSORS, "STATE_LAYOUT": (S.N_INTS, S.N_STATS, S.N_HYPER)}
+    want = {"MAX_STEP_TENSORS": MAX_STEP_TENSORS, "STATE_LAYOUT": (S.N_INTS, S.N_STATS, S.N_HYPER, S.N_ACC)}
     for name, value in want.items():
         have = getattr(mod, name, None)
         if have != value:

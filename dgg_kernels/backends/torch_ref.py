@@ -22,6 +22,7 @@ from .base import Backend, dense, zero_where
 # float32 and see inf there, and a gradient with a norm above 1.8e19 is broken
 # in any case.  NaN stays NaN.
 FLT_MAX = float(torch.finfo(torch.float32).max)
+DBL_MAX = float(torch.finfo(torch.float64).max)
 
 
 def _window_test(ring: torch.Tensor, count: torch.Tensor, stat: torch.Tensor, eps: torch.Tensor, window: int):
@@ -47,19 +48,25 @@ def _push(ring: torch.Tensor, pos: torch.Tensor, push: torch.Tensor, stat: torch
 
 
 def finalize_reference(state: GateState, config: GateConfig) -> None:
-    """Apply one step's finalize to ``state`` given the energy in ``state.acc``.
+    """Apply one step's finalize to ``state`` given the energy and the KL in ``state.acc``.
 
-    All arithmetic is float64.  Units: energy in squared gradient units; the
+    All arithmetic is float64.  The gate closes when the energy or the KL is not
+    finite, or the reuse index is above 1 and a Z-score test fires (full window,
+    z > threshold) or the KL exceeds the KL limit (hyper[KL_LIMIT], inf without
+    a KL stop), or (passes of several steps) an earlier step of the batch closed.  Units: energy in squared gradient units; the
     statistic is in the units of its kind (norm, energy, or energy increment).
     With statistic "energy+increment" two tests run, each on its own ring
     (state.ring[:window] the energies, state.ring[window:] the increments).
     """
     ints, ring = state.ints, state.ring
     window = config.window
-    eps, threshold = state.hyper[S.EPS], state.hyper[S.THRESHOLD]
-    energy = state.acc[0]
+    eps, threshold, kl_limit = state.hyper[S.EPS], state.hyper[S.THRESHOLD], state.hyper[S.KL_LIMIT]
+    energy = state.acc[S.ACC_ENERGY]
     energy = torch.where(energy > FLT_MAX, torch.full_like(energy, float("inf")), energy)
     finite = energy <= FLT_MAX  # false for NaN and inf; a sum of squares is never negative
+    # the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+    kl = state.acc[S.ACC_KL]
+    kl_finite = kl.abs() <= DBL_MAX
     norm = energy.sqrt()
     has_prev = ints[S.HAS_PREV] > 0
     # the increment: energy minus the previous accepted energy; the first accepted
@@ -78,8 +85,8 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     if config.statistic == "energy+increment":
         mean_e, std_e, z_e, full_e = _window_test(ring[:window], count, energy, eps, window)
         mean_i, std_i, z_i, full_i = _window_test(ring[window:], count2, increment, eps, window)
-        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
-        closed = ~finite | ((reuse > 1) & fires) | latched
+        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold)) | (kl > kl_limit)
+        closed = ~finite | ~kl_finite | ((reuse > 1) & fires) | latched
         accept = ~closed
         push, push2 = accept & enters, accept & enters & has_prev
         _push(ring[:window], pos, push, energy, window)
@@ -99,7 +106,7 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
         else:  # increment
             stat, pushable = increment, has_prev
         mean, std, z, full = _window_test(ring, count, stat, eps, window)
-        closed = ~finite | (full & (reuse > 1) & (z > threshold)) | latched
+        closed = ~finite | ~kl_finite | ((reuse > 1) & ((full & (z > threshold)) | (kl > kl_limit))) | latched
         accept = ~closed
         push, push2 = accept & enters & pushable, torch.zeros_like(accept)
         _push(ring, pos, push, stat, window)
@@ -128,8 +135,10 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     new_stats[S.MEAN], new_stats[S.STD], new_stats[S.Z] = mean, std, z
     new_stats[S.CLOSED] = closed.to(torch.float64)
     new_stats[S.Z_ENERGY], new_stats[S.Z_INCREMENT] = z_energy, z_increment
+    new_stats[S.KL] = kl
     state.stats.copy_(torch.stack(new_stats))
     state.decision.copy_(closed)
+    state.acc[S.ACC_KL] = 0.0  # consumed: a step without observe_kl judges no KL
 
 
 # -- the reduction: sum of float32 squares, widened by chunks ------------------------
@@ -263,17 +272,17 @@ def _norm32(g: torch.Tensor) -> torch.Tensor:
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _host_decision(decision: torch.Tensor) -> bool | None:
-    """``decision`` (bool[]) as a Python bool when reading it costs no synchronization, else None.
+def host_value(t: torch.Tensor) -> bool | int | float | None:
+    """The 0-dim ``t`` as a Python number when reading it costs no synchronization, else None.
 
-    True only for a plain tensor in host memory (device "cpu") outside tracing: CPU ops run synchronously,
-    so the value is final when the finalize returns, and reading it is a load of one byte.  On CUDA and
-    other accelerators, under torch.compile tracing, and for tensor subclasses (fake, functional, DTensor)
+    A value only for a plain tensor in host memory (device "cpu") outside tracing: CPU ops run synchronously,
+    so the value is final when the op that wrote it returns, and reading it is a load of a few bytes.  On CUDA
+    and other accelerators, under torch.compile tracing, and for tensor subclasses (fake, functional, DTensor)
     it returns None and the caller must stay on the device.
     """
-    if decision.device.type != "cpu" or type(decision) is not torch.Tensor or torch.compiler.is_compiling():
+    if t.device.type != "cpu" or type(t) is not torch.Tensor or torch.compiler.is_compiling():
         return None
-    return torch.is_nonzero(decision)  # host-read-ok: a plain CPU tensor, already computed: no device to wait for
+    return t.item()  # host-read-ok: a plain CPU tensor, already computed: no device to wait for
 
 
 def _write_zeros(g: torch.Tensor) -> None:
@@ -328,7 +337,7 @@ class TorchBackend(Backend):
     def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
         energies = [self._energy(g) for g in grads]
         total = energies[0] if len(energies) == 1 else torch.stack(energies).sum()
-        state.acc.copy_(total.reshape(1))
+        state.acc[S.ACC_ENERGY] = total
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
         finalize_reference(state, config)
@@ -339,12 +348,12 @@ class TorchBackend(Backend):
         self._parts[index].copy_(self._energy(grad))
 
     def finalize_partials(self, n_tensors, state, config) -> None:
-        state.acc.copy_(self._parts.sum().reshape(1))
+        state.acc[S.ACC_ENERGY] = self._parts.sum()
         finalize_reference(state, config)
 
     # -- mask -----------------------------------------------------------------------------------------
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key=None) -> None:
-        closed = _host_decision(decision)
+        closed = host_value(decision)
         if closed is None:
             # On a device the decision stays there: masked_fill_ with the 0-dim bool decision reads and
             # writes every byte, open or closed (docs/semantics.md, "The torch backend's cost").

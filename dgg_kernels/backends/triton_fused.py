@@ -47,6 +47,8 @@ _STD, _Z, _CLOSED = (tl.constexpr(v) for v in (S.STD, S.Z, S.CLOSED))
 _Z_ENERGY, _Z_INCREMENT = tl.constexpr(S.Z_ENERGY), tl.constexpr(S.Z_INCREMENT)
 _THRESHOLD, _EPS, _WINDOW_MODE = (tl.constexpr(v) for v in (S.THRESHOLD, S.EPS, S.WINDOW_MODE))
 _PASS_MODE, _PASS_NEW, _BATCH_CLOSED = (tl.constexpr(v) for v in (S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED))
+_KL, _KL_LIMIT = tl.constexpr(S.KL), tl.constexpr(S.KL_LIMIT)
+_ACC_ENERGY, _ACC_KL = tl.constexpr(S.ACC_ENERGY), tl.constexpr(S.ACC_KL)
 
 
 @triton.jit
@@ -67,13 +69,17 @@ def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr, WBLOCK: tl.const
 
 @triton.jit
 def _finalize(
-    energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+    energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
     WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
 ):
     # Mirrors torch_ref.finalize_reference line for line; all float64.
     # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
     energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
     finite = energy <= 3.4028234663852886e38
+    # the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+    kl = tl.load(acc_ptr + _ACC_KL)
+    kl_finite = tl.abs(kl) <= 1.7976931348623157e308
+    kl_over = kl > tl.load(hyper_ptr + _KL_LIMIT)
     norm = tl.sqrt(energy)
     has_prev_i = tl.load(ints_ptr + _HAS_PREV)
     prev = tl.load(prev_ptr)
@@ -98,8 +104,8 @@ def _finalize(
         pos2 = tl.load(ints_ptr + _POS2)
         mean_e, std_e, z_e, full_e = _window_z(ring_ptr, count, energy, eps, WINDOW, WBLOCK)
         mean_i, std_i, z_i, full_i = _window_z(ring_ptr + WINDOW, count2, increment, eps, WINDOW, WBLOCK)
-        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold))
-        closed = (finite == 0) | ((reuse > 1) & fires) | latched
+        fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold)) | kl_over
+        closed = (finite == 0) | (kl_finite == 0) | ((reuse > 1) & fires) | latched
         accept = closed == 0
         push = accept & enters
         push2 = push & (has_prev_i > 0)
@@ -123,7 +129,7 @@ def _finalize(
         else:
             stat = increment
         mean, std, z, full = _window_z(ring_ptr, count, stat, eps, WINDOW, WBLOCK)
-        closed = (finite == 0) | (full & (reuse > 1) & (z > threshold)) | latched
+        closed = (finite == 0) | (kl_finite == 0) | ((reuse > 1) & ((full & (z > threshold)) | kl_over)) | latched
         accept = closed == 0
         if STAT == 2:
             push = accept & enters & (has_prev_i > 0)
@@ -156,6 +162,8 @@ def _finalize(
     tl.store(stats_ptr + _CLOSED, closed.to(tl.float32))
     tl.store(stats_ptr + _Z_ENERGY, z_energy.to(tl.float32))
     tl.store(stats_ptr + _Z_INCREMENT, z_increment.to(tl.float32))
+    tl.store(stats_ptr + _KL, kl.to(tl.float32))
+    tl.store(acc_ptr + _ACC_KL, 0.0)  # consumed: a step without observe_kl judges no KL
     tl.store(decision_ptr, closed)  # a torch.bool tensor: Triton stores int1 as one byte
 
 
@@ -198,9 +206,9 @@ def _gate_step_kernel(
         if ticket == nprog - 1:
             energy = _sum_partials(partials_ptr, n_partials, PBLOCK)
             if LAST == 1:
-                tl.store(acc_ptr, energy)
+                tl.store(acc_ptr + _ACC_ENERGY, energy)
             else:
-                _finalize(energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+                _finalize(energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
                           WINDOW, WBLOCK, STAT)
             tl.store(ticket_ptr, 0)
 
@@ -216,8 +224,8 @@ def _gate_finalize_kernel(
     if FROM_PARTIALS:
         energy = _sum_partials(partials_ptr, n_partials, PBLOCK)
     else:
-        energy = tl.load(acc_ptr)
-    _finalize(energy, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
+        energy = tl.load(acc_ptr + _ACC_ENERGY)
+    _finalize(energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
               WINDOW, WBLOCK, STAT)
 
 

@@ -59,6 +59,7 @@ METRIC_KEYS = (
     ("reuse_index", "reuse_index"),
     ("accepted", "accepted"),
     ("closed_total", "closed_total"),
+    ("kl", "kl"),
 )
 
 
@@ -317,7 +318,7 @@ class GateBinding:
         """The last step's report as host floats, in one device-to-host copy.
 
         ``{prefix}lm_head_grad_norm, z, z_energy, z_increment, closed (1.0/0.0), reuse_index, accepted,
-        closed_total`` from ``gate.stats()``, and ``{prefix}passes``: the passes begun over the current batch.
+        closed_total, kl`` from ``gate.stats()``, and ``{prefix}passes``: the passes begun over the current batch.
         Read it once per pass or per logged step, not per gate step.
         """
         s = self.gate.stats()

@@ -234,6 +234,10 @@ class DeepSpeedGate:
     def new_pass(self) -> None:
         self.gate.new_pass()
 
+    def observe_kl(self, kl) -> None:
+        """DynamicGradientGate.observe_kl: the KL the next step judges (call it before engine.step())."""
+        self.gate.observe_kl(kl)
+
     def should_stop(self) -> bool:
         return self.gate.should_stop()
 

@@ -45,6 +45,16 @@ discarded there.  Refused: FSDP1 (flat parameters: a rank's ``.grad`` of the
 lm_head is an arbitrary slice of a flattened buffer), DeepSpeed ZeRO stage 0,
 and whatever ``DeepSpeedGate`` refuses (offload, fp16, model parallelism, ...).
 
+The KL stop (``gate_config={"target_kl": ..., "kl_factor": ...}``): each
+micro-batch's loss computation adds the k3 estimate of the KL of the current
+policy to the rollout policy, ``(r - 1) - log r`` with ``r = exp(logp -
+old_logp)``, summed over the completion tokens (GRPOTrainer's own
+``completion_mask``, times ``tool_mask`` when present), and gives the gate the
+token mean over the optimizer step's micro-batches so far (observe_kl, a
+device tensor: no host read).  The gate's step then judges the mean over the
+whole accumulated step.  Without buffered rollout log-probs (a single pass:
+``num_iterations`` 1) the KL is 0.
+
 The pieces every trainer adapter shares (the default monitor, the fp16
 refusal, settings as a GateConfig, the gate bound to the model and its
 optimizer, the metrics) are ``integrations.adapter``'s; this module adds what
@@ -164,6 +174,9 @@ class DGGGRPOTrainer(GRPOTrainer):
         self._dgg_unread = False  # a gate step whose stats have not been logged yet
         self.dgg_regenerations = 0
         self.dgg_early_stops = 0
+        self._dgg_kl = None  # (sum of k3 over tokens, token count) of the optimizer step so far, device tensors
+        self._dgg_logps = None  # the policy log-probs the loss being computed used
+        self._dgg_in_loss = False
 
     @property
     def gate(self):
@@ -256,6 +269,52 @@ class DGGGRPOTrainer(GRPOTrainer):
             # attach's hook hands that decision to the fused kernel as found_inf
             self.dgg.attach(optimizer, pre_step=self._dgg_pre_step)
         return optimizer
+
+    # -- the KL stop: the KL to the rollout policy, from the loss's own log-probs ---------------------------------
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._dgg_in_loss:
+            self._dgg_logps = out[0] if isinstance(out, tuple) else out
+        return out
+
+    def _compute_loss(self, model, inputs):
+        if self.gate_config.target_kl is None:
+            return super()._compute_loss(model, inputs)
+        self._dgg_in_loss, self._dgg_logps = True, None
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._dgg_in_loss = False
+        self._dgg_observe_kl(inputs)
+        return loss
+
+    def _dgg_observe_kl(self, inputs) -> None:
+        import torch
+
+        logps, old = self._dgg_logps, inputs.get("old_per_token_logps")
+        self._dgg_logps = None
+        if logps is None:
+            raise RuntimeError(
+                "DGGGRPOTrainer's KL stop did not see the policy's log-probs in GRPOTrainer._compute_loss "
+                "(_get_per_token_logps_and_entropies was not called): this TRL version computes the loss "
+                "differently; the KL stop supports trl==1.16"
+            )
+        with torch.no_grad():
+            mask = inputs["completion_mask"]
+            if "tool_mask" in inputs:
+                mask = mask * inputs["tool_mask"]
+            mask = mask.to(torch.float32)
+            if old is None:  # no rollout log-probs buffered: the policy is the rollout policy
+                k3 = torch.zeros((), dtype=torch.float32, device=logps.device)
+            else:
+                lr = (logps.detach() - old).to(torch.float32)
+                k3 = ((torch.expm1(lr) - lr) * mask).sum()
+            if self._step % self.args.gradient_accumulation_steps == 0 or self._dgg_kl is None:
+                self._dgg_kl = (k3, mask.sum())  # the first micro-batch of an optimizer step
+            else:
+                self._dgg_kl = (self._dgg_kl[0] + k3, self._dgg_kl[1] + mask.sum())
+            self.gate.observe_kl(self._dgg_kl[0] / self._dgg_kl[1].clamp(min=1.0))
 
     # -- regenerate instead of reusing once the gate has closed ----------------------------------------------------
 

@@ -43,6 +43,11 @@ def grad_at(k: int) -> torch.Tensor:
     return ((base + 0.3 * wiggle) * scale).to(torch.float32).reshape(SHAPE)
 
 
+def kl_at(k: int) -> float:
+    """Step ``k``'s KL (given to a gate with a KL stop): growing over the passes of a batch, larger every 5th."""
+    return 0.003 * (k % PASSES) + (0.004 if k % 5 == 3 else 0.0) + 0.0001 * math.cos(k)
+
+
 def make_gate(dgg, kwargs: dict):
     """A gate on a fresh Parameter of SHAPE, torch backend (the reference every release had)."""
     w = torch.nn.Parameter(torch.zeros(SHAPE))
@@ -56,6 +61,8 @@ def run(w, gate, steps: range) -> list[dict]:
         if k % PASSES == 0:
             gate.new_batch()
         w.grad = grad_at(k)
+        if getattr(gate.config, "target_kl", None) is not None:
+            gate.observe_kl(kl_at(k))
         closed = gate.step()
         out.append({"step": k, "closed": bool(closed), **{n: v.item() for n, v in gate.stats().items()}})
     return out
@@ -75,7 +82,9 @@ STATES = [
     StateFile("v2_energy.pt", "912531e", 2, dict(window=4, threshold=0.3, statistic="energy")),
     StateFile("v3_unversioned_paper_batch.pt", "e7a07ae", 3,
               dict(window=4, threshold=0.3, statistic="energy+increment", window_mode="batch")),
-    StateFile("v4_paper_step.pt", None, 4, dict(window=4, threshold=0.3, statistic="energy+increment")),
+    StateFile("v4_paper_step.pt", "70e0c8e", 4, dict(window=4, threshold=0.3, statistic="energy+increment")),
+    StateFile("v5_paper_kl.pt", None, 5,
+              dict(window=4, threshold=0.3, statistic="energy+increment", target_kl=0.005, kl_factor=1.5)),
 ]
 
 _CHILD = """
