@@ -271,3 +271,31 @@ def test_recorder_reports_kl_close_rates():
     assert rec.close_rates([0.01, 0.025], test="kl") == {0.01: 0.5, 0.025: 0.25}
     limit = rec.threshold_for_close_rate(0.25, test="kl")
     assert 0.02 <= limit < 0.0201
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND_PARAMS)
+def test_observe_kl_and_step_compile_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) over observe_kl + step: the same decisions and KL as eager."""
+    torch._dynamo.reset()
+    gates = []
+    for _ in range(2):
+        w = torch.nn.Parameter(torch.zeros(9, 5))
+        gates.append((w, dgg.DynamicGradientGate(w, backend=backend, threshold=math.inf, target_kl=0.01, max_reuse=8)))
+    (w, gate), (ref_w, ref) = gates
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def compiled(kl):
+        gate.observe_kl(kl)
+        return gate.step()
+
+    gate.new_batch()
+    ref.new_batch()
+    got, want = [], []
+    for k in range(5):
+        x = torch.randn(9, 5)
+        w.grad, ref_w.grad = x.clone(), x.clone()
+        kl = torch.tensor(0.006 * k)
+        got.append((bool(compiled(kl)), gate.stats()["kl"].item()))
+        ref.observe_kl(kl)
+        want.append((bool(ref.step()), ref.stats()["kl"].item()))
+    assert got == want and any(c for c, _ in got) and not all(c for c, _ in got)
