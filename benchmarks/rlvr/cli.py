@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("supervised warm-up (one checkpoint for every arm and seed)")
     g.add_argument("--sft-target", type=frac(), default=c["sft_target"],
                    help="stop once greedy held-out accuracy (0 to 1) reaches this")
+    g.add_argument("--pretrain-steps", type=I(0), default=0,
+                   help="steps of the task's pretraining phase before the warm-up, where it has one (reverse: "
+                        "copying the sequence, so every symbol's lm_head row is trained first); the task's preset")
     g.add_argument("--sft-max-steps", type=I(0), default=c["sft_max_steps"], help="step cap of the warm-up")
     g.add_argument("--sft-batch", type=I(1), default=64, help="warm-up batch size")
     g.add_argument("--sft-lr", type=N(0, lo_open=True), default=c["sft_lr"], help="warm-up AdamW learning rate")

@@ -99,9 +99,9 @@ def sft(model: TinyLM, task, heldout, args, dev) -> dict:
     gen = torch.Generator().manual_seed(args.sft_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     t0 = time.perf_counter()
-    acc, step, curve = accuracy(model, *heldout), 0, []
-    while step < args.sft_max_steps and acc < args.sft_target:
-        p, a = task.sample(args.sft_batch, gen)
+
+    def train_step(draw) -> torch.Tensor:
+        p, a = draw(args.sft_batch, gen)
         p, a = p.to(dev), a.to(dev)
         seq = torch.cat([p, a], 1)
         logits = model(seq[:, :-1], task.answer_len)
@@ -109,8 +109,20 @@ def sft(model: TinyLM, task, heldout, args, dev) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return loss
+
+    # a task may have a pretraining phase (reverse: copying, so the model knows every symbol, as a pretrained LM
+    # knows its tokens, before it learns the skill RL then sharpens)
+    pre = getattr(args, "pretrain_steps", 0) if hasattr(task, "pretrain_sample") else 0
+    for _ in range(pre):
+        train_step(task.pretrain_sample)
+    pre_acc = accuracy(model, *heldout) if pre else None
+    acc, step, curve = accuracy(model, *heldout), 0, []
+    while step < args.sft_max_steps and acc < args.sft_target:
+        loss = train_step(task.sample)
         step += 1
         if step % args.sft_eval_every == 0:
             acc = accuracy(model, *heldout)
             curve.append((step, round(acc, 4), round(loss.item(), 4)))
-    return {"steps": step, "heldout_acc": acc, "seconds": time.perf_counter() - t0, "curve": curve}
+    return {"steps": step, "heldout_acc": acc, "seconds": time.perf_counter() - t0, "curve": curve,
+            "pretrain_steps": pre, "heldout_acc_after_pretrain": pre_acc}

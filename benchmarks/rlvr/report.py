@@ -519,7 +519,7 @@ def _nan(obj):
     """JSON nulls back to nan inside the analysis (in place)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if v is None and k not in ("threshold", "drop_batch", "lead"):
+            if v is None and k not in ("threshold", "drop_batch", "lead", "best_fixed", "worst", "best"):
                 obj[k] = float("nan")
             else:
                 _nan(v)
