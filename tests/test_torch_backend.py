@@ -16,7 +16,7 @@ import torch
 
 import dgg_kernels as dgg
 from dgg_kernels.backends import torch_ref as TR
-from sequences import bit_equal
+from sequences import GATE_CONFIGS, bit_equal, config_id, make_sequence, run_gate
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -295,3 +295,39 @@ def test_write_zeros_handles_every_byte_size():
               torch.ones(4, dtype=torch.bool)]:
         TR._write_zeros(t)
         assert bit_equal(t, torch.zeros_like(t)), t.dtype
+
+
+@pytest.mark.parametrize("cfg", GATE_CONFIGS + [dict(window=3, threshold=0.3, statistic="energy+increment",
+                                                     target_kl=0.01, kl_factor=1.5)], ids=config_id)
+def test_the_host_finalize_matches_the_tensor_finalize_step_for_step(cfg, monkeypatch):
+    """On CPU the finalize runs on host numbers (finalize_host); accelerators and traced code run the tensor
+    form (finalize_reference).  Same sequence (spikes, NaN/Inf, new batches, KLs): decisions and counters
+    exactly, float stats within float64-vs-order rounding."""
+    seq = make_sequence(17, 90, [(13, 7), (5,)])
+    kls = [float(x) for x in (torch.rand(200, generator=torch.Generator().manual_seed(3)) * 0.03)]
+    runs = []
+    for host in (True, False):
+        if not host:
+            monkeypatch.setattr(TR, "host_state", lambda state: False)
+        mon = [torch.nn.Parameter(torch.zeros(13, 7)), torch.nn.Parameter(torch.zeros(5))]
+        gate = dgg.DynamicGradientGate(mon, backend="torch", **cfg)
+        orig = gate.step
+
+        def step(gate=gate, orig=orig, it=iter(kls)):
+            gate.observe_kl(next(it))
+            return orig()
+
+        gate.step = step
+        runs.append(run_gate(gate, seq))
+    host, tensor = runs
+    assert len(host) == len(tensor) > 50
+    assert any(r["closed"] for r in host) and not all(r["closed"] for r in host)
+    for i, (a, b) in enumerate(zip(host, tensor)):
+        assert a["closed"] == b["closed"] and a["should_stop"] == b["should_stop"], i
+        for k in ("reuse_index", "accepted", "closed_total", "closed"):
+            assert a["stats"][k] == b["stats"][k], (i, k)
+        for k, v in a["stats"].items():
+            w = b["stats"][k]
+            if isinstance(v, float) and not (math.isnan(v) and math.isnan(w)):
+                assert v == pytest.approx(w, rel=1e-6, abs=1e-9 * (1 + abs(a["stats"]["energy"]))), (i, k, v, w)
+
