@@ -224,7 +224,7 @@ def test_rlvr_reuse_results_do_not_depend_on_jobs(tmp_path):
 def test_rlvr_reuse_rerun_of_the_analysis_from_the_json(tmp_path):
     bench = load_benchmark()
     res = bench.main(["--quick", "--no-plots", "--arms", "k1,k2,dgg2@0.3:paper,cal2@0.5,rnd2@0.5,sb32@0.01",
-                      "--seeds", "2", "--out", str(tmp_path / "a")])
+                      "--seeds", "2", "--jobs", "2", "--out", str(tmp_path / "a")])  # calibration in a worker too
     cal = res["analysis"]["calibration"]
     assert len(cal) == 1 and cal[0]["threshold"] >= 0 and len(cal[0]["observer_rate_eval_seeds"]) == 2
     coin = [r for r in res["runs"] if r["arm"] == "random K=2 p=0.5"]

@@ -150,8 +150,8 @@ def findings(an: dict) -> list[str]:
         gr = c["gated_rate_per_seed"]
         lines.append(
             f"**Calibration** (`{c['arm']}`): on calibration seed {c['seed']} the threshold {c['threshold']:.3g} "
-            f"would have closed {c['target_rate']:.0%} of the batches of an observer run; on the evaluated seeds the "
-            + (f"same threshold would have closed {np.mean(obs):.0%} of an observer's batches "
+            f"would have closed {c['target_rate']:.0%} of the batches of an observer run; on the evaluated seeds "
+            + (f"the same threshold would have closed {np.mean(obs):.0%} of an observer's batches "
                f"(per seed {min(obs):.0%} .. {max(obs):.0%}); " if obs else "")
             + f"the gated arm closed {np.mean(gr):.0%} (per seed {min(gr):.0%} .. {max(gr):.0%}).")
     return lines

@@ -206,14 +206,14 @@ def _calib_unit(k: int, rules) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _arm_unit(arm: A.Arm, seed: int) -> dict:
+def _arm_unit(arm: A.Arm, seed: int, cal_thresholds: tuple = ()) -> dict:
     c = _CTX
     t0 = time.perf_counter()
     r = run_arm(arm, seed, c["init_state"], c["task"], c["heldout"], c["args"], c["dev"], c["rules"],
                 record=c["record"] and arm.kind == "fixed")
     recs = r.pop("recorders", {})
     if recs:
-        r["close_rates"] = {q: _rates(rec, CAL_GRID + tuple(c["cal_thresholds"])) for q, rec in recs.items()}
+        r["close_rates"] = {q: _rates(rec, CAL_GRID + tuple(cal_thresholds)) for q, rec in recs.items()}
     r["unit_seconds"] = time.perf_counter() - t0
     return r
 
@@ -224,7 +224,7 @@ def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=
     thread each; the order they finish in does not change the results."""
     _CTX.clear()
     _CTX.update(init_state=init_state, task=task, heldout=heldout, args=args, dev=dev, rules=rules,
-                record=A.calibration_module() is not None, cal_thresholds=[])
+                record=A.calibration_module() is not None)
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
     pool = None
     if jobs > 1 and dev.type == "cpu":
@@ -234,17 +234,17 @@ def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=
         t_cal = time.perf_counter()
         calib = calibrate(arms, args, rules, pool, log)
         calib_s = time.perf_counter() - t_cal
-        _CTX["cal_thresholds"] = [a.threshold for a in arms if a.kind == "cal"]
+        cal_thr = tuple(a.threshold for a in arms if a.kind == "cal")  # passed along: the workers forked earlier
         units = [(seed, i) for seed in range(args.seeds) for i in range(len(arms))]
         # longest first (more reuse = more passes) so the workers finish together
         order = sorted(units, key=lambda u: -arms[u[1]].max_reuse)
         done = {}
         if pool is None:
             for seed, i in units:
-                done[(seed, i)] = _arm_unit(arms[i], seed)
+                done[(seed, i)] = _arm_unit(arms[i], seed, cal_thr)
                 _log_run(done[(seed, i)], log)
         else:
-            futs = {pool.submit(_arm_unit, arms[i], seed): (seed, i) for seed, i in order}
+            futs = {pool.submit(_arm_unit, arms[i], seed, cal_thr): (seed, i) for seed, i in order}
             from concurrent.futures import as_completed
             for f in as_completed(futs):
                 done[futs[f]] = f.result()
