@@ -226,6 +226,7 @@ def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=
     _CTX.update(init_state=init_state, task=task, heldout=heldout, args=args, dev=dev, rules=rules,
                 record=A.calibration_module() is not None)
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
+    _warm_imports(arms, dev)  # every module a unit needs is loaded before the workers fork
     pool = None
     if jobs > 1 and dev.type == "cpu":
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
@@ -253,6 +254,18 @@ def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _warm_imports(arms, dev) -> None:
+    w = torch.nn.Parameter(torch.ones(4, 3, device=dev))
+    kw = {"target_kl": 0.01, "kl_factor": 1.5} if A.has_kl_gate() else {}
+    g = dgg.DynamicGradientGate(w, [w], threshold=A.observer_threshold(), **kw)
+    w.grad = torch.ones_like(w)
+    if kw:
+        g.observe_kl(torch.zeros((), device=dev))
+    g.step()
+    g.stats()
+    A.calibration_module()
 
 
 def _log_run(r: dict, log) -> None:
