@@ -108,7 +108,7 @@ def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -
 
     Two diagnostic calls are timed in the same repetitions: the backend's reduction alone on the open
     gradient, and a whole open step on a 16-entry gradient (what a step costs besides reading the gradient:
-    the input checks, the finalize's ~80 small ops, the decision copy).
+    the input checks, the finalize, the decision copy).
     """
     dtype = DTYPES[dtype_name]
     esize = torch.empty((), dtype=dtype).element_size()
