@@ -133,8 +133,9 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
     """One RL run from the warm-up checkpoint.
 
     kind: "K=1" / "K=8" fixed reuse; "observe": fixed K=8 with the gate as an observer (threshold inf: z
-    computed, never closing) and a calibration.Recorder; "gated": the gate decides, up to 8 passes; "coin":
-    a batch ends at pass 2 with chance args.coin, whatever the gradient says (the control for the gate).
+    computed, never closing) and a calibration.Recorder; "gated": the gate's gradient test decides, up to 8
+    passes; "kl": the gate's KL stop alone decides (threshold inf, target_kl), up to 8 passes; "coin": a
+    batch ends at pass 2 with chance args.coin, whatever the gradient says (the control for the gate).
     """
     seed = args.seed if seed is None else seed
     batches = args.batches if batches is None else batches
@@ -145,6 +146,9 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
     max_reuse = 1 if kind == "K=1" else 8
     kw = dict(window=args.window, max_reuse=max_reuse, statistic=args.statistic,
               threshold=args.threshold if kind == "gated" else float("inf"))
+    if kind == "kl":
+        kw.update(target_kl=args.target_kl, kl_factor=args.kl_factor)
+    decides = kind in ("gated", "kl")
     if args.window_mode is not None:
         kw["window_mode"] = args.window_mode
     gate = dgg.DynamicGradientGate(model.lm_head.weight, list(model.parameters()), **kw)
@@ -163,13 +167,16 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)
         seq = torch.cat([p, out], 1)
         coin = kind == "coin" and torch.rand(1, generator=coins).item() < args.coin  # host-read-ok: a CPU draw
-        verbose, how = kind == "gated" and b <= args.show, f"all {max_reuse} passes"
+        verbose, how = decides and b <= args.show, f"all {max_reuse} passes"
         for k in dgg.reuse_passes(gate):
             logp = model(seq[:, :-1], 3).log_softmax(-1).gather(2, out[:, :, None]).squeeze(2)
             ratio = (logp - old_logp).exp()
             loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
             opt.zero_grad(set_to_none=False)
             loss.backward()
+            # the KL of this policy to the rollout policy on the sampled tokens (k3), from the loss's own forward
+            log_ratio = (logp - old_logp).detach()
+            gate.observe_kl((torch.expm1(log_ratio) - log_ratio).mean())  # a device tensor: no host read
             gate.step()  # no host read in here
             passes += 1
             if recorder is not None:
@@ -178,12 +185,28 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
                 closed_batches += 1
                 break
             opt.step()  # skipped on device when the gate closed
-            if kind != "gated":
+            if not decides:
                 applied += 1
                 continue
             s = _host(gate.stats())  # host-read-ok: read after the step, to print it
             closed = bool(s["closed"])
             applied += not closed
+            if kind == "kl":
+                limit = gate.config.kl_limit
+                kl = f"KL to the rollout policy {s['kl']:.4f}"
+                if closed:
+                    closed_batches += 1
+                    how = f"closed at pass {k} ({kl} > {limit:.3g})"
+                    line = f"{kl} > {limit:.3g} -> CLOSED: update discarded, stop reusing this batch"
+                elif k == 1:
+                    line = f"{kl}; pass 1 is never tested (the batch is fresh) -> open: update applied"
+                else:
+                    line = f"{kl} <= {limit:.3g} -> open: update applied"
+                if k == max_reuse and not closed:
+                    line += f"; max_reuse {max_reuse} reached, next batch"
+                if verbose:
+                    log(f"  batch {b:2d} pass {k}: {line}")
+                continue
             z = f"z={s['z']:+.2f}" + (f" (energy z {s['z_energy']:+.2f}, increment z {s['z_increment']:+.2f})"
                                       if args.statistic == "energy+increment" else "")
             if closed:
@@ -204,7 +227,7 @@ def rl(init_state, heldout, args, kind: str, log, seed: int | None = None, batch
             if verbose:
                 log(f"  batch {b:2d} pass {k}: |grad lm_head| {s['norm']:.3f}  {line}")
         curve.append(accuracy(model, heldout))
-        if kind == "gated":
+        if decides:
             log(f"  batch {b:2d}{' done' if verbose else ''}: {'' if verbose else how + '; '}"
                 f"held-out accuracy {curve[-1]:.3f}")
     return {"curve": curve, "applied": applied, "passes": passes, "closed": closed_batches, "recorder": recorder}
@@ -232,6 +255,11 @@ def build_parser():
                          "fraction (0 to 1) of the batches of an observer run on another seed (default 0.5)")
     ap.add_argument("--calib-batches", type=_cli.integer(1), default=None,
                     help="rollout batches of that observer run (default: as many as --batches)")
+    ap.add_argument("--target-kl", type=_cli.number(0, lo_open=True), default=0.01,
+                    help="the KL stop's target, > 0 (default 0.01, stable-baselines3's documented value)")
+    ap.add_argument("--kl-factor", type=_cli.number(0, lo_open=True), default=1.5,
+                    help="the KL stop closes when the KL exceeds kl-factor x target (default 1.5, stable-baselines3's "
+                         "rule)")
     ap.add_argument("--coin", type=_cli.fraction(), default=0.5,
                     help="the control's chance (0 to 1) of ending a batch at pass 2 (default 0.5; 0 skips the control)")
     ap.add_argument("--show", type=_cli.integer(0), default=6,
@@ -279,6 +307,13 @@ def main(argv=None) -> None:
           "z compares this pass's statistic with the window; the gate never tests pass 1 of a batch and cannot "
           "close before its window is full.")
     runs["gated"] = _summary(rl(init, heldout, args, "gated", print), args, "gated")
+    limit = args.target_kl * args.kl_factor
+    print(f"\nKL stop K=8: up to 8 updates per batch; the gate's KL stop decides (threshold inf: the gradient "
+          f"test never closes). Each pass gives the gate the KL of the policy to the rollout policy on the sampled "
+          f"tokens (k3, from the loss's own forward); the gate closes from pass 2 on when it exceeds "
+          f"{args.kl_factor:g} x target {args.target_kl:g} = {limit:.3g}, the rule PPO users know from "
+          "stable-baselines3's target_kl.")
+    runs["KL stop"] = _summary(rl(init, heldout, args, "kl", print), args, "kl")
     if args.coin > 0:
         print(f"\ncoin K=8: a batch ends at pass 2 with chance {args.coin:g}, blind to the gradient")
         runs["coin"] = _summary(rl(init, heldout, args, "coin", print), args, "coin")
@@ -287,26 +322,33 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in fin.items()) + ".")
     print("- reuse " + ("did harm: fixed K=8 ended below single use." if fin["K=8"] < fin["K=1"] else
                         "did not do harm on this seed: fixed K=8 did not end below single use."))
-    d8 = fin["gated"] - fin["K=8"]
-    print(f"- the gate {'helped' if d8 > 0 else 'did not help'} against fixed K=8 ({d8:+.3f}) and ended "
-          f"{'above' if fin['gated'] > fin['K=1'] else 'below'} single use ({fin['gated'] - fin['K=1']:+.3f}).")
+    for name, what in (("gated", "the gate's gradient test"), ("KL stop", "the gate's KL stop")):
+        d8 = fin[name] - fin["K=8"]
+        d1 = fin[name] - fin["K=1"]
+        print(f"- {what} {'helped' if d8 > 0 else 'did not help'} against fixed K=8 ({d8:+.3f}) and ended "
+              f"{'above' if d1 > 0 else 'level with' if d1 == 0 else 'below'} single use ({d1:+.3f}).")
     if "coin" in fin:
         dc = fin["gated"] - fin["coin"]
         print(f"- against the coin, which ended {runs['coin']['closed']} batches early where the gate ended "
               f"{runs['gated']['closed']}: {dc:+.3f}. " + ("The gate's choice of batches did better than chance here."
                                                             if dc > 0 else "The gate did no better than chance here."))
-    print("- one seed is an anecdote. In the 5-seed study (benchmarks/results/rlvr_reuse_results.md) stopping reuse "
-          "early recovered part of the harm, no gated K=8 arm ended above single use or K=2 on any seed, and a coin "
-          "ending half the batches at pass 2 did about as well as the best gate.")
-    print("\nnext: --seed 1..4; --threshold 0.3 (the paper's range, no calibration); --statistic norm (the package "
-          "default); --window-mode batch; python benchmarks/rlvr_reuse.py (the study); docs/semantics.md (one step).")
+    print("- one seed is an anecdote. " + STUDY)
+    print("\nnext: --seed 1..4; --target-kl 0.005 / 0.02; --threshold 0.3 (the paper's range, no calibration); "
+          "--statistic norm (the package default); --window-mode batch; python benchmarks/rlvr/study.py (the "
+          "study); docs/semantics.md (one step).")
+
+
+# What the 5-seed study found (benchmarks/results/rlvr_study.md), said after every run of the demo
+STUDY = ("In the 5-seed study (benchmarks/results/rlvr_study.md) stopping reuse early recovered part of the harm, "
+         "no gated K=8 arm ended above single use or K=2 on any seed, and a coin ending half the batches at pass 2 "
+         "did about as well as the best gate.")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
     c = r["curve"]
     print(f"  held-out accuracy {c[0]:.3f} -> " + " ".join(f"{x:.2f}" for x in c[10::10]) + f"; final "
           f"{c[-1]:.3f} ({r['applied']} updates applied, {r['passes']} backward passes"
-          + (f", {r['closed']} of {args.batches} batches ended early)" if kind in ("gated", "coin") else ")"))
+          + (f", {r['closed']} of {args.batches} batches ended early)" if kind in ("gated", "kl", "coin") else ")"))
     return r
 
 

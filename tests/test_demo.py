@@ -18,8 +18,11 @@ def test_demo_runs_and_explains_each_decision(capsys):
         torch.set_num_threads(threads)  # the demo pins one thread; leave the session as it was
     out = capsys.readouterr().out
     assert "warm-up: 0 supervised steps" in out
-    for run in ("fixed K=1", "fixed K=8", "gated K=8", "coin K=8"):
+    for run in ("fixed K=1", "fixed K=8", "gated K=8", "KL stop K=8", "coin K=8"):
         assert run in out
+    # the KL stop's run shows the KL the gate judged and its limit (1.5 x 0.01) on every pass
+    kl_lines = re.findall(r"pass (\d): KL to the rollout policy (\d+\.\d+)(;| <= 0\.015| > 0\.015)", out)
+    assert len(kl_lines) >= 3 and all((p == "1") == (how == ";") for p, _, how in kl_lines)
     # the window fills first (no z, cannot close), then every pass shows its index, z, the threshold and why
     assert "batch  1 pass 1:" in out and "window still filling" in out
     assert "pass 1 is never tested" in out
@@ -28,7 +31,9 @@ def test_demo_runs_and_explains_each_decision(capsys):
     closes = re.findall(r"z=[+-]\d+\.\d+ > 0 -> CLOSED: update discarded, stop reusing this batch", out)
     assert all(p != "1" for p, d in decisions if d == "CLOSED") and len(closes) == sum(d == "CLOSED" for _, d in decisions)
     # the verdict is computed from the numbers, and the demo ends by saying what to try next
-    assert "summary (seed 0" in out and ("the gate helped" in out or "the gate did not help" in out)
+    assert "summary (seed 0" in out
+    for what in ("the gate's gradient test", "the gate's KL stop"):
+        assert f"{what} helped" in out or f"{what} did not help" in out
     assert out.rstrip().splitlines()[-1].startswith("next:")
     assert "calibration:" not in out  # a threshold was given
 
@@ -53,7 +58,8 @@ def test_demo_help_documents_every_flag(capsys):
         pass
     out = capsys.readouterr().out
     for flag in ("--seed", "--batches", "--lr", "--threshold", "--close-rate", "--calib-batches", "--statistic",
-                 "--window-mode", "--window", "--coin", "--show", "--target", "--threads"):
+                 "--window-mode", "--window", "--coin", "--show", "--target", "--threads", "--target-kl",
+                 "--kl-factor"):
         assert flag in out
 
 
@@ -68,6 +74,8 @@ def test_demo_help_documents_every_flag(capsys):
     (["--calib-batches", "0"], "argument --calib-batches"),
     (["--lr", "0"], "argument --lr: must be a finite number > 0"),
     (["--threads", "0"], "argument --threads"),
+    (["--target-kl", "0"], "argument --target-kl: must be a finite number > 0"),
+    (["--kl-factor", "-1"], "argument --kl-factor"),
     (["--statistic", "paper"], "argument --statistic: invalid choice: 'paper'"),
     (["--window-mode", "epoch"], "argument --window-mode: invalid choice: 'epoch'"),
     (["--thresh", "0.3"], "unrecognized arguments: --thresh"),  # no abbreviations
