@@ -336,9 +336,24 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> tuple[in
         sync(device)
         return n, "cuda sync_debug_mode=warn"
     counter = [0]
-    with _count_host_reads_cpu(counter):
+    with _device_form(), _count_host_reads_cpu(counter):
         fn()
-    return counter[0], "cpu proxy: Tensor host-read calls"
+    return counter[0], "cpu proxy: Tensor host-read calls, the torch backend in its device form"
+
+
+@contextlib.contextmanager
+def _device_form():
+    """The torch backend's CPU-only host paths off: the decision read and the finalize on host numbers run only
+    for state in host memory (where there is no device to wait for) and never on an accelerator, so the proxy
+    counts what the step would read on one."""
+    from dgg_kernels.backends import torch_ref as TR
+
+    saved = TR.host_state, TR.host_value
+    TR.host_state, TR.host_value = (lambda state: False), (lambda t: None)
+    try:
+        yield
+    finally:
+        TR.host_state, TR.host_value = saved
 
 
 # ----------------------------------------------------------------------------- formatting

@@ -392,7 +392,8 @@ def main(argv=None) -> int:
             "read_floor": f"bytes / median time of tensor.sum() over {floor_used / 2**20:.0f} MiB fp32",
             "gate_threshold": f"{GATE_OPEN_THRESHOLD:g} (gates stay open; closed cost is in the mask section)",
             "host_syncs": "torch.cuda.set_sync_debug_mode('warn') warnings in one warmed-up step" if device.type == "cuda"
-            else "CPU proxy: calls of Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__/__index__ in one step",
+            else ("CPU proxy: calls of Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__/__index__ in one step, "
+                  "the torch backend in its device form (its CPU-only host paths off)"),
             "zclip": "zclip.ZClip() defaults; timed after its 25-step warm-up",
             "compiled": "dgg torch compiled: torch.compile(gate.step) (the gate's custom ops stay opaque); "
                         "dgg torch inductor-fused: torch.compile of the torch backend's reduce+finalize+mask "

@@ -55,6 +55,7 @@ def _shape(name, shape, dtype) -> tuple[int, int]:
 def measure(device, args, budget, floor_GBps) -> list[dict]:
     from dgg_kernels.backends.triton_fused import CUDA_CONFIGS, LaunchConfig, TritonBackend
     from dgg_kernels.config import GateConfig
+    from dgg_kernels import state as S
     from dgg_kernels.state import GateState
 
     gpu = device.type == "cuda"
@@ -100,7 +101,7 @@ def measure(device, args, budget, floor_GBps) -> list[dict]:
                 try:
                     fn()
                     C.sync(device)
-                    energy = float(state.acc.item())
+                    energy = float(state.acc[S.ACC_ENERGY].item())
                     ms = C.bench_ms(fn, device, warmup_ms=10, rep_ms=args.rep_ms, cpu_reps=1, cpu_warmup=0)
                 except Exception as e:
                     row["status"] = f"error: {type(e).__name__}: {e}"[:300]

@@ -76,13 +76,16 @@ std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& gra
 dgg::StateSlots make_slots(const std::vector<int64_t>& s) {
   TORCH_CHECK(static_cast<int>(s.size()) == dgg::kNumSlots, "dgg: expected ", dgg::kNumSlots,
               " state slot indices, got ", s.size());
-  // ints, stats and hyper have kNumIntSlots, kNumStatSlots and kNumHyperSlots
-  // entries (checked in make_view); a slot outside them would make the
-  // finalize write out of bounds.
+  // ints, stats, hyper and acc have kNumIntSlots, kNumStatSlots, kNumHyperSlots
+  // and kNumAccSlots entries (checked in make_view); a slot outside them would
+  // make the finalize write out of bounds.
+  constexpr int kStats0 = dgg::kNumIntSlots, kHyper0 = kStats0 + dgg::kNumStatSlots;
+  constexpr int kAcc0 = kHyper0 + dgg::kNumHyperSlots;
   for (int i = 0; i < dgg::kNumSlots; ++i) {
-    const int64_t limit = i < dgg::kNumIntSlots                         ? dgg::kNumIntSlots
-                          : i < dgg::kNumIntSlots + dgg::kNumStatSlots ? dgg::kNumStatSlots
-                                                                       : dgg::kNumHyperSlots;
+    const int64_t limit = i < kStats0  ? dgg::kNumIntSlots
+                          : i < kHyper0 ? dgg::kNumStatSlots
+                          : i < kAcc0   ? dgg::kNumHyperSlots
+                                        : dgg::kNumAccSlots;
     TORCH_CHECK(s[i] >= 0 && s[i] < limit, "dgg: state slot ", i, " = ", s[i], " is outside [0, ", limit, ")");
   }
   dgg::StateSlots sl;
@@ -209,7 +212,7 @@ void mask(const at::Tensor& decision, const at::Tensor& table, int64_t blocks) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dgg-kernels CUDA backend: fused gate step and one-launch gradient mask";
-  m.def("reduce", &reduce, "sum of squares of the monitor grads -> acc (float64[1])", py::arg("grads"),
+  m.def("reduce", &reduce, "sum of squares of the monitor grads -> acc[0] (float64)", py::arg("grads"),
         py::arg("partials"), py::arg("ticket"), py::arg("acc"), py::arg("max_blocks"));
   m.def("step", &step, "fused reduce + finalize in one launch", py::arg("grads"), py::arg("partials"),
         py::arg("ticket"), py::arg("max_blocks"), py::arg("ring"), py::arg("prev"), py::arg("ints"),

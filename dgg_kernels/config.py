@@ -81,8 +81,9 @@ class GateConfig:
             raise ValueError(f"target_kl must be None (no KL stop) or a finite number > 0, got {self.target_kl!r}")
         if not _positive_finite(self.kl_factor):
             raise ValueError(f"kl_factor must be a finite number > 0, got {self.kl_factor!r}")
-        if self.target_kl is not None and not math.isfinite(self.target_kl * self.kl_factor):
-            raise ValueError(f"target_kl * kl_factor overflows: {self.target_kl!r} * {self.kl_factor!r}")
+        if self.target_kl is not None and not 0 < self.target_kl * self.kl_factor < math.inf:
+            raise ValueError(f"target_kl * kl_factor (the KL limit) must be a finite number > 0, got "
+                             f"{self.target_kl!r} * {self.kl_factor!r}")
 
     @property
     def kl_limit(self) -> float:

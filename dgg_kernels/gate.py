@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Iterable, Sequence, Union
 
 import torch
@@ -20,6 +21,7 @@ from .config import GateConfig
 from .state import GateState
 
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _grad_trace(g: torch.Tensor) -> tuple:
@@ -38,6 +40,13 @@ def _tensor_list(value, what: str) -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a Tensor")
     return items
+
+
+def _check_kl_value(value: float) -> None:
+    """A KL given on the host must be finite in float32 (what the finalize and stats() hold it to)."""
+    if not abs(value) <= FLT_MAX:
+        raise ValueError(f"kl is {value}: the KL must be finite in float32 (a NaN, Inf or overflowing KL means a "
+                         "broken loss)")
 
 
 def _check_overlap_allowed(monitor, process_group, decision_group) -> None:
@@ -248,30 +257,37 @@ class DynamicGradientGate:
         the gate closed (the params' gradients are now zero).  No host sync.
         """
         # every input is checked here, for every backend, before the state or any gradient is touched
+        self._check_kl()
+        grads = inputs.monitor_grads(self.monitor, self._sharding, self.device)
+        zero, key = self._param_grads()
+        if self.overlap and self._consume_overlap(grads):
+            self._backend.finalize_partials(len(grads), self.state, self.config)
+            self._kl_observed = False  # the finalize consumed it
+            return self._mask(zero, key)
+        return self._step_on(grads, zero, key)
+
+    def _check_kl(self) -> None:
+        """A gate with a KL stop judges no step without its KL (raises RuntimeError, nothing modified)."""
         if self.config.target_kl is not None and not self._kl_observed:
             raise RuntimeError(
                 f"this gate has a KL stop (target_kl={self.config.target_kl}) but observe_kl() was not called "
                 "since the last step(): give it the step's KL (a 0-dim tensor) before every step()"
             )
-        grads = inputs.monitor_grads(self.monitor, self._sharding, self.device)
-        zero, key = self._param_grads()
-        self._kl_observed = False
-        if self.overlap and self._consume_overlap(grads):
-            self._backend.finalize_partials(len(grads), self.state, self.config)
-            return self._mask(zero, key)
-        return self._step_on(grads, zero, key)
 
     def _step_on(self, grads: Sequence[torch.Tensor], zero: Sequence[torch.Tensor], key=None) -> torch.Tensor:
         """One step judging ``grads``; when closed, writes zeros into every tensor of ``zero``.
 
-        The inputs are checked already (``inputs``); ``key``: ``zero``'s MaskPlan key, if computed.
+        The inputs are checked already (``inputs``); ``key``: ``zero``'s MaskPlan key, if computed.  The KL
+        stop's KL is checked here (GatedLinear's backward comes in here, not through step()).
         """
+        self._check_kl()
         if torch.compiler.is_compiling():
             # opaque custom ops: the compiler traces through step() without a graph break
             st, c = self.state, self.config
             ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
                           c.window, c.statistic_id, c.max_reuse, self._op_key, self._combine_key)
             ops.gate_mask(st.decision, list(zero), self._op_key)
+            self._kl_observed = False
             return self.state.decision.clone()
         if self._combine_key:
             # sharded: this rank's partial energy -> the sum over the ranks sharing the tensor -> finalize
@@ -280,6 +296,7 @@ class DynamicGradientGate:
             self._backend.finalize(self.state, self.config)
         else:
             self._backend.step(grads, self.state, self.config)
+        self._kl_observed = False  # the finalize consumed it (a step that raised before leaves it for a retry)
         return self._mask(zero, key)
 
     def _mask(self, zero: Sequence[torch.Tensor], key=None) -> torch.Tensor:
@@ -333,9 +350,10 @@ class DynamicGradientGate:
 
         Raises (nothing modified): TypeError for a non-tensor non-number, a
         non-floating dtype or a DTensor; ValueError for a tensor that is not
-        0-dim, or a non-finite value given as a Python number or a CPU
-        tensor; RuntimeError for a tensor on another device.  A non-finite
-        value in an accelerator tensor cannot be seen without a host sync:
+        0-dim, or a value that is not finite in float32 (NaN, Inf, beyond
+        3.4e38) given as a number or a plain CPU tensor; RuntimeError for a
+        tensor on another device.  Such a value in an accelerator tensor (or
+        one under torch.compile tracing) cannot be seen without a host sync:
         it closes the gate (docs/semantics.md, "The KL stop").
         """
         slot = self.state.acc[S.ACC_KL]
@@ -355,16 +373,19 @@ class DynamicGradientGate:
                 raise RuntimeError(f"kl is on {kl.device}, but the gate was built on {self.device} (its state "
                                    "lives there)")
             value = host_value(kl)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"kl is {value}: the KL must be finite (a NaN or Inf KL means a broken loss)")
+            if value is not None:
+                _check_kl_value(value)
             with torch.no_grad():
                 slot.copy_(kl.detach())
         else:
-            if isinstance(kl, bool) or not isinstance(kl, (int, float)):
+            if isinstance(kl, bool) or not isinstance(kl, numbers.Real):
                 raise TypeError(f"kl must be a 0-dim tensor or a number, got {type(kl).__name__}")
-            if not math.isfinite(kl):
-                raise ValueError(f"kl is {kl}: the KL must be finite (a NaN or Inf KL means a broken loss)")
-            slot.fill_(float(kl))
+            try:
+                value = float(kl)
+            except OverflowError:
+                value = math.inf
+            _check_kl_value(value)
+            slot.fill_(value)
         self._kl_observed = True
 
     def should_stop(self) -> bool:

@@ -70,7 +70,7 @@ class GateModel:
 
     def step(self, energy: float, kl: float = 0.0) -> dict:
         """One step on this energy, with the KL the trainer gave (0.0: none)."""
-        finite = math.isfinite(energy) and math.isfinite(kl)
+        finite = math.isfinite(energy) and abs(kl) <= FLT_MAX  # a KL beyond float32 closes, as NaN/Inf do
         norm = math.sqrt(energy) if not math.isnan(energy) else math.nan
         has_prev = self.prev_energy is not None
         # each watched test: its statistic, whether it may enter the window, and its magnitude

@@ -25,6 +25,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks import common as C  # noqa: E402
 from benchmarks import peers as P  # noqa: E402
 
+import dgg_kernels as dgg  # noqa: E402
+
 GOAL_STATUSES = {"met", "missed", "not measured"}
 
 
@@ -264,6 +266,24 @@ def test_host_read_counter_restores_tensor_methods():
     n, how = C.count_host_syncs(lambda: (x.sum().item(), bool(x[0])), torch.device("cpu"))
     assert n == 2 and "proxy" in how
     assert {k: torch.Tensor.__dict__.get(k) for k in C._HOST_READ_METHODS} == before
+
+
+def test_host_read_proxy_counts_the_torch_backend_in_its_device_form():
+    """The torch backend reads host memory on CPU only (the decision, the finalize's numbers): the proxy
+    switches those paths off while counting, sees none of them, and restores them."""
+    from dgg_kernels.backends import torch_ref as TR
+
+    before = TR.host_state, TR.host_value
+    w = torch.nn.Parameter(torch.zeros(6, 5))
+    gate = dgg.DynamicGradientGate(w, backend="torch", threshold=0.0, window=2)
+    w.grad = torch.randn(6, 5)
+    for _ in range(3):
+        gate.step()
+    n, _ = C.count_host_syncs(gate.step, torch.device("cpu"))
+    assert n == 0
+    assert (TR.host_state, TR.host_value) == before
+    state = gate.state
+    assert TR.host_state(state) and TR.host_value(state.decision) is not None
 
 
 def test_cuda_backend_row_is_unavailable_with_reason():

@@ -204,12 +204,12 @@ def _energy64(tensors):
 
 
 def _cuda_energy(grads, backend=None):
-    """backend.reduce() of ``grads``: the energy it leaves in state.acc (float64[1] on the GPU)."""
+    """backend.reduce() of ``grads``: the energy it leaves in state.acc[ACC_ENERGY] (float64, 0-dim, on the GPU)."""
     device = grads[0].device
     backend = backend or cuda_ext.CudaBackend(device)
     state = GateState.new(4, 0.3, 1e-8, device)
     backend.reduce(grads, state, dgg.GateConfig(window=4, backend="cuda"))
-    return state.acc
+    return state.acc[S.ACC_ENERGY]
 
 
 @pytest.mark.gpu
@@ -453,6 +453,6 @@ def test_reduce_partial_then_finalize_partials_matches_step(ext, statistic):
             backend.reduce_partial(k, g[k], len(g), parts, cfg)
         backend.finalize_partials(len(g), parts, cfg)
         assert same_bits(fused.decision, parts.decision) and same_bits(fused.ints, parts.ints), i
-        assert math.isclose(fused.acc.item(), parts.acc.item(), rel_tol=1e-6), i
+        assert math.isclose(fused.acc[S.ACC_ENERGY].item(), parts.acc[S.ACC_ENERGY].item(), rel_tol=1e-6), i
         closed += fused.decision.item()
     assert 0 < closed < 40

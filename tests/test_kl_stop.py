@@ -110,7 +110,7 @@ def test_a_non_finite_kl_on_the_device_closes_the_gate(backend):
     on it, at any pass, with or without a KL stop.  Written into the state directly here (on CPU the gate
     refuses such a value before it gets there)."""
     device = _device_for(backend)
-    for target_kl, bad in ((None, math.nan), (0.01, math.inf), (0.01, -math.inf)):
+    for target_kl, bad in ((None, math.nan), (0.01, math.inf), (0.01, -math.inf), (None, 1e39)):
         w = torch.nn.Parameter(torch.zeros(9, 5, device=device))
         gate = dgg.DynamicGradientGate(w, backend=backend, threshold=math.inf, target_kl=target_kl)
         gate.new_batch()
@@ -150,6 +150,9 @@ BAD_KL = [
     (torch.tensor(math.inf, dtype=torch.bfloat16), ValueError, "finite"),
     (math.nan, ValueError, "finite"),
     (-math.inf, ValueError, "finite"),
+    (1e39, ValueError, "finite in float32"),
+    (10**400, ValueError, "finite"),
+    (torch.tensor(-1e39, dtype=torch.float64), ValueError, "finite in float32"),
     (True, TypeError, "number"),
     ("0.1", TypeError, "number"),
     (None, TypeError, "number"),
@@ -203,7 +206,7 @@ def test_with_a_kl_stop_every_step_needs_a_kl(backend):
     (dict(target_kl=0), "target_kl"), (dict(target_kl=-0.01), "target_kl"), (dict(target_kl=math.nan), "target_kl"),
     (dict(target_kl=math.inf), "target_kl"), (dict(target_kl="0.01"), "target_kl"), (dict(target_kl=True), "target_kl"),
     (dict(kl_factor=0), "kl_factor"), (dict(kl_factor=math.inf), "kl_factor"), (dict(kl_factor=None), "kl_factor"),
-    (dict(target_kl=1e300, kl_factor=1e10), "overflows"),
+    (dict(target_kl=1e300, kl_factor=1e10), "KL limit"), (dict(target_kl=1e-300, kl_factor=1e-300), "KL limit"),
 ])
 def test_bad_kl_settings_are_refused(kw, words):
     with pytest.raises(ValueError, match=words):
@@ -299,3 +302,52 @@ def test_observe_kl_and_step_compile_without_graph_breaks(backend):
         ref.observe_kl(kl)
         want.append((bool(ref.step()), ref.stats()["kl"].item()))
     assert got == want and any(c for c, _ in got) and not all(c for c, _ in got)
+
+
+def test_numpy_numbers_are_kls_too():
+    np = pytest.importorskip("numpy")
+    w = torch.nn.Parameter(torch.zeros(7, 3))
+    gate = dgg.DynamicGradientGate(w, target_kl=0.01)
+    w.grad = torch.randn(7, 3)
+    gate.observe_kl(np.float32(0.125))
+    gate.step()
+    assert gate.stats()["kl"].item() == 0.125
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND_PARAMS)
+def test_a_step_refused_for_its_gradients_keeps_the_kl_for_the_retry(backend):
+    """observe_kl() serves the next step that runs: a step refused for a missing gradient leaves the KL (and
+    the KL stop's bookkeeping) as they were, so the repaired retry judges it without a second observe_kl()."""
+    w = torch.nn.Parameter(torch.zeros(7, 3))
+    gate = dgg.DynamicGradientGate(w, backend=backend, threshold=math.inf, target_kl=0.01, max_reuse=8)
+    gate.new_batch()
+    w.grad = torch.randn(7, 3)
+    gate.observe_kl(0.0)
+    gate.step()
+    gate.observe_kl(0.5)  # over the limit at pass 2
+    w.grad = None
+    with pytest.raises(RuntimeError, match="no .grad"):
+        gate.step()
+    w.grad = torch.randn(7, 3)
+    assert bool(gate.step()) and gate.stats()["kl"].item() == 0.5
+    with pytest.raises(RuntimeError, match="observe_kl"):
+        gate.step()
+
+
+def test_gated_linear_needs_the_kl_before_its_backward():
+    """GatedLinear steps its gate inside backward: a KL stop there needs observe_kl() before backward()."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 9)
+    gate = dgg.DynamicGradientGate(lin.weight, list(lin.parameters()), threshold=math.inf, target_kl=0.01,
+                                   max_reuse=8)
+    gated = dgg.GatedLinear(lin, gate)
+    x = torch.randn(4, 5)
+    gate.new_batch()
+    with pytest.raises(RuntimeError, match="observe_kl"):
+        gated(x).sum().backward()
+    for k, kl in enumerate((0.0, 0.001, 0.5)):
+        lin.zero_grad()
+        gate.observe_kl(kl)
+        gated(x).sum().backward()
+        assert bool(gate.stats()["closed"]) == (k == 2)
+    assert lin.weight.grad.abs().sum().item() == 0.0  # the closed step zeroed the gradients

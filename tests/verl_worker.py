@@ -236,6 +236,8 @@ def config_case() -> None:
     assert dv.gate_config_from_actor(actor({"enable": False, "window": 5})) is None
     assert dv.gate_config_from_actor(actor(None)) is None
     expect_error(ValueError, "unknown key(s) ['windw']", lambda: dv.gate_config_from_actor(actor({**on, "windw": 5})))
+    expect_error(ValueError, "dgg.target_kl: the KL stop is not wired",
+                 lambda: dv.gate_config_from_actor(actor({**on, "target_kl": 0.01})))
     expect_error(ValueError, "unknown key(s)", lambda: dv.gate_config_from_actor(actor({"enable": False, "windw": 5})))
     expect_error(ValueError, "window must be an int >= 2", lambda: dv.gate_config_from_actor(actor({**on, "window": 1})))
     expect_error(ValueError, "enable must be true or false", lambda: dv.gate_config_from_actor(actor({"enable": "yes"})))

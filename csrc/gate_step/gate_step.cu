@@ -83,9 +83,9 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   // there anyway); NaN fails both comparisons and stays NaN.
   if (energy > flt_max) energy = INFINITY;
   const bool finite = energy <= flt_max;
-  // the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+  // the KL stop: the KL observe_kl gave (0 when none); one not finite in float32 closes at any reuse index
   const double kl = st.acc[sl.acc_kl];
-  const bool kl_finite = fabs(kl) <= DBL_MAX;
+  const bool kl_finite = fabs(kl) <= flt_max;
   const bool kl_over = kl > st.hyper[sl.kl_limit];
   const double norm = sqrt(energy);
   const bool has_prev = ints[sl.has_prev] > 0;

@@ -21,7 +21,7 @@ class Backend:
     auto_reason: str | None = None  # set by backend="auto": what its table lookup found
 
     def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
-        """Write sum(g.float()**2) over all ``grads`` into ``state.acc`` (float64[1]); no host sync."""
+        """Write sum(g.float()**2) over all ``grads`` into ``state.acc[ACC_ENERGY]`` (float64); no host sync."""
         raise NotImplementedError
 
     def finalize(self, state: GateState, config: GateConfig) -> None:

@@ -130,7 +130,7 @@ def _build_jit():
 
 def _check_module(mod) -> None:
     """Raise unless ``mod`` (prebuilt or just built) was compiled for this package's tables: the monitor
-    tensors one launch takes and the state layout (state.py N_INTS, N_STATS, N_HYPER).  An extension left from
+    tensors one launch takes and the state layout (state.py N_INTS, N_STATS, N_HYPER, N_ACC).  An extension left from
     another checkout (an editable install after a pull) fails here, on every way of loading it."""
     want = {"MAX_STEP_TENSORS": MAX_STEP_TENSORS, "STATE_LAYOUT": (S.N_INTS, S.N_STATS, S.N_HYPER, S.N_ACC)}
     for name, value in want.items():

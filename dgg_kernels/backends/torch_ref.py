@@ -24,7 +24,6 @@ from .base import Backend, dense, zero_where
 # float32 and see inf there, and a gradient with a norm above 1.8e19 is broken
 # in any case.  NaN stays NaN.
 FLT_MAX = float(torch.finfo(torch.float32).max)
-DBL_MAX = float(torch.finfo(torch.float64).max)
 
 
 def _window_test(ring: torch.Tensor, count: torch.Tensor, stat: torch.Tensor, eps: torch.Tensor, window: int):
@@ -66,9 +65,10 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     energy = state.acc[S.ACC_ENERGY]
     energy = torch.where(energy > FLT_MAX, torch.full_like(energy, float("inf")), energy)
     finite = energy <= FLT_MAX  # false for NaN and inf; a sum of squares is never negative
-    # the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+    # the KL stop: the KL observe_kl gave (0 when none); one that is not finite in float32 (stats() reports
+    # it in float32) closes at any reuse index
     kl = state.acc[S.ACC_KL]
-    kl_finite = kl.abs() <= DBL_MAX
+    kl_finite = kl.abs() <= FLT_MAX
     norm = energy.sqrt()
     has_prev = ints[S.HAS_PREV] > 0
     # the increment: energy minus the previous accepted energy; the first accepted
@@ -189,7 +189,7 @@ def finalize_host(state: GateState, config: GateConfig) -> None:
         energy = math.inf
     finite = energy <= FLT_MAX
     kl = float(acc_v[S.ACC_KL])
-    kl_finite = abs(kl) <= DBL_MAX
+    kl_finite = abs(kl) <= FLT_MAX
     norm = math.sqrt(energy) if energy == energy else math.nan
     has_prev = ints[S.HAS_PREV] > 0
     prev = float(state.prev.numpy()[0])

@@ -76,9 +76,9 @@ def _finalize(
     # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
     energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
     finite = energy <= 3.4028234663852886e38
-    # the KL stop: the KL observe_kl gave (0 when none); a non-finite one closes at any reuse index
+    # the KL stop: the KL observe_kl gave (0 when none); one not finite in float32 closes at any reuse index
     kl = tl.load(acc_ptr + _ACC_KL)
-    kl_finite = tl.abs(kl) <= 1.7976931348623157e308
+    kl_finite = tl.abs(kl) <= 3.4028234663852886e38
     kl_over = kl > tl.load(hyper_ptr + _KL_LIMIT)
     norm = tl.sqrt(energy)
     has_prev_i = tl.load(ints_ptr + _HAS_PREV)

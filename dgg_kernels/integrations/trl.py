@@ -309,7 +309,8 @@ class DGGGRPOTrainer(GRPOTrainer):
                 k3 = torch.zeros((), dtype=torch.float32, device=logps.device)
             else:
                 lr = (logps.detach() - old).to(torch.float32)
-                k3 = ((torch.expm1(lr) - lr) * mask).sum()
+                # where, not a product: a masked-out position's log-ratio may be anything (0 * inf is NaN)
+                k3 = torch.where(mask > 0, torch.expm1(lr) - lr, torch.zeros_like(lr)).sum()
             if self._step % self.args.gradient_accumulation_steps == 0 or self._dgg_kl is None:
                 self._dgg_kl = (k3, mask.sum())  # the first micro-batch of an optimizer step
             else:

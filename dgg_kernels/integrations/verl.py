@@ -165,6 +165,12 @@ def gate_config_from_actor(actor, dgg=None) -> GateConfig | None:
     # the keys are checked even when the gate is off: a typo should not pass silently
     config = resolve_config(section, ignore=("enable",), defaults={"max_reuse": _get(actor, "ppo_epochs")},
                             where="actor_rollout_ref.actor.dgg")
+    if config.target_kl is not None:
+        raise ValueError(
+            "actor_rollout_ref.actor.dgg.target_kl: the KL stop is not wired into verl's engine yet (nothing gives "
+            "the gate the KL each step); use the gradient test here, or the KL stop with DGGGRPOTrainer (TRL) or "
+            "your own loop (gate.observe_kl)"
+        )
     if not enable:
         return None
     strategy = _get(actor, "strategy", "fsdp2")
