@@ -11,8 +11,13 @@ The thin entry point of the study in benchmarks/rlvr/ (see benchmarks/rlvr/cli.p
     python benchmarks/rlvr_reuse.py --out benchmarks/results     # where the committed results go
 
 Results go to --out (default: a folder under the system temp dir, so a run never overwrites the committed
-results by accident).  Measured wall time of the whole CPU study on a 2-core machine: see
-benchmarks/results/rlvr_study.md.
+results by accident).
+
+Measured wall time (2026-12-01, 2-core AMD EPYC shared with other work, torch 2.13 CPU, --jobs 2 = two worker
+processes of one thread each; 20 arms x 5 seeds per run): addition 1403 s, reverse 1001 s, reverse --tied
+1198 s; the whole study (python benchmarks/rlvr/study.py --out benchmarks/results) 61 min.  Per (arm, seed)
+unit: addition fixed K=1 8 s, fixed K=8 51 s; reverse fixed K=1 10 s, fixed K=8 32 s.  --quick: under a
+minute.  GPU (--config gpu): not run (no GPU in the session that set it up); an estimate is in cli.py.
 """
 from __future__ import annotations
 

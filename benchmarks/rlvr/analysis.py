@@ -38,13 +38,16 @@ def first_reach(curve, target: float, n: int = SMOOTH) -> int | None:
     return next((i for i in range(1, len(curve)) if acc[i] >= target - 1e-9), None)
 
 
-def rollouts_to_reach(curve, base_curve, n: int = SMOOTH) -> dict | None:
+def rollouts_to_reach(curve, base_curve, n: int = SMOOTH, frac: float = 1.0) -> dict | None:
     """The paper's sample-efficiency measure on one seed: rollouts until ``curve`` (smoothed) reaches the final
     smoothed accuracy of ``base_curve`` (fixed K=1), and the ratio to what the base needed.  None when the base
-    did not end above its start (the target means nothing) ; {"reached": False} when the arm never got there."""
-    target = smooth([c[2] for c in base_curve], n)[-1]
-    if not target > base_curve[0][2]:
+    did not end above its start (the target means nothing) ; {"reached": False} when the arm never got there.
+    ``frac`` < 1: the target is that fraction of the base's gain over its start (0.5: half-way)."""
+    final = smooth([c[2] for c in base_curve], n)[-1]
+    start = base_curve[0][2]
+    if not final > start:
         return None
+    target = start + frac * (final - start)
     i1, i = first_reach(base_curve, target, n), first_reach(curve, target, n)
     if i is None:
         return {"reached": False, "target": target}
@@ -251,25 +254,8 @@ def analyse(res: dict) -> dict:
     seeds = sorted({r["seed"] for r in runs})
     # sample efficiency (the paper's way): rollouts until the smoothed accuracy reaches K=1's final smoothed level
     if "fixed K=1" in arms:
-        excluded = []
-        for name in arms:
-            per = []
-            for s in seeds:
-                e = rollouts_to_reach(by_seed[(name, s)]["curve"], by_seed[("fixed K=1", s)]["curve"])
-                if e is None:
-                    if s not in excluded:
-                        excluded.append(s)
-                    continue
-                per.append(dict(e, seed=s))
-            got = [h for h in per if h["reached"]]
-            e = {"reached": len(got), "seeds": len(per), "per_seed": per}
-            if got:
-                for key in ("rollouts", "seconds", "rollout_ratio", "speedup_rollouts", "speedup_seconds"):
-                    v = np.array([h[key] for h in got], float)
-                    e[key + "_median"], e[key + "_min"], e[key + "_max"] = (float(np.median(v)), float(v.min()),
-                                                                          float(v.max()))
-            out["efficiency"][name] = e
-        out["efficiency_excluded_seeds"] = excluded
+        out["efficiency"], out["efficiency_excluded_seeds"] = _efficiency(arms, seeds, by_seed, 1.0)
+        out["efficiency_half"], _ = _efficiency(arms, seeds, by_seed, 0.5)
     # the premise: does the most reuse do harm?
     if fixed:
         big = max(fixed, key=k_of)
@@ -356,6 +342,28 @@ def analyse(res: dict) -> dict:
         out["recovered_ref"] = {"worst": big, "best": best_fixed}
     out["by_signal"] = _by_signal(out, specs, others)
     return out
+
+
+def _efficiency(arms, seeds, by_seed, frac: float) -> tuple[dict, list]:
+    eff, excluded = {}, []
+    for name in arms:
+        per = []
+        for s in seeds:
+            e = rollouts_to_reach(by_seed[(name, s)]["curve"], by_seed[("fixed K=1", s)]["curve"], frac=frac)
+            if e is None:
+                if s not in excluded:
+                    excluded.append(s)
+                continue
+            per.append(dict(e, seed=s))
+        got = [h for h in per if h["reached"]]
+        e = {"reached": len(got), "seeds": len(per), "per_seed": per}
+        if got:
+            for key in ("rollouts", "seconds", "rollout_ratio", "speedup_rollouts", "speedup_seconds"):
+                v = np.array([h[key] for h in got], float)
+                e[key + "_median"], e[key + "_min"], e[key + "_max"] = (float(np.median(v)), float(v.min()),
+                                                                      float(v.max()))
+        eff[name] = e
+    return eff, excluded
 
 
 def _by_signal(an, specs, others) -> dict:

@@ -35,18 +35,22 @@ GPU_COMMANDS = ["python benchmarks/rlvr_reuse.py --config gpu --out benchmarks/r
                 "python benchmarks/rlvr_reuse.py --config gpu --task reverse --out benchmarks/results/gpu",
                 "python benchmarks/rlvr_reuse.py --config gpu --task reverse --tied --out benchmarks/results/gpu"]
 GPU_COMMAND = GPU_COMMANDS[0]
-# measured here (2 cores, --jobs 2, 2026-12-01) and estimated for an H100; see the results md
-TIME_NOTE = {"cpu": "measured: see each results file's wall time", "gpu": "not run (no GPU in the session that "
-             "wrote this); estimate 20-30 min per task on one H100 at --jobs 1 (the 2026-11-23 H100 runs took 6 min "
-             "for 35 units of the addition task; this arm set has 100 units per task)"}
+# measured here (2-core shared CPU, --jobs 2, 2026-12-01) and estimated for a GPU (not run: no GPU in the session
+# that wrote this)
+TIME_NOTE = {"cpu": "measured 2026-12-01 on a 2-core CPU shared with other work, --jobs 2: addition 1403 s, reverse "
+             "1001 s, reverse tied 1198 s, the study 61 min",
+             "gpu": "not run (no GPU in the session that wrote this); estimate 20-30 min per variant on one H100 at "
+             "--jobs 1, about 1.5 h for the three (the 2026-11-23 H100 runs took 6 min for 35 addition units of an "
+             "older arm set, about 10 s a unit; this set has 100 units per variant, most of them at max reuse 8)"}
 
 DOC = """RLVR rollout-batch reuse with and without the gate: does DGG beat fixed reuse at equal rollouts?
 
-    python benchmarks/rlvr_reuse.py                          # addition, CPU configuration, --jobs 2
-    python benchmarks/rlvr_reuse.py --task reverse           # the large-vocabulary task (untied lm_head)
-    python benchmarks/rlvr_reuse.py --task reverse --tied    # ... with lm_head tied to the token embedding
+    python benchmarks/rlvr_reuse.py                          # addition, CPU configuration, --jobs 2 (23 min here)
+    python benchmarks/rlvr_reuse.py --task reverse           # the large-vocabulary task, untied lm_head (17 min)
+    python benchmarks/rlvr_reuse.py --task reverse --tied    # ... lm_head tied to the token embedding (20 min)
     python benchmarks/rlvr_reuse.py --quick                  # smoke run, well under a minute
-    python benchmarks/rlvr_reuse.py --config gpu [--task ...]  # GPU configuration
+    python benchmarks/rlvr_reuse.py --config gpu [--task ...]  # GPU configuration (not run yet; ~20-30 min each)
+    python benchmarks/rlvr/study.py --out benchmarks/results  # all three variants + rlvr_study.md (61 min here)
     python benchmarks/rlvr_reuse.py --out benchmarks/results # where the committed results go
 
 A tiny causal transformer, supervised warm-up to a held-out accuracy that is right sometimes, then GRPO-style RL

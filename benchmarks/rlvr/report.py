@@ -68,6 +68,16 @@ def headline(an: dict) -> list[str]:
         m, w, n, vd = _paired(an, bs["kl"]["best"], bs["gradient"]["best"])
         L.append(f"**KL stop vs gradient rule** (each signal's best arm, paired by seed): `{bs['kl']['best']}` vs "
                  f"`{bs['gradient']['best']}` {m:+.3f} ({w}/{n} seeds higher: {vd}).")
+    eff = an.get("efficiency", {})
+    if eff:
+        need = max(1, math.ceil(0.8 * max(e["seeds"] for e in eff.values())))
+        fast = [f"`{n}` ({e['reached']}/{e['seeds']} seeds, ratio {e['rollout_ratio_median']:.2f})"
+                for n, e in eff.items() if n != "fixed K=1" and e["reached"] >= need and e["rollout_ratio_median"] < 1]
+        same = [n for n, e in eff.items() if n != "fixed K=1" and e["reached"] >= need]
+        L.append("**Sample efficiency** (rollouts to reach `fixed K=1`'s final accuracy, the paper's measure): arms "
+                 f"reaching it on at least {need} seeds: " + (", ".join(f"`{x}`" for x in same) or "none")
+                 + "; of those, with a median rollout ratio below 1 (fewer rollouts than K=1): "
+                 + (", ".join(fast) or "none") + ".")
     beats = [x for s in bs.values() for x in s["beats_best_fixed"]]
     L.append("**Beats the best fixed K without tuning K** (max reuse 8, higher than the best fixed arm on most "
              "seeds): " + (", ".join(f"`{x}`" for x in beats) if beats else "no signal does") + ".")
@@ -190,6 +200,10 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
           f"{a['heads']} heads, " + (TIED_TEXT if tied else "untied lm_head") + " "
           f"(the lm_head holds {env['lm_head_share']:.0%} of the weights).",
           f"- Task: {task_text}. Held-out: {a['heldout']} fixed problems, greedy decoding.",
+          (f"- Pretraining phase of the task (copying the symbol sequence, so every symbol's lm_head row is trained, "
+           f"as a pretrained LM knows its tokens): {res['sft']['pretrain_steps']} steps, held-out accuracy on the "
+           f"reverse task after it {res['sft']['heldout_acc_after_pretrain']:.3f}." if res["sft"].get("pretrain_steps")
+           else "- No pretraining phase."),
           f"- Supervised warm-up to greedy held-out accuracy {res['sft']['heldout_acc']:.3f} "
           f"({res['sft']['steps']} steps, lr {a['sft_lr']}, batch {a['sft_batch']}); one checkpoint for every arm and "
           "seed.",
@@ -240,16 +254,22 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
               + (f" Seeds where `fixed K=1` did not end above its start are left out: "
                  f"{', '.join(map(str, an['efficiency_excluded_seeds']))}." if an.get("efficiency_excluded_seeds")
                  else ""), "",
+              "Last column: the same with half of `fixed K=1`'s gain over the start as the target (how fast an arm "
+              "gets going, where K=1's own final level is out of reach).", "",
               "| arm | seeds reaching it | rollouts (median) | rollout ratio vs K=1 | per seed (rollouts; - = never) "
-              "| train s (median) |", "|---|---|---|---|---|---|"]
+              "| train s (median) | half of K=1's gain: seeds, ratio vs K=1 |", "|---|---|---|---|---|---|---|"]
+        half = an.get("efficiency_half", {})
         for name, e in an["efficiency"].items():
             per = ", ".join(f"{h['rollouts']:.0f}" if h["reached"] else "-" for h in e["per_seed"])
+            h2 = half.get(name)
+            hc = (f"{h2['reached']}/{h2['seeds']}, {h2['rollout_ratio_median']:.2f}" if h2 and h2["reached"]
+                  else f"0/{h2['seeds']}" if h2 else "")
             if e["reached"]:
                 L.append(f"| {name} | {e['reached']}/{e['seeds']} | {e['rollouts_median']:.0f} | "
                          f"{e['rollout_ratio_median']:.2f} [{e['rollout_ratio_min']:.2f} .. "
-                         f"{e['rollout_ratio_max']:.2f}] | {per} | {e['seconds_median']:.1f} |")
+                         f"{e['rollout_ratio_max']:.2f}] | {per} | {e['seconds_median']:.1f} | {hc} |")
             else:
-                L.append(f"| {name} | 0/{e['seeds']} | never | | {per} | |")
+                L.append(f"| {name} | 0/{e['seeds']} | never | | {per} | | {hc} |")
     lead = an.get("lead", {})
     if lead:
         L += ["", "## The paper's observations: does the lm_head energy surge before accuracy drops?", "",

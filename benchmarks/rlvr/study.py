@@ -1,8 +1,9 @@
 """The whole study in one command: addition (untied), reverse (untied) and reverse (tied), every arm, 5 seeds,
 then one summary (rlvr_study.md) across the three from their results JSONs.
 
-    python benchmarks/rlvr/study.py --out benchmarks/results            # CPU: --jobs 2 workers, one thread each
-    python benchmarks/rlvr/study.py --config gpu --out benchmarks/results/gpu
+    python benchmarks/rlvr/study.py --out benchmarks/results            # CPU: --jobs 2 workers, one thread each;
+                                                                        # 61 min measured (2 cores, shared)
+    python benchmarks/rlvr/study.py --config gpu --out benchmarks/results/gpu   # not run: no GPU here
     python benchmarks/rlvr/study.py --summary-only --out benchmarks/results   # rewrite the summary only
 
 Each variant is one run of benchmarks/rlvr_reuse.py (the same flags); its own md/json/png go to --out.
@@ -65,9 +66,11 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
     if data:
         L += ["## Final held-out accuracy per arm (mean over seeds) and rollouts to reach fixed K=1's final accuracy",
               "", "Rollout ratio = the arm's rollouts / fixed K=1's to first reach K=1's final smoothed accuracy "
-              "(median over the seeds where it did; n/N = seeds reaching it).", "",
-              "| arm | " + " | ".join(f"{n} final acc | {n} rollout ratio (n/N)" for n in data) + " |",
-              "|---|" + "---|---|" * len(data)]
+              "(median over the seeds where it did; n/N = seeds reaching it); half-gain: the same to half of K=1's gain over "
+              "the start.", "",
+              "| arm | " + " | ".join(f"{n} final acc | {n} rollout ratio (n/N) | {n} half-gain ratio (n/N)"
+                                       for n in data) + " |",
+              "|---|" + "---|---|---|" * len(data)]
         for a in names_all:
             cells = []
             for n, d in data.items():
@@ -75,10 +78,11 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
                 s = an.get("arms", {}).get(a)
                 e = an.get("efficiency", {}).get(a)
                 cells.append(f"{s['final_acc_mean']:.3f}" if s else "")
-                if e and e.get("reached"):
-                    cells.append(f"{e['rollout_ratio_median']:.2f} ({e['reached']}/{e['seeds']})")
-                else:
-                    cells.append(f"never (0/{e['seeds']})" if e else "")
+                for e in (e, an.get("efficiency_half", {}).get(a)):
+                    if e and e.get("reached"):
+                        cells.append(f"{e['rollout_ratio_median']:.2f} ({e['reached']}/{e['seeds']})")
+                    else:
+                        cells.append(f"never (0/{e['seeds']})" if e else "")
             L.append(f"| {a} | " + " | ".join(cells) + " |")
         L += ["", "## The paper's observations, per variant", ""]
         for n, d in data.items():
@@ -120,7 +124,14 @@ def main(argv=None) -> None:
                   flush=True)
             cli.main(argv_n)
     cmd = "python benchmarks/rlvr/study.py" + ("" if not argv else " " + " ".join(argv))
-    extra = None if args.summary_only else {"command": cmd, "wall": time.perf_counter() - t0}
+    stamp = os.path.join(args.out, "rlvr_study_quick.json" if args.quick else "rlvr_study.json")
+    if args.summary_only:  # the last full run's command and wall time, kept beside the summary
+        extra = json.load(open(stamp)) if os.path.exists(stamp) else None
+    else:
+        extra = {"command": cmd, "wall": time.perf_counter() - t0,
+                 "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        with open(stamp, "w") as f:
+            json.dump(extra, f)
     print("wrote", summarize(args.out, names, args.quick, extra))
 
 

@@ -14,8 +14,8 @@ class Addition:
     stem = "rlvr_reuse"  # results file stem (the committed results keep their old name)
     min_vocab = 12
     presets = {
-        # 776 s for the 2026-11-23 run (11 arms) on one thread; lr and sizes chosen (on 2 seeds, before that run)
-        # so that fixed K=1 learns and fixed K=8 does harm
+        # lr and sizes chosen (on 2 seeds, before the 2026-11-23 run) so that fixed K=1 learns and fixed K=8 does
+        # harm; 1403 s for 20 arms x 5 seeds at --jobs 2 on a shared 2-core CPU (2026-12-01)
         "cpu": dict(vocab=2048, width=64, layers=1, heads=4, digits=2, sft_lr=1e-3, sft_target=0.3,
                     sft_max_steps=3000, batches=50, prompts=32, lr=1.5e-3),
         # the 2026-11-23 H100 runs d/e: lr 1e-3 is where fixed K=8 collapsed there
