@@ -1,4 +1,4 @@
-"""The demo: what the gate is for, shown on a run where reusing rollouts does harm (about a minute on a CPU).
+"""The demo: what the gate is for, shown on a run where reusing rollouts does harm (about two minutes on a CPU).
 
     python -m dgg_kernels.demo [--seed 0] [--threshold 0.3] [--statistic ...] [--window-mode ...]
 
@@ -18,6 +18,11 @@
                  paper's rule, statistic="energy+increment") watches the
                  lm_head gradient and, when z exceeds the threshold,
                  discards that update and ends reuse of the batch;
+     KL stop K=8 up to 8 updates per batch; the gate's KL stop (the KL of
+                 the policy to the rollout policy on the sampled tokens,
+                 given each pass with observe_kl) ends reuse when it
+                 exceeds 1.5 x target_kl: stable-baselines3's rule, and in
+                 the 5-seed study the signal that pays;
      coin K=8    a batch ends at pass 2 with chance 0.5, blind to the
                  gradient: does the gate choose better than chance?
 3. Prints every pass of the gated run's first batches (window warm-up, pass
@@ -339,9 +344,10 @@ def main(argv=None) -> None:
 
 
 # What the 5-seed study found (benchmarks/results/rlvr_study.md), said after every run of the demo
-STUDY = ("In the 5-seed study (benchmarks/results/rlvr_study.md) stopping reuse early recovered part of the harm, "
-         "no gated K=8 arm ended above single use or K=2 on any seed, and a coin ending half the batches at pass 2 "
-         "did about as well as the best gate.")
+STUDY = ("In the 5-seed study over three tasks (benchmarks/results/rlvr_study.md) the KL stop at K=8 recovered "
+         "94-100% of the harm of fixed K=8 and came within 0.02 of the best fixed K at its best target (0.00-0.05 "
+         "at target 0.01) without tuning K; the gradient rule recovered at most 52-88% of it and ended below the "
+         "KL stop on every seed in two of the tasks; no signal beat the best fixed K.")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
