@@ -279,7 +279,7 @@ def test_state_dict_from_before_the_second_ring_still_loads():
     seq.events = first
     run_gate(a, seq)
     sd = a.state_dict()
-    old = {"config": {k: v for k, v in sd["config"].items() if k != "window_mode"},
+    old = {"config": {k: v for k, v in sd["config"].items() if k not in ("window_mode", "target_kl", "kl_factor")},
            "state": dict(sd["state"], ints=sd["state"]["ints"][:7].clone(), stats=sd["state"]["stats"][:7].clone())}
     b = dgg.DynamicGradientGate(torch.nn.Parameter(torch.empty(11)), window=4, statistic="increment", backend="torch")
     b.load_state_dict(old)
