@@ -14,14 +14,14 @@ import torch
 
 from . import inputs, ops
 from . import state as S
-from .distributed import sharding_for
+from .distributed import is_dtensor, sharding_for
 from .backends import resolve_backend
 from .backends.base import Backend
+from .backends.torch_ref import FLT_MAX, host_value
 from .config import GateConfig
 from .state import GateState
 
 TensorOrTensors = Union[torch.Tensor, Sequence[torch.Tensor]]
-FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _grad_trace(g: torch.Tensor) -> tuple:
@@ -51,7 +51,7 @@ def _check_kl_value(value: float) -> None:
 
 def _check_overlap_allowed(monitor, process_group, decision_group) -> None:
     """overlap=True only where the hook's read is provably the gradient step() would read: one process."""
-    from .distributed import is_dtensor, multi_rank
+    from .distributed import multi_rank
 
     if any(is_dtensor(t) for t in monitor) or process_group is not None or decision_group is not None or multi_rank():
         raise ValueError(
@@ -358,9 +358,6 @@ class DynamicGradientGate:
         """
         slot = self.state.acc[S.ACC_KL]
         if isinstance(kl, torch.Tensor):
-            from .distributed import is_dtensor
-            from .backends.torch_ref import host_value
-
             if is_dtensor(kl):
                 raise TypeError("kl is a DTensor: pass a plain 0-dim tensor (kl.full_tensor() or kl.to_local() "
                                 "for a replicated value)")
