@@ -17,6 +17,10 @@ every repetition (perf_counter around one call, after warm-up; medians reported)
   first close that gradient holds zeros and the NaN; the reduction and the zero write cost the same on
   any values.
 
+The reduction the backend takes is in the table: float32 is read in place; bfloat16 and float16 from 2**22
+entries go through one torch.compile'd pass (compiled once per dtype, in the first step of the first row:
+"first step s"); TORCHDYNAMO_DISABLE=1 measures the chunked eager path instead.
+
 Ratios are median(step) / median(vector_norm).  The goals: open <= 1.5x at fp32 and <= 2x at bf16/fp16,
 closed <= 2.5x, from 16 MiB up.  Writes torch_backend_cpu_<date>.{json,md} into --out.
 """
@@ -103,6 +107,24 @@ def _timed(fn) -> tuple[dict, object]:
     return {"cpu": (c1 - c0) * 1e3, "wall": (w1 - w0) * 1e3}, out
 
 
+def _reduction_path(g: torch.Tensor) -> str:
+    """Which CPU reduction TorchBackend used for ``g`` (docs/semantics.md, "The torch backend's cost")."""
+    from dgg_kernels.backends import compiled_sumsq
+
+    if g.dtype == torch.float32:
+        return "in place"
+    if compiled_sumsq.applies(g) and not _dynamo_off():
+        return "compiled"
+    return "chunked"
+
+
+def _dynamo_off() -> bool:
+    """Whether torch.compile is switched off in this process (TORCHDYNAMO_DISABLE=1)."""
+    import torch._dynamo
+
+    return bool(torch._dynamo.config.disable)
+
+
 def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -> dict:
     """One (dtype, size) row: median ms of vector_norm, an open step and a closed step, timed interleaved.
 
@@ -134,6 +156,7 @@ def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -
     }
     times = {k: {"cpu": [], "wall": []} for k in calls}
     decisions = {"open": [], "closed": []}
+    first_step_s = _timed(g_open.step)[0]["wall"] / 1e3  # untimed in the medians: a compile happens here
     for i in range(warmup + reps):
         for name, fn in calls.items():
             if name == "closed":
@@ -156,6 +179,7 @@ def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -
         "vector_norm_ms": m["vector_norm"], "open_ms": m["open"], "closed_ms": m["closed"],
         "open_ratio": m["open"] / m["vector_norm"], "closed_ratio": m["closed"] / m["vector_norm"],
         "reduce_ms": m["reduce"], "reduce_ratio": m["reduce"] / m["vector_norm"], "tiny_step_ms": m["tiny_step"],
+        "reduction": _reduction_path(grad), "first_step_s": first_step_s,
         "medians_ms": med,
         "min_ms": {k: {c: min(v[c]) for c in ("cpu", "wall")} for k, v in times.items()},
         "vector_norm_GBps": rows * COLS * esize / (m["vector_norm"] * 1e-3) / 1e9,
@@ -244,6 +268,11 @@ def main(argv=None) -> int:
                                       "and memory-bandwidth contention are not)" if clock == "cpu" else
                                       "time.perf_counter around one call") + "; rows' medians_ms hold both clocks",
             "reduce": "TorchBackend.reduce alone on the open gradient (diagnostic)",
+            "reduction": "the CPU reduction the torch backend took: 'in place' (float32), 'compiled' (bfloat16 and "
+                         "float16 from 2**22 entries: one torch.compile'd pass, traced once per dtype) or 'chunked' "
+                         "(widened through a 2 MiB float32 scratch; also what TORCHDYNAMO_DISABLE=1 measures)",
+            "first step": "wall seconds of the open gate's first step, before the warm-up: where the one-time "
+                          "compile of the compiled reduction shows (first row of a dtype; later rows reuse it)",
             "tiny step": "an open gate.step() on a 16-entry gradient: the per-step cost that does not grow with "
                          "the gradient (input checks, finalize, decision copy; diagnostic)",
             "threads": f"torch.set_num_threads({stamp['torch_threads']})",
@@ -254,7 +283,8 @@ def main(argv=None) -> int:
     goals = C.analysed(paths["json"], payload, "goals", lambda: evaluate_goals(rows))
     cols = [("dtype", "dtype"), ("MiB", "MiB"), ("vector_norm_ms", "vector_norm ms"), ("open_ms", "open step ms"),
             ("open_ratio", "open / vn"), ("closed_ms", "closed step ms"), ("closed_ratio", "closed / vn"),
-            ("reduce_ratio", "reduce / vn"), ("tiny_step_ms", "16-entry step ms"),
+            ("reduce_ratio", "reduce / vn"), ("reduction", "reduction"), ("tiny_step_ms", "16-entry step ms"),
+            ("first_step_s", "first step s"),
             ("vector_norm_GBps", "vector_norm GB/s"), ("checked", "checked")]
     md = "\n\n".join([
         f"# The torch backend on a CPU: gate.step() against vector_norm ({stamp['date']})",

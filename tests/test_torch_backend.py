@@ -10,11 +10,13 @@ No timing here: benchmarks/torch_backend_cpu.py measures the costs.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import dgg_kernels as dgg
+from dgg_kernels.backends import compiled_sumsq as CS
 from dgg_kernels.backends import torch_ref as TR
 from sequences import GATE_CONFIGS, bit_equal, config_id, make_sequence, run_gate
 
@@ -171,6 +173,114 @@ def test_overlap_reduction_uses_the_same_energy(small_chunks):
     want = _reference(lin.weight.grad)
     gate.step()
     assert math.isclose(gate.stats()["energy"].item(), want, rel_tol=2e-6)
+
+
+# ----------------------------------------------------------------------------- compiled half-precision path
+@pytest.fixture
+def small_compiled(monkeypatch):
+    """The compiled path on test-sized tensors (its graph has dynamic shapes: rows of 64 entries serve as well
+    as 1024), with a spy on how often it ran and its module state restored afterwards."""
+    monkeypatch.setattr(CS, "MIN_ENTRIES", 3000)
+    monkeypatch.setattr(CS, "ROW", 64)
+    monkeypatch.setattr(CS, "_failure", None)
+    calls = []
+    real = CS.rows_sumsq
+    monkeypatch.setattr(CS, "rows_sumsq", lambda rows: (calls.append(rows.shape), real(rows))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype", CS.DTYPES, ids=str)
+def test_compiled_energy_matches_the_float32_reference(dtype, small_compiled):
+    backend = TR.TorchBackend()
+    gen = torch.Generator().manual_seed(11)
+    cases = [
+        ("contiguous, uneven tail", torch.randn(61, 67, generator=gen)),
+        ("whole rows", torch.randn(64 * 53, generator=gen)),
+        ("transposed", torch.randn(71, 59, generator=gen).t()),
+        ("permuted 3-d", torch.randn(3, 41, 37, generator=gen).permute(2, 0, 1)),
+        ("offset view", torch.randn(4100, generator=gen)[3:]),
+    ]
+    for name, g in cases:
+        g = (g * 3 + 0.25).to(dtype)
+        n_before = len(small_compiled)
+        got = backend._energy(g)
+        assert len(small_compiled) == n_before + 1, name  # the compiled path ran
+        assert got.dtype == torch.float64 and got.dim() == 0, name
+        assert math.isclose(got.item(), _reference(g), rel_tol=2e-6, abs_tol=0.0), (name, got.item(), _reference(g))
+    assert CS._failure is None
+
+
+@pytest.mark.parametrize("dtype", CS.DTYPES, ids=str)
+def test_compiled_energy_keeps_inf_and_nan(dtype, small_compiled):
+    backend = TR.TorchBackend()
+    base = torch.randn(64 * 60 + 23).to(dtype)
+    for at in (0, 64 * 31 + 5, 64 * 60 - 1, 64 * 60 + 22):  # first entry, inside, last row, the tail
+        g = base.clone()
+        g[at] = math.inf
+        assert backend._energy(g).item() == math.inf, at
+        g[(at + 1777) % g.numel()] = math.nan
+        assert math.isnan(backend._energy(g).item()), at
+        g = base.clone()
+        g[at] = -math.nan
+        assert math.isnan(backend._energy(g).item()), at
+    assert len(small_compiled) == 12
+
+
+def test_gapped_small_and_other_dtypes_take_the_chunked_path(small_compiled):
+    backend = TR.TorchBackend()
+    for g in [torch.randn(9000).to(torch.bfloat16)[::2], torch.randn(2999).to(torch.float16),
+              torch.randn(9000, dtype=torch.float64), torch.randn(9000)[::3]]:
+        assert math.isclose(backend._energy(g).item(), _reference(g), rel_tol=2e-6)
+    assert small_compiled == []
+
+
+def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, small_compiled):
+    def broken(x):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(CS, "_compiled", broken)
+    backend = TR.TorchBackend()
+    g = torch.randn(5000).to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="compiled CPU reduction.*no C\\+\\+ compiler here"):
+        got = backend._energy(g)
+    assert math.isclose(got.item(), _reference(g), rel_tol=2e-6)
+    assert isinstance(CS._failure, RuntimeError) and not CS.applies(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isclose(backend._energy(g).item(), _reference(g), rel_tol=2e-6)  # not tried again
+    assert len(small_compiled) == 1
+
+
+def test_with_torch_compile_switched_off_the_chunked_path_runs(small_compiled):
+    """force_eager runs the compiled function eagerly: it must decline (None), not widen the whole gradient."""
+    g = torch.randn(64 * 80).to(torch.bfloat16)
+    with torch.compiler.set_stance("force_eager"):
+        assert CS._rows_sumsq(g.view(-1, 64)) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = TR.TorchBackend()._energy(g)
+    assert math.isclose(got.item(), _reference(g), rel_tol=2e-6)
+    assert len(small_compiled) == 1 and CS._failure is None
+
+
+def test_a_gate_on_the_compiled_path_decides_as_on_the_chunked_path(monkeypatch, small_compiled):
+    """The same bf16 sequence (spikes, NaN/Inf, new batches) through both reductions: decisions and counters
+    exactly, statistics within float32 rounding of the energy."""
+    seq = make_sequence(5, 40, [(61, 67), (4001,)], dtype=torch.bfloat16)
+    runs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(CS, "MIN_ENTRIES", 1 << 40)
+        mon = [torch.nn.Parameter(torch.zeros(61, 67, dtype=torch.bfloat16)),
+               torch.nn.Parameter(torch.zeros(4001, dtype=torch.bfloat16))]
+        runs.append(run_gate(dgg.DynamicGradientGate(mon, backend="torch", window=4, threshold=0.3), seq))
+    assert len(small_compiled) > 40  # both gradients, every step of the first run
+    a_run, b_run = runs
+    assert any(r["closed"] for r in a_run) and not all(r["closed"] for r in a_run)
+    for i, (a, b) in enumerate(zip(a_run, b_run)):
+        assert a["closed"] == b["closed"] and a["stats"]["reuse_index"] == b["stats"]["reuse_index"], i
+        e, f = a["stats"]["energy"], b["stats"]["energy"]
+        assert (math.isnan(e) and math.isnan(f)) or e == pytest.approx(f, rel=1e-5), (i, e, f)
 
 
 # ----------------------------------------------------------------------------- mask

@@ -18,6 +18,7 @@ import torch
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
+from . import compiled_sumsq
 from .base import Backend, dense, zero_where
 
 # An energy above the float32 range is +inf: the fused kernels accumulate in
@@ -318,12 +319,15 @@ def _sumsq_rows(x: torch.Tensor) -> torch.Tensor:
     terms, so the result stays within a few float32 roundings of the exact sum at any length (a single
     vector_norm of 16M entries is off by about 1e-3 relative).
     """
-    rows = x.numel() // ROW
+    n = x.numel()
+    rows = n // ROW
     if rows == 0:
         return torch.dot(x, x)
-    norms = torch.linalg.vector_norm(x[: rows * ROW].view(rows, ROW), dim=1)
-    if rows * ROW < x.numel():
-        norms = torch.cat([norms, torch.linalg.vector_norm(x[rows * ROW:]).reshape(1)])
+    if rows * ROW == n:  # no tail: no slice (each op costs tens of microseconds with cold caches)
+        norms = torch.linalg.vector_norm(x.view(rows, ROW), dim=1)
+    else:
+        norms = torch.cat([torch.linalg.vector_norm(x[: rows * ROW].view(rows, ROW), dim=1),
+                           torch.linalg.vector_norm(x[rows * ROW:]).reshape(1)])
     return torch.dot(norms, norms)
 
 
@@ -348,19 +352,34 @@ def _sum64(parts: list, device: torch.device) -> torch.Tensor:
 def _cpu_energy(g: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     """sum(float32(g)**2) of a CPU ``g`` as a float64 0-dim tensor.
 
-    Dense float32: read in place (_sumsq_rows).  Anything else (half types, float64, gapped float32):
-    CPU_CHUNK entries at a time widened into ``scratch`` and summed with BLAS dot there, the fastest
-    float32 sum of squares torch has on a CPU (the chunk is in cache; its float32 accumulation over a
-    chunk measured within about 2e-5 relative of the exact sum).  Chunk sums are added in float64.
+    Dense float32: read in place (_sumsq_rows).  Dense bfloat16/float16 of compiled_sumsq.MIN_ENTRIES or
+    more: one compiled pass (compiled_sumsq), when torch.compile works here.  Anything else (smaller half
+    types, float64, gapped views): _chunked_sumsq.
     """
     span = _flat_span(g)
     if g.dtype == torch.float32 and span is not None:
-        parts = [_sumsq_rows(p) for p in span.split(FP32_PIECE)]
-    else:
-        parts = []
-        for p in _pieces(g, CPU_CHUNK):
-            x = _widened(p, scratch)
-            parts.append(torch.dot(x, x))
+        pieces = (span,) if span.numel() <= FP32_PIECE else span.split(FP32_PIECE)
+        return _sum64([_sumsq_rows(p) for p in pieces], g.device)
+    if span is not None and compiled_sumsq.applies(g):
+        n_rows = span.numel() // compiled_sumsq.ROW
+        head = compiled_sumsq.rows_sumsq(span[: n_rows * compiled_sumsq.ROW].view(n_rows, compiled_sumsq.ROW))
+        if head is not None:
+            tail = span[n_rows * compiled_sumsq.ROW:]  # under ROW entries, the chunked way
+            return head + _chunked_sumsq(tail, scratch) if tail.numel() else head
+    return _chunked_sumsq(g, scratch)
+
+
+def _chunked_sumsq(g: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum(float32(g)**2) of a CPU ``g`` of any dtype and layout as a float64 0-dim tensor.
+
+    CPU_CHUNK entries at a time widened into ``scratch`` and summed with BLAS dot there, the fastest
+    eager float32 sum of squares torch has on a CPU (the chunk is in cache; its float32 accumulation over
+    a chunk measured within about 2e-5 relative of the exact sum).  Chunk sums are added in float64.
+    """
+    parts = []
+    for p in _pieces(g, CPU_CHUNK):
+        x = _widened(p, scratch)
+        parts.append(torch.dot(x, x))
     return _sum64(parts, g.device)
 
 
