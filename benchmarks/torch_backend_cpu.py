@@ -6,7 +6,10 @@
 
 One monitor gradient of SIZE MiB (shape rows x 4096) per row; monitor == params, as for an lm_head gated
 alone, and the gate's default settings with backend="torch".  Three calls are timed, interleaved, in
-every repetition (perf_counter around one call, after warm-up; medians reported):
+every repetition (one call per timing, after warm-up; medians reported), each after an untimed read of a
+buffer of twice the last-level cache (at least 64 MiB), so that no call finds its gradient or its code in
+cache, as in training, where a forward and backward pass run between two steps (without it a 16 MiB
+gradient partly stays in a 32 MiB L3 from one call to the next, and the row measures the cache):
 
 - vector_norm: torch.linalg.vector_norm(g) of the open gate's gradient (no dtype argument: the fast
   path torch has for fp32 and bf16; fp16 has none on CPU);
@@ -99,6 +102,26 @@ def _gate(param: torch.nn.Parameter, threshold: float):
     return dgg.DynamicGradientGate(param, backend="torch", threshold=threshold)
 
 
+def _llc_bytes() -> int | None:
+    """The last-level cache's size in bytes as Linux reports it for CPU 0, None elsewhere."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    sizes = []
+    for idx in base.glob("index*"):
+        try:
+            text = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * mult)
+    return max(sizes) if sizes else None
+
+
+def flush_buffer() -> torch.Tensor:
+    """A float32 buffer of 2x the last-level cache (at least 64 MiB): reading it evicts what the cache held."""
+    nbytes = max(64 * 2**20, 2 * (_llc_bytes() or 0))
+    return torch.ones(nbytes // 4)
+
+
 def _timed(fn) -> tuple[dict, object]:
     """One call of ``fn``: ({"cpu": ms the calling thread ran, "wall": ms of wall clock}, its result)."""
     c0, w0 = time.thread_time(), time.perf_counter()
@@ -125,7 +148,7 @@ def _dynamo_off() -> bool:
     return bool(torch._dynamo.config.disable)
 
 
-def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -> dict:
+def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str, flush: torch.Tensor) -> dict:
     """One (dtype, size) row: median ms of vector_norm, an open step and a closed step, timed interleaved.
 
     Two diagnostic calls are timed in the same repetitions: the backend's reduction alone on the open
@@ -161,6 +184,7 @@ def measure_row(dtype_name: str, mib: int, reps: int, warmup: int, clock: str) -
         for name, fn in calls.items():
             if name == "closed":
                 flat_closed[0] = math.nan  # untimed: this step's energy is NaN, so it must close
+            flush.sum()  # untimed: the cache holds the flush buffer, not this call's data
             t, out = _timed(fn)
             if i < warmup:
                 continue
@@ -234,13 +258,15 @@ def main(argv=None) -> int:
                  load_avg_1min_start=_load_avg())
     C.log(f"torch_backend_cpu: {stamp['cpu_model']}, torch {stamp['torch']}, triton {stamp['triton']}, "
           f"{stamp['torch_threads']} thread(s)")
+    flush = flush_buffer()
+    stamp.update(llc_bytes=_llc_bytes(), flush_MiB=flush.numel() * 4 / 2**20)
     rows: list[dict] = []
     for dtype_name in args.dtypes:
         for mib in sizes:
             if budget.exhausted(args.reserve_s):
                 C.log(f"budget spent: {dtype_name} {mib} MiB and later rows not measured")
                 break
-            row = measure_row(dtype_name, mib, reps, args.warmup, clock)
+            row = measure_row(dtype_name, mib, reps, args.warmup, clock, flush)
             row.update(machine=stamp["cpu_model"], date=stamp["date"], torch=stamp["torch"],
                        triton=stamp["triton"], threads=stamp["torch_threads"])
             rows.append(row)
@@ -263,6 +289,8 @@ def main(argv=None) -> int:
             "closed": "a second gate and gradient; its first entry set to NaN (untimed) before each timed step",
             "timing": f"{args.warmup} warm-up then {reps} timed repetitions, the calls interleaved in each; "
                       "medians; ratio = median(step) / median(vector_norm)",
+            "cache": f"cold: before every call (untimed) a read of {stamp['flush_MiB']:.0f} MiB (2x the "
+                     f"last-level cache of {(stamp['llc_bytes'] or 0) / 2**20:.0f} MiB, at least 64 MiB)",
             "clock": f"{clock}: " + ("time.thread_time around one call (CPU time of the one calling thread: "
                                       "descheduled time, when other tenants' processes run, is left out; cache "
                                       "and memory-bandwidth contention are not)" if clock == "cpu" else

@@ -295,7 +295,7 @@ def test_cuda_backend_row_is_unavailable_with_reason():
 
 
 @pytest.mark.parametrize("script", ["overhead", "train_step", "sanitize_cuda", "host_time", "sweep_triton",
-                                    "make_auto_table"])
+                                    "make_auto_table", "torch_backend_cpu"])
 def test_help_documents_every_flag(script):
     module = importlib.import_module(f"benchmarks.{script}")
     ap = module.build_parser()
@@ -455,3 +455,24 @@ def test_raw_json_is_written_before_the_analysis(script, argv, tmp_path, monkeyp
     data = json.loads(path.read_text())
     assert data["rows"] and "goals" not in data and data["stamp"]["device_type"] == "cpu"
     assert not list(tmp_path.glob("*.md"))
+
+
+def test_torch_backend_cpu_smoke(tmp_path, capsys):
+    """Two small rows per dtype, one repetition: the table's fields, the path each dtype took, the checks."""
+    from benchmarks import torch_backend_cpu as T
+
+    rc = T.main(["--dtypes", "float32,bfloat16", "--sizes-mib", "1,2", "--reps", "1", "--warmup", "0",
+                 "--out", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads(next(tmp_path.glob("torch_backend_cpu_*.json")).read_text())
+    rows = payload["rows"]
+    assert [(r["dtype"], r["MiB"]) for r in rows] == [("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    for r in rows:
+        assert r["checked"] == "ok" and r["vector_norm_ms"] > 0 and r["open_ms"] > 0 and r["closed_ms"] > 0
+        assert r["open_ratio"] == pytest.approx(r["open_ms"] / r["vector_norm_ms"])
+        assert r["reduction"] == ("in place" if r["dtype"] == "float32" else "chunked")  # 1-2 MiB: below 2**22
+    assert payload["stamp"]["flush_MiB"] >= 64 and "cache" in payload["method"]
+    goals = {g["goal"]: g for g in payload["goals"]}
+    assert goals["open step, float32"]["status"] == "not measured"  # no row from 16 MiB up
+    assert goals["every timed step as intended"]["status"] == "met"
+    assert (tmp_path / next(tmp_path.glob("torch_backend_cpu_*.json")).with_suffix(".md").name).exists()
