@@ -251,6 +251,18 @@ def test_a_compile_failure_warns_once_and_falls_back(monkeypatch, small_compiled
     assert len(small_compiled) == 1
 
 
+def test_a_torch_compile_that_refuses_at_construction_falls_back(monkeypatch, small_compiled):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(CS, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", refuse)
+    g = torch.randn(5000).to(torch.float16)
+    with pytest.warns(RuntimeWarning, match="not supported on this Python"):
+        got = TR.TorchBackend()._energy(g)
+    assert math.isclose(got.item(), _reference(g), rel_tol=2e-6) and isinstance(CS._failure, RuntimeError)
+
+
 def test_with_torch_compile_switched_off_the_chunked_path_runs(small_compiled):
     """force_eager runs the compiled function eagerly: it must decline (None), not widen the whole gradient."""
     g = torch.randn(64 * 80).to(torch.bfloat16)

@@ -49,9 +49,9 @@ def rows_sumsq(rows: torch.Tensor) -> torch.Tensor | None:
     """sum(float32(rows)**2) of a contiguous (n, ROW) half-precision CPU tensor, float64 0-dim, or None
     when the compiled path is unavailable (the caller then sums the chunked way)."""
     global _compiled, _failure
-    if _compiled is None:
-        _compiled = torch.compile(_rows_sumsq, dynamic=True, fullgraph=True)
     try:
+        if _compiled is None:  # torch.compile itself refuses some Pythons: inside the try as well
+            _compiled = torch.compile(_rows_sumsq, dynamic=True, fullgraph=True)
         with torch.no_grad():  # one grad mode in the guards: no recompile when step() runs under no_grad
             return _compiled(rows)
     except Exception as e:  # compile-time failures only: a sum of squares raises on no value
