@@ -468,6 +468,24 @@ def check_agreement(mesh) -> None:
 
 # -- 5. bad input: clear errors, nothing modified ----------------------------------------------------------------
 
+def check_auto_inputs(mesh) -> None:
+    """backend="auto" looks the same table point up on every rank, even where the shards differ in size."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dgg_kernels.backends import auto
+
+    rows = 2 * WORLD + 1  # uneven: some ranks hold one row more
+    t = distribute_tensor(torch.zeros(rows, 5, dtype=torch.bfloat16), mesh, [Shard(0)])
+    got = auto.monitor_dtype_and_bytes([t, torch.zeros(3)])
+    every = [None] * WORLD
+    dist.all_gather_object(every, got)
+    assert all(e == got for e in every), every
+    assert got == (torch.bfloat16, -(-rows * 5 // WORLD) * 2 + 12), got  # global entries / shards, rounded up
+    local_rows = [None] * WORLD
+    dist.all_gather_object(local_rows, t.to_local().shape[0])
+    assert len(set(local_rows)) == 2, local_rows  # the case this guards: shards of 3 and of 2 rows
+
+
 def check_errors(mesh) -> None:
     from dgg_kernels.autograd import GatedLinear
 
@@ -528,8 +546,8 @@ def check_errors(mesh) -> None:
 def main_case() -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     t00 = time.perf_counter()
-    for check in (check_errors, check_agreement, check_sequences, check_state_dict, check_fsdp2, check_tp,
-                  check_compile):
+    for check in (check_errors, check_auto_inputs, check_agreement, check_sequences, check_state_dict, check_fsdp2,
+                  check_tp, check_compile):
         t0 = time.perf_counter()
         check(mesh)
         log(f"{check.__name__}: {time.perf_counter() - t0:.1f}s")

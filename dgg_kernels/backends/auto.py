@@ -49,12 +49,26 @@ def choose(device_name: str, dtype: Optional[torch.dtype], nbytes: Optional[int]
                   f"({nearest['MB']:g} MB) ms {nearest['ms']} -> {pick}")
 
 
+def _rank_bytes(t: torch.Tensor) -> int:
+    """The bytes of ``t`` one rank reduces, the same number on every rank: a DTensor's global size over the
+    number of shards its placements cut it into (rounded up), so that uneven shards (7 rows over 2 ranks)
+    do not make ranks look up different table points and run different backends."""
+    placements = getattr(t, "placements", None)
+    if type(t).__name__ == "DTensor" and placements is not None:
+        shards = 1
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():
+                shards *= t.device_mesh.size(dim)
+        return -(-t.numel() // shards) * t.element_size()
+    return t.numel() * t.element_size()
+
+
 def monitor_dtype_and_bytes(tensors: Sequence[torch.Tensor]) -> tuple[Optional[torch.dtype], int]:
-    """The dtype holding most of the monitor bytes, and the bytes one rank reduces (a DTensor's local shard)."""
+    """The dtype holding most of the monitor bytes, and the bytes one rank reduces (for a DTensor, its global
+    size over its shard count: the same on every rank)."""
     by_dtype: dict[torch.dtype, int] = {}
     for t in tensors:
-        local = t.to_local() if type(t).__name__ == "DTensor" and hasattr(t, "to_local") else t
-        by_dtype[local.dtype] = by_dtype.get(local.dtype, 0) + local.numel() * local.element_size()
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + _rank_bytes(t)
     if not by_dtype:
         return None, 0
     return max(by_dtype, key=by_dtype.get), sum(by_dtype.values())
