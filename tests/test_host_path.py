@@ -339,6 +339,35 @@ def test_monitor_dtype_and_bytes():
     assert auto.monitor_dtype_and_bytes(ts) == (torch.bfloat16, 220 + 12)
 
 
+def test_monitor_bytes_of_a_dtensor_are_its_global_size_over_its_shards():
+    """What every rank computes alike: the global entries over the mesh dims that split the tensor (Shard and
+    FSDP2 x TP's _StridedShard; not Replicate), rounded up; uneven local shards do not enter."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard, _StridedShard
+
+    class Mesh:
+        def size(self, dim):
+            return (2, 3, 5)[dim]
+
+    class DTensor:  # the attributes monitor_dtype_and_bytes reads, without a process group
+        dtype = torch.bfloat16
+        device_mesh = Mesh()
+
+        def __init__(self, placements):
+            self.placements = placements
+
+        def numel(self):
+            return 1001
+
+        def element_size(self):
+            return 2
+
+    cases = [((Shard(0), Replicate(), Replicate()), 501), ((Replicate(), Shard(1), Replicate()), 334),
+             ((_StridedShard(0, split_factor=3), Shard(0), Replicate()), 167),
+             ((Replicate(), Replicate(), Replicate()), 1001), ((Shard(0), Shard(1), Shard(0)), 34)]
+    for placements, entries in cases:
+        assert auto.monitor_dtype_and_bytes([DTensor(placements)]) == (torch.bfloat16, entries * 2), placements
+
+
 def test_auto_on_cpu_stays_torch():
     gate = dgg.DynamicGradientGate(torch.nn.Parameter(torch.empty(10**6)))
     assert gate.backend == "torch"

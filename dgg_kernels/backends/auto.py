@@ -57,7 +57,8 @@ def _rank_bytes(t: torch.Tensor) -> int:
     if type(t).__name__ == "DTensor" and placements is not None:
         shards = 1
         for dim, placement in enumerate(placements):
-            if placement.is_shard():
+            # any split counts (FSDP2 x TP's _StridedShard is not a Shard: is_shard() says False)
+            if not (placement.is_replicate() or placement.is_partial()):
                 shards *= t.device_mesh.size(dim)
         return -(-t.numel() // shards) * t.element_size()
     return t.numel() * t.element_size()

@@ -12,9 +12,10 @@ traced with dynamic shapes, so one graph per dtype serves every gradient size.
 
 When it is not used (TorchBackend falls back to the chunked path, same result within float32 rounding):
 - the tensor is below MIN_ENTRIES (a compile costs seconds, the chunked path a few ms per step there);
-- torch.compile is switched off (TORCHDYNAMO_DISABLE=1, torch.compiler.set_stance("force_eager"), the
-  recompile limit reached): the function then runs eagerly, sees that it is not being traced and returns
-  None instead of widening the whole gradient into a float32 temporary;
+- torch.compile does not compile this call (TORCHDYNAMO_DISABLE=1, TORCH_COMPILE_DISABLE=1,
+  torch.compiler.set_stance("force_eager"), or a new guard variant past dynamo's recompile limit): the
+  function then runs eagerly, sees that it is not being traced and returns None instead of widening the
+  whole gradient into a float32 temporary (not fullgraph=True, which would raise at the limit);
 - compiling failed once in this process (no C++ compiler, no Python headers, a read-only cache
   directory): one RuntimeWarning names the error, and the compiled path is not tried again.
 """
@@ -51,10 +52,10 @@ def rows_sumsq(rows: torch.Tensor) -> torch.Tensor | None:
     global _compiled, _failure
     try:
         if _compiled is None:  # torch.compile itself refuses some Pythons: inside the try as well
-            _compiled = torch.compile(_rows_sumsq, dynamic=True, fullgraph=True)
+            _compiled = torch.compile(_rows_sumsq, dynamic=True)
         with torch.no_grad():  # one grad mode in the guards: no recompile when step() runs under no_grad
             return _compiled(rows)
-    except Exception as e:  # compile-time failures only: a sum of squares raises on no value
+    except Exception as e:  # compiling failed (a sum of squares raises on no value): off for the process
         _failure = e
         warnings.warn(f"dgg_kernels: the compiled CPU reduction for half-precision gradients is unavailable "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the torch backend "
