@@ -136,9 +136,7 @@ def _reduction_path(g: torch.Tensor) -> str:
 
     if g.dtype == torch.float32:
         return "in place"
-    n_rows = g.numel() // compiled_sumsq.ROW
-    if compiled_sumsq.applies(g) and compiled_sumsq.rows_sumsq(
-            g.view(-1)[: n_rows * compiled_sumsq.ROW].view(n_rows, compiled_sumsq.ROW)) is not None:
+    if compiled_sumsq.applies(g) and compiled_sumsq.rows_sumsq(compiled_sumsq.split_rows(g.view(-1))[0]) is not None:
         return "compiled"  # asked again after the timing: it ran (not declined, not failed)
     return "chunked"
 

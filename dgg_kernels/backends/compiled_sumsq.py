@@ -46,6 +46,13 @@ def applies(g: torch.Tensor) -> bool:
     return _failure is None and g.dtype in DTYPES and g.numel() >= MIN_ENTRIES
 
 
+def split_rows(span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-D contiguous ``span`` as (its whole rows, an (n, ROW) view for rows_sumsq; the rest, under ROW
+    entries, 1-D)."""
+    n_rows = span.numel() // ROW
+    return span[: n_rows * ROW].view(n_rows, ROW), span[n_rows * ROW:]
+
+
 def rows_sumsq(rows: torch.Tensor) -> torch.Tensor | None:
     """sum(float32(rows)**2) of a contiguous (n, ROW) half-precision CPU tensor, float64 0-dim, or None
     when the compiled path is unavailable (the caller then sums the chunked way)."""

@@ -361,10 +361,9 @@ def _cpu_energy(g: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
         pieces = (span,) if span.numel() <= FP32_PIECE else span.split(FP32_PIECE)
         return _sum64([_sumsq_rows(p) for p in pieces], g.device)
     if span is not None and compiled_sumsq.applies(g):
-        n_rows = span.numel() // compiled_sumsq.ROW
-        head = compiled_sumsq.rows_sumsq(span[: n_rows * compiled_sumsq.ROW].view(n_rows, compiled_sumsq.ROW))
-        if head is not None:
-            tail = span[n_rows * compiled_sumsq.ROW:]  # under ROW entries, the chunked way
+        rows, tail = compiled_sumsq.split_rows(span)
+        head = compiled_sumsq.rows_sumsq(rows)
+        if head is not None:  # the tail (under ROW entries) the chunked way
             return head + _chunked_sumsq(tail, scratch) if tail.numel() else head
     return _chunked_sumsq(g, scratch)
 
