@@ -23,6 +23,12 @@ Cases:
   trl      (2 ranks)       DGGGRPOTrainer under accelerate's DeepSpeed plugin: ZeRO-2 (discard "overflow") and
                            ZeRO-3 ("found_inf"); a NaN on rank 1 closes every rank, the gate saw the unclipped
                            gradient, the closed step moved nothing, what DeepSpeed and the Trainer counted
+  round_robin (2 ranks)    ZeRO-1/2 with round_robin_gradients: refused by name, or the gate judges the lm_head's
+                           own gradient
+  pending  (2 ranks)       gate.step() with no reduced gradient pending (before any backward, after
+                           engine.step()) raises at ZeRO-1/2/3 and moves nothing
+  messages (2 ranks)       the BF16_Optimizer refusal names its cause; the docstring's all-gather size is the one
+                           sent
 """
 from __future__ import annotations
 
@@ -81,9 +87,10 @@ class Tiny(nn.Module):
         return self.lm_head(torch.tanh(self.lin(self.emb(ids))))
 
 
-def make_engine(stage, *, dtype="fp32", ga=1, fused=True, extra_zero=None, clip=1.0, seed=0):
+def make_engine(stage, *, dtype="fp32", ga=1, fused=True, extra_zero=None, clip=1.0, seed=0, model_cls=None,
+                extra_cfg=None):
     torch.manual_seed(seed)
-    model = Tiny()
+    model = (model_cls or Tiny)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     cfg = {
@@ -92,6 +99,7 @@ def make_engine(stage, *, dtype="fp32", ga=1, fused=True, extra_zero=None, clip=
     }
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+    cfg.update(extra_cfg or {})
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine
 
@@ -317,6 +325,132 @@ def engines_case() -> None:
         run_engine(3, "found_inf", "hook", dtype="bf16", solo=solo)
 
 
+class Four(nn.Module):
+    """Four parameters of one size, registered [emb, lm_head, x1, x2]: with round_robin_gradients at 2 ranks
+    DeepSpeed lays the partitions out as [emb, x1 | lm_head, x2], where each parameter's gradient differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.x1 = nn.Embedding(VOCAB, HIDDEN)  # modules, not bare parameters: those would be listed first
+        self.x2 = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids) + 3.0 * self.x1(ids))
+        return self.lm_head(h) + 0.5 * self.x2(h)
+
+
+def round_robin_case() -> None:
+    """round_robin_gradients: the gate either refuses the engine, naming the setting, or judges the lm_head's own
+    gradient (every rank gets the same batch, so the reduced gradient is a single model's)."""
+    gen = torch.Generator().manual_seed(7)
+    ids, tgt = torch.randint(VOCAB, (2, 5), generator=gen), torch.randint(VOCAB, (2, 5), generator=gen)
+    torch.manual_seed(0)  # make_engine's seed: the same initial weights
+    ref = Four()
+    F.cross_entropy(ref(ids).reshape(-1, VOCAB), tgt.reshape(-1)).backward()
+    want = float(ref.lm_head.weight.grad.norm())
+    for stage in (2, 1):
+        for rr in (False, True):
+            what = f"ZeRO-{stage} round_robin_gradients={rr}"
+            e = make_engine(stage, model_cls=Four, extra_zero={"round_robin_gradients": rr})
+            try:
+                gate = DeepSpeedGate(e, **SETTINGS)
+            except ValueError as err:
+                assert rr and "round_robin_gradients" in str(err), (what, str(err))
+                assert "step" not in vars(e.optimizer) and getattr(e.optimizer, "_dgg_gate", None) is None
+                log(f"{what}: refused ({err})")
+                continue
+            e.backward(F.cross_entropy(e(ids).float().reshape(-1, VOCAB), tgt.reshape(-1)))
+            gate.step()
+            norm = float(gate.stats()["norm"])
+            assert abs(norm - want) <= 1e-5 * want, (
+                f"{what}: the gate judged a gradient of norm {norm:.4f}, the lm_head's is {want:.4f}")
+            e.step()
+            gate.remove()
+            log(f"{what}: the gate judged the lm_head's gradient (norm {norm:.4f})")
+
+
+def pending_case() -> None:
+    """gate.step() with no reduced gradient pending (before any backward, after engine.step()) raises on every
+    rank, at every stage, and moves nothing; the loop then goes on as usual."""
+    gen = torch.Generator().manual_seed(11 + RANK)
+    ids, tgt = torch.randint(VOCAB, (2, 5), generator=gen), torch.randint(VOCAB, (2, 5), generator=gen)
+    for stage in (1, 2, 3):
+        e = make_engine(stage)
+        gate = DeepSpeedGate(e, **SETTINGS)
+
+        def backward():
+            e.backward(F.cross_entropy(e(ids).float().reshape(-1, VOCAB), tgt.reshape(-1)))
+
+        def refused(when):
+            bits, count = state_bits(gate), gate.step_count
+            try:
+                gate.step()
+            except RuntimeError as err:
+                assert "holds no reduced gradient" in str(err), (stage, when, str(err))
+            else:
+                raise AssertionError(f"ZeRO-{stage}: gate.step() {when} was accepted, with no reduced gradient "
+                                     "pending (it judged a stale buffer)")
+            assert bit_equal(bits, state_bits(gate)) and gate.step_count == count and not gate._stepped, (stage, when)
+
+        refused("before any backward")
+        backward()
+        e.step()  # the gate steps inside
+        refused("after engine.step()")
+        backward()
+        gate.step()
+        e.step()
+        assert gate.step_count == 2 and int(gate.stats()["accepted"]) == 2, (stage, gate.stats())
+        assert_same_on_all_ranks(state_bits(gate), f"ZeRO-{stage}: gate state")
+        gate.remove()
+        log(f"ZeRO-{stage}: gate.step() with no reduced gradient pending refused, nothing moved")
+
+
+def messages_case() -> None:
+    """Two texts checked against what runs: the BF16_Optimizer refusal names its cause (not the DeepSpeed
+    version), and the module docstring's all-gather size is the one the gate sends."""
+    import re
+
+    import dgg_kernels.distributed as D
+    import dgg_kernels.integrations.deepspeed as DS
+
+    problems = []
+    e = make_engine(1, dtype="bf16", extra_cfg={"data_types": {"grad_accum_dtype": "fp32"}})
+    assert type(e.optimizer).__name__ == "BF16_Optimizer", type(e.optimizer).__name__
+    try:
+        DeepSpeedGate(e)
+        problems.append("a BF16_Optimizer engine was accepted")
+    except (ValueError, RuntimeError) as err:
+        msg = str(err)
+        if "grad_accum_dtype" not in msg or "tested with" in msg:
+            problems.append(f"the BF16_Optimizer refusal does not name its cause: {msg}")
+    assert "step" not in vars(e.optimizer)
+
+    sent, real = [], D._all_gather
+
+    def spy(out, inp, *a, **kw):
+        sent.append(inp.numel() * inp.element_size())
+        return real(out, inp, *a, **kw)
+
+    e = make_engine(2)
+    gate = DeepSpeedGate(e, **SETTINGS)
+    D._all_gather = spy
+    try:
+        gen = torch.Generator().manual_seed(3)
+        ids, tgt = torch.randint(VOCAB, (2, 5), generator=gen), torch.randint(VOCAB, (2, 5), generator=gen)
+        e.backward(F.cross_entropy(e(ids).float().reshape(-1, VOCAB), tgt.reshape(-1)))
+        e.step()
+    finally:
+        D._all_gather = real
+    gate.remove()
+    said = re.search(r"one\s+(\d+)-byte\s+all-gather\s+per\s+rank", DS.__doc__)
+    if len(sent) != 1 or said is None or int(said.group(1)) != sent[0]:
+        problems.append(f"the module docstring says {said and said.group(0)!r}; a step sent {sent} bytes per rank")
+    assert not problems, problems
+    log("messages: the BF16_Optimizer refusal names its cause; the docstring's all-gather size is the one sent")
+
+
 def run_trl(stage: int, discard: str | None) -> None:
     """DGGGRPOTrainer under accelerate's DeepSpeed plugin: a NaN in one element of rank 1's lm_head gradient
     (before the reduction) at optimizer step 1 closes the gate on every rank."""
@@ -419,4 +553,5 @@ def trl_case() -> None:
 
 
 if __name__ == "__main__":
-    run_case({"engines": engines_case, "trl": trl_case})
+    run_case({"engines": engines_case, "trl": trl_case, "round_robin": round_robin_case, "pending": pending_case,
+              "messages": messages_case})

@@ -42,6 +42,24 @@ def test_zero_engines(launch, world):
     launch("engines", world, timeout=300)
 
 
+def test_round_robin_gradients_refused(launch):
+    """ZeRO-1/2 with round_robin_gradients: DeepSpeed maps the fragments in another order than it lays them out,
+    so the gate refuses the engine by name rather than judge another parameter's gradient."""
+    launch("round_robin", 2, timeout=240)
+
+
+def test_step_without_reduced_gradient_refused(launch):
+    """gate.step() before any backward or after engine.step() raises at every stage (ZeRO-3 included), with the
+    gate's state unchanged on every rank."""
+    launch("pending", 2, timeout=240)
+
+
+def test_refusal_and_docstring_texts(launch):
+    """The BF16_Optimizer refusal names the configuration that causes it; the module docstring's all-gather size
+    is what a step sends."""
+    launch("messages", 2, timeout=240)
+
+
 def test_trl_zero2_zero3_two_ranks(launch):
     """DGGGRPOTrainer under accelerate's DeepSpeed plugin on 2 ranks: ZeRO-2 (discard "overflow") and ZeRO-3
     ("found_inf")."""

@@ -9,7 +9,7 @@ of every parameter's partition).  The update then runs inside
 ``engine.step()``.  ``DeepSpeedGate(engine)`` finds this rank's pieces itself
 and runs the ordinary gate on them as plain-tensor shards over the
 data-parallel group (``DynamicGradientGate(..., process_group=dp_group)``:
-the partial energies are combined with one 8-byte all-gather per rank, summed
+the partial energies are combined with one 16-byte all-gather per rank, summed
 in rank order, so every rank finalizes on the same energy and reaches the
 same decision, bit for bit).
 
@@ -21,7 +21,9 @@ is driven: a plain ``engine.backward(loss); engine.step()`` loop, or
 accelerate, which calls ``engine.step()`` inside ``accelerator.backward``.
 Calling ``gate.step()`` yourself between ``engine.backward`` (at the boundary)
 and ``engine.step()`` also works, returns the decision, and the wrapped step
-then does not step the gate again.
+then does not step the gate again.  Anywhere else (before any backward, after
+``engine.step()``) DeepSpeed holds no reduced gradient and ``gate.step()``
+raises on every rank, the gate unchanged.
 
 How a closed step is discarded (``discard=``):
 
@@ -59,8 +61,12 @@ Refused at construction, with nothing changed: a pipeline engine, ZeRO stage
 0, fp16 (the partitioned gradients carry the loss scale), torch autocast,
 optimizer or parameter offload, model/sequence/expert parallelism (a
 data-parallel group that is not the whole job), ZenFlow, Muon, DeepCompile,
-``managed_gradient_accumulation: false``, a second gate on one engine, and a
-monitor tensor that is not a trainable parameter of the engine's ZeRO groups.
+``managed_gradient_accumulation: false``, ZeRO-1/2 with
+``round_robin_gradients`` (DeepSpeed maps each parameter to another one's
+gradient fragment there), ZeRO-1 with bf16 weights and fp32 gradient
+accumulation (DeepSpeed runs its ``BF16_Optimizer`` instead of the ZeRO
+optimizer), a second gate on one engine, and a monitor tensor that is not a
+trainable parameter of the engine's ZeRO groups.
 Tested with DeepSpeed 0.19.8, on CPU.
 """
 from __future__ import annotations
@@ -78,6 +84,7 @@ from .adapter import GATE_FIELDS, output_embedding_weight, resolve_config
 
 try:
     import deepspeed
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.pipe.engine import PipelineEngine
 except ImportError as e:  # pragma: no cover - exercised only without deepspeed
@@ -89,6 +96,10 @@ __all__ = ["DeepSpeedGate", "TESTED_VERSION"]
 
 TESTED_VERSION = "0.19.8"
 DISCARDS = ("overflow", "found_inf")
+NO_REDUCED_GRADIENT = (
+    "DeepSpeed holds no reduced gradient now (ZeRO keeps it only between the engine.backward() of a gradient "
+    "accumulation boundary and engine.step()): the gate steps after that backward, before that step"
+)
 
 
 def _proxy(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
@@ -287,6 +298,7 @@ class DeepSpeedGate:
         only a piece that does not fit as it is goes through the slower reshaping and the layout error.
         """
         if self.stage == 3:
+            self._check_z3_pending()
             buf = self._zopt.grad_partitions_flat_buffer
             self._assign(self._p_proxies[0], buf)
             for x, (off, n) in zip(self._m_proxies, self._z3_slices):
@@ -305,11 +317,25 @@ class DeepSpeedGate:
                     except RuntimeError:
                         self._assign(x, _fit(g, x, mapping.lp_fragment_address))
         except ValueError as e:  # get_lp_grad_fragment: DeepSpeed holds no reduced gradient
+            raise RuntimeError(f"{NO_REDUCED_GRADIENT} ({e})") from None
+
+    def _check_z3_pending(self) -> None:
+        """Raise unless ZeRO-3 holds a reduced gradient for the coming step (host state, the same on every rank).
+
+        grad_partitions_flat_buffer outlives the step, so it cannot tell: a gate stepped on it after
+        engine.step() would judge the last step's gradient and hand that decision to the next step.  ZeRO-3's
+        ``averaged_gradients`` can: its backward epilogue fills one list per parameter sub-group, and its
+        step sets each to None as it consumes it (or empties the dict when it skips on overflow).
+        """
+        pending = getattr(self._zopt, "averaged_gradients", None)
+        if not isinstance(pending, dict):
             raise RuntimeError(
-                "DeepSpeed holds no reduced gradient now (ZeRO keeps it only between the engine.backward() of a "
-                "gradient accumulation boundary and engine.step()): the gate steps after that backward, before "
-                f"that step ({e})"
-            ) from None
+                f"ZeRO-3's optimizer has no averaged_gradients dict (got {type(pending).__name__}): a DeepSpeed "
+                f"layout the gate does not know (DeepSpeed {deepspeed.__version__}; tested with {TESTED_VERSION})"
+            )
+        groups = len(self._zopt.fp16_groups)
+        if len(pending) != groups or any(pending.get(i) is None for i in range(groups)):
+            raise RuntimeError(NO_REDUCED_GRADIENT)
 
     @staticmethod
     def _assign(x: torch.Tensor, g: torch.Tensor) -> None:
@@ -407,13 +433,18 @@ def _check_engine(engine):
     if callable(deepcompile) and deepcompile():
         problems.append("DeepCompile: it replaces ZeRO's gradient handling with compiled passes; untested")
     zopt = engine.optimizer
+    if isinstance(zopt, BF16_Optimizer):
+        problems.append(
+            "ZeRO-1 with bf16 weights and fp32 gradient accumulation (data_types.grad_accum_dtype: fp32) makes "
+            "DeepSpeed run its BF16_Optimizer instead of the ZeRO optimizer, and the gate reads only the ZeRO "
+            "optimizer's gradient partitions; use ZeRO-2, or ZeRO-1 with bf16 gradient accumulation (the default)")
     inner = getattr(zopt, "optimizer", None)
     if "muon" in type(inner).__name__.lower():
         problems.append(f"the {type(inner).__name__} optimizer: it rewrites the gradient inside step(); untested")
     if problems:
         raise ValueError("DeepSpeedGate does not support this engine: " + "; ".join(problems))
-    needed = ("bit16_groups", "dp_process_group") if stage < 3 else ("fp16_groups", "dp_process_group",
-                                                                      "grad_partitions_flat_buffer")
+    needed = ("bit16_groups", "dp_process_group", "round_robin_gradients") if stage < 3 else (
+        "fp16_groups", "dp_process_group", "grad_partitions_flat_buffer", "averaged_gradients")
     missing = [a for a in needed if getattr(zopt, a, None) is None]
     if missing or not callable(getattr(zopt, "step", None)):
         raise RuntimeError(
@@ -423,6 +454,16 @@ def _check_engine(engine):
     if getattr(zopt, "_dgg_gate", None) is not None:
         raise RuntimeError("this engine already has a DeepSpeedGate: remove() it before building another "
                            "(two gates would each step per optimizer step)")
+    if stage < 3 and zopt.round_robin_gradients:
+        # DeepSpeed (0.19.8) lays each rank's partition out in round-robin order but builds param._hp_mapping in
+        # parameter-group order, so a parameter's get_lp_grad_fragment (and safe_get_full_grad) returns another
+        # parameter's gradient: the gate would judge that one, silently
+        raise ValueError(
+            "DeepSpeedGate does not support zero_optimization.round_robin_gradients: true under ZeRO-1/2: "
+            "DeepSpeed's param._hp_mapping then points a parameter at another one's gradient fragment (the mapping "
+            "follows the parameter-group order, the partitions the round-robin order), so the gate would judge the "
+            "wrong gradient. Set zero_optimization.round_robin_gradients to false"
+        )
     if "step" in vars(zopt):
         raise RuntimeError("engine.optimizer.step is already replaced on this object (by something other than "
                            "DeepSpeedGate): the gate hooks it and will not stack on an unknown wrapper")
