@@ -27,6 +27,9 @@ Cases:
                            own gradient
   pending  (2 ranks)       gate.step() with no reduced gradient pending (before any backward, after
                            engine.step()) raises at ZeRO-1/2/3 and moves nothing
+  checkpoint (2 ranks)     engine.save_checkpoint / load_checkpoint carry the gate: a resumed run equals the
+                           uninterrupted one (decisions, weights, optimizer and gate state), a surge right after
+                           the resume closes; the refusals and the gate-less checkpoint
   messages (2 ranks)       the BF16_Optimizer refusal names its cause; the docstring's all-gather size is the one
                            sent
 """
@@ -267,7 +270,8 @@ def run_engine(stage, discard, mode, *, dtype="fp32", ga=1, extra_zero=None, sol
 def check_refusals(solo):
     e2 = make_engine(2)
     z = e2.optimizer
-    untouched = lambda: "step" not in vars(z) and getattr(z, "_dgg_gate", None) is None  # noqa: E731
+    untouched = lambda: ("step" not in vars(z) and getattr(z, "_dgg_gate", None) is None  # noqa: E731
+                         and not {"save_checkpoint", "load_checkpoint"} & set(vars(e2)))
     expect_error(ValueError, "discard must be one of", lambda: DeepSpeedGate(e2, discard="nan"))
     expect_error(TypeError, "unknown setting(s) ['windw']", lambda: DeepSpeedGate(e2, windw=3))
     expect_error(ValueError, "window", lambda: DeepSpeedGate(e2, window=1))  # GateConfig's own check
@@ -359,6 +363,7 @@ def round_robin_case() -> None:
             except ValueError as err:
                 assert rr and "round_robin_gradients" in str(err), (what, str(err))
                 assert "step" not in vars(e.optimizer) and getattr(e.optimizer, "_dgg_gate", None) is None
+                assert not {"save_checkpoint", "load_checkpoint"} & set(vars(e)), what
                 log(f"{what}: refused ({err})")
                 continue
             e.backward(F.cross_entropy(e(ids).float().reshape(-1, VOCAB), tgt.reshape(-1)))
@@ -405,6 +410,122 @@ def pending_case() -> None:
         assert_same_on_all_ranks(state_bits(gate), f"ZeRO-{stage}: gate state")
         gate.remove()
         log(f"ZeRO-{stage}: gate.step() with no reduced gradient pending refused, nothing moved")
+
+
+# rollout batches (name, {pass: "surge"}); the checkpoint is taken after pass 1 of B, so the surge of B's pass 2
+# comes right after the resume (a first pass never closes on a finite gradient: the surge must be a reuse pass)
+CKPT_SCHEDULE = [("A", {}), ("B", {2: "surge"}), ("C", {})]
+CKPT_AT = ("B", 1)
+
+
+def train_batches(engine, gate, batches, *, first=1, until=None) -> list:
+    """Run rollout batches, each until the gate stops it (the first batch from pass ``first``: a resumed batch
+    continues without new_batch()); stop after the pass ``until`` (name, pass).  Returns (name, pass, closed)
+    per step."""
+    out = []
+    for name, inject in batches:
+        gen = torch.Generator().manual_seed(100 * ord(name) + RANK)
+        ids, tgt = torch.randint(VOCAB, (2, 5), generator=gen), torch.randint(VOCAB, (2, 5), generator=gen)
+        if first == 1:
+            gate.new_batch()
+        for k in range(first, gate.config.max_reuse + 1):
+            gate.new_pass()
+            loss = F.cross_entropy(engine(ids).float().reshape(-1, VOCAB), tgt.reshape(-1))
+            engine.backward(loss * 1000.0 if inject.get(k) == "surge" else loss)
+            engine.step()
+            out.append((name, k, bool(gate.stats()["closed"])))
+            if (name, k) == until:
+                return out
+            if gate.should_stop():
+                break
+        first = 1
+    return out
+
+
+def full_training_state(engine) -> list[torch.Tensor]:
+    """Every fp32 master weight and Adam moment, assembled whole (collectives: every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = []
+    for p in engine.module.parameters():
+        out += [safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                safe_get_full_optimizer_state(p, "exp_avg_sq").clone()]
+    return out
+
+
+def checkpoint_case() -> None:
+    """engine.save_checkpoint / load_checkpoint carry the gate: a resumed run's decisions, weights, optimizer
+    state and gate state equal the uninterrupted run's, the surge right after the resume closes the gate."""
+    import warnings
+
+    root = os.path.join(os.path.dirname(os.environ["DGG_STORE"]), "ckpt")
+    for stage in (1, 2, 3):
+        what = f"ZeRO-{stage}"
+        folder = os.path.join(root, f"z{stage}")
+        e1 = make_engine(stage)
+        g1 = DeepSpeedGate(e1, **SETTINGS)
+        head = train_batches(e1, g1, CKPT_SCHEDULE[:2], until=CKPT_AT)
+        assert head == [("A", k, False) for k in (1, 2, 3, 4)] + [("B", 1, False)], (what, head)
+        e1.save_checkpoint(folder, tag="mid_B", client_state={"epoch": 7})
+        saved = int(g1.stats()["accepted"])
+        tail1 = train_batches(e1, g1, CKPT_SCHEDULE[1:], first=2)
+        assert tail1[0] == ("B", 2, True), (what, "the uninterrupted run should close on the surge", tail1)
+        final1, bits1 = full_training_state(e1), state_bits(g1)
+
+        e2 = make_engine(stage, seed=1)  # other initial weights: the checkpoint must bring everything
+        g2 = DeepSpeedGate(e2, **SETTINGS)
+        path, client = e2.load_checkpoint(folder, tag="mid_B")
+        assert path is not None and client["epoch"] == 7, (what, path, client)
+        loaded = int(g2.stats()["accepted"])
+        tail2 = train_batches(e2, g2, CKPT_SCHEDULE[1:], first=2)
+        assert (loaded, tail2) == (saved, tail1), (
+            f"{what}: resumed from the checkpoint, the gate had accepted {loaded} steps (saved: {saved}) and decided "
+            f"{tail2}; the uninterrupted run decided {tail1}")
+        final2 = full_training_state(e2)
+        assert all(bit_equal(a, b) for a, b in zip(final1, final2)), f"{what}: weights or optimizer state differ"
+        assert bit_equal(bits1, state_bits(g2)), f"{what}: gate state differs"
+        log(f"{what}: the resumed run equals the uninterrupted one ({tail2})")
+        if stage != 2:
+            continue
+
+        # a user's own client_state key clashing with the gate's: refused before anything is written
+        expect_error(ValueError, "dgg_gate", lambda: e2.save_checkpoint(folder, tag="clash",
+                                                                        client_state={"dgg_gate": 1}))
+        assert not os.path.exists(os.path.join(folder, "clash"))
+        # between gate.step() and engine.step() the gate has judged a step the weights have not taken
+        gen = torch.Generator().manual_seed(5)
+        ids, tgt = torch.randint(VOCAB, (2, 5), generator=gen), torch.randint(VOCAB, (2, 5), generator=gen)
+        e2.backward(F.cross_entropy(e2(ids).float().reshape(-1, VOCAB), tgt.reshape(-1)))
+        g2.step()
+        expect_error(RuntimeError, "between gate.step() and engine.step()",
+                     lambda: e2.save_checkpoint(folder, tag="mid"))
+        expect_error(RuntimeError, "between gate.step() and engine.step()",
+                     lambda: e2.load_checkpoint(folder, tag="mid_B"))
+        e2.step()
+        assert not os.path.exists(os.path.join(folder, "mid"))
+        # a checkpoint without a gate state (saved with the gate removed): a warning, the gate left as it was
+        g1.remove()
+        for name in ("save_checkpoint", "load_checkpoint"):
+            assert name not in vars(e1), f"remove() left engine.{name} hooked"
+        e1.save_checkpoint(folder, tag="no_gate")
+        bits = state_bits(g2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e2.load_checkpoint(folder, tag="no_gate")
+        assert any("holds no gate state" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert bit_equal(bits, state_bits(g2))
+        # load_module_only (a warm start): the gate is left as it was
+        e2.load_checkpoint(folder, tag="mid_B", load_module_only=True)
+        assert bit_equal(bits, state_bits(g2))
+        # a gate built with other settings: the error says the engine was restored and the gate was not
+        g2.remove()
+        g3 = DeepSpeedGate(e2, **dict(SETTINGS, window=4))
+        bits = state_bits(g3)
+        expect_error(ValueError, "other settings", lambda: e2.load_checkpoint(folder, tag="mid_B"))
+        assert bit_equal(bits, state_bits(g3))
+        g3.remove()
+        log(f"{what}: clashing client_state, mid-step save/load, a gate-less checkpoint, module-only loads, "
+            "other settings")
 
 
 def messages_case() -> None:
@@ -554,4 +675,4 @@ def trl_case() -> None:
 
 if __name__ == "__main__":
     run_case({"engines": engines_case, "trl": trl_case, "round_robin": round_robin_case, "pending": pending_case,
-              "messages": messages_case})
+              "checkpoint": checkpoint_case, "messages": messages_case})

@@ -54,6 +54,12 @@ def test_step_without_reduced_gradient_refused(launch):
     launch("pending", 2, timeout=240)
 
 
+def test_checkpoint_carries_gate(launch):
+    """A run resumed through engine.save_checkpoint / load_checkpoint decides, and ends, bit for bit as the
+    uninterrupted run, at ZeRO-1/2/3."""
+    launch("checkpoint", 2, timeout=300)
+
+
 def test_refusal_and_docstring_texts(launch):
     """The BF16_Optimizer refusal names the configuration that causes it; the module docstring's all-gather size
     is what a step sends."""

@@ -25,6 +25,14 @@ then does not step the gate again.  Anywhere else (before any backward, after
 ``engine.step()``) DeepSpeed holds no reduced gradient and ``gate.step()``
 raises on every rank, the gate unchanged.
 
+Checkpoints.  The gate also hooks the engine's ``save_checkpoint`` and
+``load_checkpoint``: its state travels in DeepSpeed's ``client_state`` under
+the key ``"dgg_gate"`` (written once, by the rank that writes the model
+states; read on every rank), so a plain ``engine.save_checkpoint(dir)`` /
+``engine.load_checkpoint(dir)`` resumes the gate with the weights, bit for
+bit.  A checkpoint without that key leaves the gate as it is, with a warning;
+``load_module_only=True`` (a warm start) leaves it as it is, silently.
+
 How a closed step is discarded (``discard=``):
 
 - ``"overflow"`` (the default): every local gradient partition is zeroed and
@@ -72,7 +80,9 @@ Tested with DeepSpeed 0.19.8, on CPU.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -81,6 +91,7 @@ from .. import state as S
 from ..config import GateConfig
 from ..gate import DynamicGradientGate
 from .adapter import GATE_FIELDS, output_embedding_weight, resolve_config
+from .checkpoint import _to_cpu
 
 try:
     import deepspeed
@@ -92,10 +103,12 @@ except ImportError as e:  # pragma: no cover - exercised only without deepspeed
         'dgg_kernels.integrations.deepspeed needs DeepSpeed: pip install "dgg-kernels[deepspeed]"'
     ) from e
 
-__all__ = ["DeepSpeedGate", "TESTED_VERSION"]
+__all__ = ["CLIENT_STATE_KEY", "DeepSpeedGate", "TESTED_VERSION"]
 
 TESTED_VERSION = "0.19.8"
 DISCARDS = ("overflow", "found_inf")
+CLIENT_STATE_KEY = "dgg_gate"  # the gate's state_dict() in a DeepSpeed checkpoint's client_state
+_ENGINE_HOOKS = ("save_checkpoint", "load_checkpoint")
 NO_REDUCED_GRADIENT = (
     "DeepSpeed holds no reduced gradient now (ZeRO keeps it only between the engine.backward() of a gradient "
     "accumulation boundary and engine.step()): the gate steps after that backward, before that step"
@@ -160,6 +173,8 @@ class DeepSpeedGate:
     discarded as a whole, so there is no ``params`` subset).  The gate API
     (``new_batch``, ``should_stop``, ``stats``, ``state_dict``, ...) is the
     core gate's; ``gate.gate`` is the underlying ``DynamicGradientGate``.
+    ``engine.save_checkpoint`` / ``engine.load_checkpoint`` carry the gate's
+    state (in ``client_state["dgg_gate"]``; see the module docstring).
     ``remove()`` unhooks it from the engine.
     """
 
@@ -218,7 +233,12 @@ class DeepSpeedGate:
         self._poisoned = None  # the one element made NaN for DeepSpeed's overflow check
         self.step_count = 0  # gate steps taken (host counter, for trainers that log per step)
         self._original_step = zopt.step
+        self._original_save = engine.save_checkpoint
+        self._original_load = engine.load_checkpoint
+        self._load_signature = inspect.signature(self._original_load)
         zopt.step = self._optimizer_step
+        engine.save_checkpoint = self._save_checkpoint
+        engine.load_checkpoint = self._load_checkpoint
         zopt._dgg_gate = self
 
     # -- the core gate's API ----------------------------------------------------------------------------------------
@@ -379,8 +399,65 @@ class DeepSpeedGate:
                 x.grad = None
             self._stepped = False
 
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def _check_between_steps(self, what: str) -> None:
+        if self._stepped:
+            raise RuntimeError(
+                f"engine.{what}() between gate.step() and engine.step(): the gate has judged a step the weights have "
+                f"not taken yet, so its state and the engine's would not match; call engine.{what}() after "
+                "engine.step()"
+            )
+
+    def _save_checkpoint(self, save_dir, tag=None, client_state=None, *args, **kwargs):
+        """Replaces ``engine.save_checkpoint``: the same call, with the gate's state added to ``client_state``."""
+        self._check_between_steps("save_checkpoint")
+        client_state = dict(client_state or {})
+        if CLIENT_STATE_KEY in client_state:
+            raise ValueError(
+                f"client_state already holds the key {CLIENT_STATE_KEY!r}, where DeepSpeedGate saves the gate's "
+                "state: rename that entry (the gate is saved with the engine without it)"
+            )
+        # tensors on the CPU: the checkpoint loads on any device (a host read, at checkpoint time only)
+        client_state[CLIENT_STATE_KEY] = _to_cpu(self.gate.state_dict())
+        return self._original_save(save_dir, tag, client_state, *args, **kwargs)
+
+    def _load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
+        """Replaces ``engine.load_checkpoint``: the same call and return value; then the gate's state is restored
+        from the checkpoint's ``client_state`` (not with ``load_module_only=True``, a warm start)."""
+        self._check_between_steps("load_checkpoint")
+        call = self._load_signature.bind(load_dir, tag, *args, **kwargs)  # a bad call raises before any load
+        module_only = bool(call.arguments.get("load_module_only", False))
+        load_path, client_state = self._original_load(*call.args, **call.kwargs)
+        if load_path is None or module_only:  # nothing loaded (DeepSpeed has warned), or only the weights
+            return load_path, client_state
+        saved = (client_state or {}).get(CLIENT_STATE_KEY)
+        if saved is None:
+            warnings.warn(
+                f"the DeepSpeed checkpoint {load_path} holds no gate state (client_state has no "
+                f"{CLIENT_STATE_KEY!r}: saved without a DeepSpeedGate): the gate is left as it was, and a fresh "
+                "gate's window refills before it can close on z",
+                stacklevel=2,
+            )
+            return load_path, client_state
+        try:
+            self.gate.load_state_dict(saved)
+        except (KeyError, TypeError, ValueError) as e:
+            # DeepSpeed reads its checkpoint and restores the engine in one call; the gate's state is only
+            # seen once that is done, so this error comes after the engine's restore
+            message = e.args[0] if e.args else str(e)
+            raise type(e)(
+                f"{load_path}: {message}. The engine's state was restored, the gate's was not (it is as it was): "
+                "build the DeepSpeedGate with the settings the run was saved with and load the checkpoint again"
+            ) from e
+        return load_path, client_state
+
     def remove(self) -> None:
-        """Unhook the gate from the engine (``engine.step()`` no longer steps it)."""
+        """Unhook the gate from the engine (``engine.step()`` no longer steps it; its checkpoints no longer carry
+        the gate)."""
+        for name in _ENGINE_HOOKS:
+            if self.engine.__dict__.get(name) == getattr(self, f"_{name}"):
+                delattr(self.engine, name)
         if self._zopt.__dict__.get("step") == self._optimizer_step:
             del self._zopt.step
         if getattr(self._zopt, "_dgg_gate", None) is self:
@@ -467,6 +544,16 @@ def _check_engine(engine):
     if "step" in vars(zopt):
         raise RuntimeError("engine.optimizer.step is already replaced on this object (by something other than "
                            "DeepSpeedGate): the gate hooks it and will not stack on an unknown wrapper")
+    if "load_module_only" not in inspect.signature(engine.load_checkpoint).parameters:
+        raise RuntimeError(
+            f"engine.load_checkpoint takes no load_module_only argument (DeepSpeed {deepspeed.__version__}; tested "
+            f"with {TESTED_VERSION}): the gate could not tell a warm start, which must leave it alone, from a resume"
+        )
+    replaced = [name for name in _ENGINE_HOOKS if name in vars(engine)]
+    if replaced:
+        raise RuntimeError(f"engine.{replaced[0]} is already replaced on this object (by something other than "
+                           "DeepSpeedGate): the gate hooks it to carry its state and will not stack on an unknown "
+                           "wrapper")
     group = zopt.dp_process_group
     if dist.get_world_size(group) != dist.get_world_size():
         raise ValueError(
