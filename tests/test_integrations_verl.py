@@ -11,6 +11,8 @@ case checks is in verl_worker.py's docstring.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +61,31 @@ def test_settings_and_refusals(launch):
     texts = launch("config", 1, timeout=400)
     if importlib.util.find_spec("transfer_queue") is not None:  # .ci/verl.sh installs verl's v1 trainer's deps
         assert "register_trainers() not exercised" not in texts[0]
+
+
+# -- the entry point, in fresh processes (no ranks: nothing here trains) ----------------------
+
+ROOT = HERE.parent
+
+
+def _python(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_entry_point_overrides_a_yaml_dgg_section(tmp_path):
+    """A config of the user's own that extends verl's ppo_trainer and sets the dgg section: the entry point's
+    ``actor_rollout_ref.actor.dgg.<key>=...`` overrides it, written with or without Hydra's ``+``."""
+    (tmp_path / "my_ppo.yaml").write_text(
+        "hydra:\n  searchpath:\n    - pkg://verl.trainer.config\n"
+        "defaults:\n  - ppo_trainer\n  - _self_\n"
+        "actor_rollout_ref:\n  actor:\n    dgg:\n      enable: true\n      window: 4\n      threshold: 0.3\n"
+    )
+    run = _python(["-m", "dgg_kernels.integrations.verl", "--config-path", str(tmp_path), "--config-name", "my_ppo",
+                   "--cfg", "job", "actor_rollout_ref.actor.dgg.threshold=0.5", "+actor_rollout_ref.actor.dgg.window=6",
+                   "+actor_rollout_ref.actor.dgg.statistic=norm"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    from omegaconf import OmegaConf
+
+    dgg = OmegaConf.to_container(OmegaConf.create(run.stdout).actor_rollout_ref.actor.dgg)
+    assert dgg == {"enable": True, "window": 6, "threshold": 0.5, "statistic": "norm"}, dgg

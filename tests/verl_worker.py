@@ -290,7 +290,7 @@ def config_case() -> None:
         path, mini_batch=MINI, dgg=on, overrides=("trainer.v1.trainer_mode=separate_async",))))
     # the example in docs/integrations.md composes, prepares and passes verl's checks
     example = docs_example()
-    assert any(a.startswith("+actor_rollout_ref.actor.dgg.") for a in example), example
+    assert any(a.startswith("++actor_rollout_ref.actor.dgg.") for a in example), example
     import verl.trainer
     from hydra import compose, initialize_config_dir
 

@@ -516,16 +516,22 @@ def _run(config) -> None:
 
 
 def hydra_overrides(argv) -> list[str]:
-    """``argv`` for Hydra: ``actor_rollout_ref.actor.dgg.<key>=...`` gets Hydra's leading ``+`` (the section is not
-    in verl's config, so Hydra would refuse it without); everything else is passed as it is."""
-    return [f"+{a}" if a.startswith(f"{_DGG_KEY}.") else a for a in argv]
+    """``argv`` for Hydra: ``actor_rollout_ref.actor.dgg.<key>=...``, written bare or with Hydra's ``+``, gets
+    ``++`` (add or override): verl's ppo_trainer has no dgg section, so a bare key would be refused, while a config
+    of the user's own (``--config-name``) that extends it may set one, where ``+`` would be refused.  Everything
+    else is passed as it is."""
+    out = []
+    for a in argv:
+        bare = a[1:] if a.startswith("+") and not a.startswith("++") else a
+        out.append(f"++{bare}" if bare.startswith(f"{_DGG_KEY}.") else a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m dgg_kernels.integrations.verl [hydra overrides]``: verl's PPO trainer with the gate.
 
-    Takes verl's overrides; ``actor_rollout_ref.actor.dgg.<key>=...`` is accepted with or without Hydra's
-    leading ``+`` (the section is not in verl's config).
+    Takes verl's overrides (and Hydra's ``--config-path``/``--config-name``); ``actor_rollout_ref.actor.dgg.<key>
+    =...`` is accepted with or without Hydra's leading ``+``.
     """
     import hydra
     import verl.trainer
