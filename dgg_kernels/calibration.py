@@ -22,8 +22,11 @@ so it can sit in the training loop; the report methods read the device (once
 each) and are meant for after the run.
 
 What the numbers mean.  A rollout batch is the run of steps from one
-``new_batch()`` to the next (the reuse index restarts at 1; a recorder that
-never sees it restart treats the whole run as one batch).  Under a threshold
+``new_batch()`` to the next (the gate counts its new_batch() calls on the
+host, and record() notes the count beside each step; a gate whose
+new_batch() is never called records one batch).  With passes of several
+steps (``new_pass()``, ``reuse_passes``) every step of a batch belongs to it,
+whatever its reuse index.  Under a threshold
 ``t`` a batch closes at its first *eligible* pass (reuse index above 1, the
 test's window full) whose z exceeds ``t``, or at any step whose energy was
 not finite; for statistic ``"energy+increment"`` z is the larger of the two
@@ -40,7 +43,7 @@ the windows would hold other values: with ``window_mode="step"`` a closed step
 never enters the window (the observer's window also holds the passes a real
 gate rejected), and the increment of the next accepted step is taken from
 another predecessor.  With ``window_mode="batch"`` and statistic ``"norm"`` or
-``"energy"`` the windows hold only first passes, which a finite gradient never
+``"energy"`` the windows hold only first steps of batches, which a finite gradient never
 closes, so on the observed trajectory they are the same as a real gate's.
 """
 from __future__ import annotations
@@ -89,6 +92,8 @@ class Recorder:
         self._capacity = capacity
         self._buf: Optional[torch.Tensor] = None
         self._n = 0
+        # per recorded step, host-side: (the gate's id, its new_batch() count): where it changes a batch starts
+        self._batch_of: list[tuple[int, int]] = []
         self.config = None  # the recorded gate's GateConfig, from the first record()
 
     # -- recording (no host sync) -------------------------------------------------------
@@ -112,6 +117,7 @@ class Recorder:
         row = self._buf[self._n]
         row[: S.N_STATS].copy_(st.stats)
         row[S.N_STATS :].copy_(st.ints)
+        self._batch_of.append((id(gate), gate._batches_started))
         self._n += 1
 
     def __len__(self) -> int:
@@ -135,18 +141,17 @@ class Recorder:
         return -math.inf if math.isnan(z) else z
 
     def _batches(self, test) -> list[list[tuple[int, float]]]:
-        """Per batch: (reuse index, score) of each recorded step.  A batch starts where the reuse index
-        does not increase (new_batch() resets it to 1)."""
+        """Per batch: (reuse index, score) of each recorded step.  A batch starts at the first step recorded
+        after a new_batch() (the reuse index alone cannot say: in passes of several steps it repeats)."""
         if test not in _TESTS:
             raise ValueError(f"test must be one of {_TESTS}, got {test!r}")
         batches: list = []
-        last = math.inf
-        for row in self._rows():
-            reuse = row[_REUSE_COL]
-            if reuse <= last or not batches:
+        last = None
+        for row, batch in zip(self._rows(), self._batch_of):
+            if batch != last:
                 batches.append([])
-            batches[-1].append((int(reuse), self._score(row, test)))
-            last = reuse
+            batches[-1].append((int(row[_REUSE_COL]), self._score(row, test)))
+            last = batch
         return batches
 
     def batch_scores(self, test: Optional[str] = None) -> list[float]:

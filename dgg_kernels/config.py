@@ -29,9 +29,10 @@ class GateConfig:
                or "energy+increment" (the paper's rule: an energy test and an
                increment test, each with its own window; closes when either fires).
     window_mode: what the window holds: "step" (every accepted step's statistic)
-               or "batch" (one per rollout batch: the first pass's, i.e. the step
-               right after new_batch(), if accepted; later passes are tested
-               against the window but never enter it).
+               or "batch" (one per rollout batch: the first step's after
+               new_batch(), if accepted; with passes of several mini-batches,
+               the first mini-batch's; every other step is tested against the
+               window but never enters it).
     eps:       added to the window std before dividing (> 0).
     max_reuse: passes over one rollout batch before should_stop() says stop (>= 1).
     backend:   "auto", "torch", "triton" or "cuda".

@@ -6,6 +6,7 @@ masks (see backends/torch_ref.py for the semantics).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Iterable, Sequence, Union
@@ -13,11 +14,12 @@ from typing import Iterable, Sequence, Union
 import torch
 
 from . import inputs, ops
+from .inputs import check_kl_value
 from . import state as S
 from .distributed import is_dtensor, sharding_for
 from .backends import resolve_backend
 from .backends.base import Backend
-from .backends.torch_ref import FLT_MAX, host_value
+from .backends.torch_ref import host_value
 from .config import GateConfig
 from .state import GateState
 
@@ -42,11 +44,38 @@ def _tensor_list(value, what: str) -> list[torch.Tensor]:
     return items
 
 
-def _check_kl_value(value: float) -> None:
-    """A KL given on the host must be finite in float32 (what the finalize and stats() hold it to)."""
-    if not abs(value) <= FLT_MAX:
-        raise ValueError(f"kl is {value}: the KL must be finite in float32 (a NaN, Inf or overflowing KL means a "
-                         "broken loss)")
+def _bump_versions_on_unscale() -> None:
+    """Make ``torch.amp.GradScaler.unscale_`` bump the version counter of every gradient it unscales.
+
+    GradScaler divides the gradients in place with ``torch._amp_foreach_non_finite_check_and_unscale_``,
+    which does not bump their version counters, so overlap's key (``_grad_trace``) would take the hooks'
+    reduction of the *scaled* gradient as current: an energy scale**2 too large, and every scale growth
+    would look like a surge.  Wrapping the public method once (it stays the same method otherwise, and
+    ``torch.cuda.amp.GradScaler`` inherits it) makes the unscale an invalidation like any in-place op.
+    Installed when the first overlap gate is built; installing again does nothing.
+    """
+    cls = torch.amp.GradScaler
+    original = cls.unscale_
+    if getattr(original, "_dgg_bumps_versions", False):
+        return
+
+    @functools.wraps(original)
+    def unscale_(self, optimizer):
+        out = original(self, optimizer)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch.autograd.graph.increment_version(grads)
+        return out
+
+    unscale_._dgg_bumps_versions = True
+    cls.unscale_ = unscale_
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a state tensor that later steps do not change: ``t.clone()``, and under torch.compile an
+    opaque op, because inductor may drop the clone of a graph input that a later custom op mutates and hand
+    back the input itself, which then shows a later step's values (ops.snapshot)."""
+    return ops.snapshot(t) if torch.compiler.is_compiling() else t.clone()
 
 
 def _check_overlap_allowed(monitor, process_group, decision_group) -> None:
@@ -83,7 +112,7 @@ class DynamicGradientGate:
             threshold=float("inf") is the observer mode (z reported, never
             closes on a finite gradient; see dgg_kernels.calibration);
             window_mode="batch" keeps one statistic per rollout batch in the
-            window (the first pass after new_batch()); target_kl turns on the
+            window (the first step after new_batch()); target_kl turns on the
             KL stop (the trainer gives the KL each step with observe_kl()).
             The defaults are GateConfig's.  docs/semantics.md has the exact rules.
         overlap: launch the monitor reduction from a post-accumulate-grad hook
@@ -166,6 +195,9 @@ class DynamicGradientGate:
             n_rings=self.config.n_rings, window_mode=self.config.window_mode, kl_limit=self.config.kl_limit,
         )
         self._kl_observed = False  # observe_kl() called since the last step (required each step with target_kl)
+        # new_batch() calls so far, counted on the host: calibration.Recorder tells rollout batches apart by it
+        # (the reuse index cannot: with several steps per pass it repeats within a batch)
+        self._batches_started = 0
         self.overlap = bool(overlap)
         self._overlap_hooks: list = []
         if self.overlap:
@@ -178,6 +210,7 @@ class DynamicGradientGate:
         for i, t in enumerate(self.monitor):
             if not (t.is_leaf and t.requires_grad):
                 raise ValueError(f"overlap=True needs leaf monitor tensors that require grad; monitor[{i}] is not")
+        _bump_versions_on_unscale()
         n = len(self.monitor)
         self._seen: list = [None] * n  # per monitor tensor: what the hook reduced (see _grad_trace)
         self._events: list = [None] * n
@@ -288,7 +321,7 @@ class DynamicGradientGate:
                           c.window, c.statistic_id, c.max_reuse, self._op_key, self._combine_key)
             ops.gate_mask(st.decision, list(zero), self._op_key)
             self._kl_observed = False
-            return self.state.decision.clone()
+            return _copy(st.decision)
         if self._combine_key:
             # sharded: this rank's partial energy -> the sum over the ranks sharing the tensor -> finalize
             self._backend.reduce(grads, self.state, self.config)
@@ -319,6 +352,7 @@ class DynamicGradientGate:
         """A fresh rollout batch starts: the next step() has reuse index 1 and the stop flag is cleared."""
         self.state.ints[S.REUSE : S.STOP + 1].zero_()
         self.state.ints[S.PASS_MODE : S.BATCH_CLOSED + 1].zero_()
+        self._batches_started += 1
 
     def new_pass(self) -> None:
         """A pass over the rollout batch starts (call it before the pass's first step; no host sync).
@@ -371,7 +405,7 @@ class DynamicGradientGate:
                                    "lives there)")
             value = host_value(kl)
             if value is not None:
-                _check_kl_value(value)
+                check_kl_value(value)
             with torch.no_grad():
                 slot.copy_(kl.detach())
         else:
@@ -381,8 +415,13 @@ class DynamicGradientGate:
                 value = float(kl)
             except OverflowError:
                 value = math.inf
-            _check_kl_value(value)
-            slot.fill_(value)
+            if torch.compiler.is_compiling():
+                # checked when the graph runs, by the op that writes it: a ValueError raised while tracing
+                # would reach the caller of a fullgraph compile as torch._dynamo's Unsupported instead
+                ops.set_kl(self.state.acc, value)
+            else:
+                check_kl_value(value)
+                slot.fill_(value)
         self._kl_observed = True
 
     def should_stop(self) -> bool:
@@ -409,8 +448,8 @@ class DynamicGradientGate:
         1 and z > threshold or kl > kl_factor * target_kl (or, in passes of
         several steps, an earlier step of the batch closed).
         """
-        f = self.state.stats.clone()
-        i = self.state.ints.clone()
+        f = _copy(self.state.stats)
+        i = _copy(self.state.ints)
         return {
             "energy": f[S.ENERGY],
             "norm": f[S.NORM],

@@ -31,11 +31,20 @@ import operator
 from itertools import compress, repeat
 
 from .backends.base import NO_ZERO_DTYPES, GradFields, MaskPlan
+from .backends.torch_ref import FLT_MAX as _FLT_MAX
 from .distributed import is_dtensor, local_tensor
 
 # float64 is read as the spec reads every dtype: each entry rounded to float32, then squared.
 MONITOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
+
+
+def check_kl_value(value: float) -> None:
+    """A KL given on the host must be finite in float32 (what the finalize and stats() hold it to): raises
+    ValueError otherwise."""
+    if not abs(value) <= _FLT_MAX:
+        raise ValueError(f"kl is {value}: the KL must be finite in float32 (a NaN, Inf or overflowing KL means a "
+                         "broken loss)")
 
 
 def _layout_problem(name: str, t: torch.Tensor) -> Optional[Exception]:

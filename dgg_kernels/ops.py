@@ -75,3 +75,35 @@ def gate_mask(decision: torch.Tensor, grads: List[torch.Tensor], backend_key: in
 @gate_mask.register_fake
 def _(decision, grads, backend_key):
     return None
+
+
+@torch.library.custom_op("dgg::snapshot", mutates_args=())
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` as it is now (what step() returns and stats() reports under torch.compile).
+
+    An opaque op rather than ``t.clone()``: inductor (torch 2.13, CPU) can drop the clone of a graph input
+    that a later mutating custom op writes, and return the input itself, so a step's returned decision
+    showed the next step's.  The op's output is its own allocation.
+    """
+    return t.clone()
+
+
+@snapshot.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+@torch.library.custom_op("dgg::set_kl", mutates_args=("acc",))
+def set_kl(acc: torch.Tensor, value: float) -> None:
+    """observe_kl() of a Python number under torch.compile: checks ``value`` when the graph runs (ValueError
+    for one not finite in float32, nothing written) and writes it to acc[ACC_KL]."""
+    from .inputs import check_kl_value
+    from .state import ACC_KL
+
+    check_kl_value(value)
+    acc[ACC_KL] = value
+
+
+@set_kl.register_fake
+def _(acc, value):
+    return None

@@ -18,23 +18,44 @@ def energy_of(grads) -> float:
     return math.inf if e > FLT_MAX else e
 
 
+def _left_to_right(xs) -> float:
+    """The spec's summation order: 0.0, then each term in turn (not sum(), which compensates from 3.12 on)."""
+    total = 0.0
+    for x in xs:
+        total += x
+    return total
+
+
 class _Test:
-    """One sliding-window Z-score test: its window of statistics and the magnitudes they came from."""
+    """One sliding-window Z-score test: its window of statistics and the magnitudes they came from.
+
+    The window is a ring of ``size`` slots written in turn (slot 0 first, wrapping around); its sums run
+    over the slots in slot order, as the spec says (docs/semantics.md)."""
 
     def __init__(self, size):
         self.size = size
-        self.values: list[float] = []  # oldest first
+        self.slots: list[float] = []  # slot k holds the k-th, (k + size)-th, ... pushed statistic
+        self.next = 0  # the slot the next push writes
         self.magnitudes: list[float] = []  # the energies (or norms) each entry was computed from
 
+    @property
+    def values(self) -> list[float]:
+        """The window, oldest first."""
+        return self.slots[self.next:] + self.slots[: self.next] if len(self.slots) == self.size else list(self.slots)
+
     def judge(self, s):
-        n = len(self.values)
-        mean = sum(self.values) / n if n else 0.0
-        std = math.sqrt(sum((x - mean) ** 2 for x in self.values) / n) if n else 0.0
+        n = len(self.slots)
+        mean = _left_to_right(self.slots) / n if n else 0.0
+        std = math.sqrt(_left_to_right((x - mean) * (x - mean) for x in self.slots) / n) if n else 0.0
         full = n == self.size
         return mean, std, full
 
     def push(self, s, mag):
-        self.values = (self.values + [s])[-self.size :]
+        if len(self.slots) < self.size:
+            self.slots.append(s)
+        else:
+            self.slots[self.next] = s
+        self.next = (self.next + 1) % self.size
         self.magnitudes = (self.magnitudes + [mag])[-self.size :]
 
 
@@ -79,6 +100,8 @@ class GateModel:
             "energy": (energy, True, energy),
             "increment": (energy - self.prev_energy if has_prev else 0.0, has_prev, energy + (self.prev_energy or 0.0)),
         }
+        # window_mode "batch": one statistic per rollout batch, the first step's after new_batch()
+        first_of_batch = self.reuse == 0
         self.reuse += (1 if self.pass_new else 0) if self.pass_mode else 1
         self.pass_new = False
         judged = {}
@@ -98,7 +121,7 @@ class GateModel:
         else:
             self.accepted += 1
             self.prev_energy = energy
-            if self.window_mode == "step" or self.reuse == 1:
+            if self.window_mode == "step" or first_of_batch:
                 for kind, test in self.tests.items():
                     s, pushable, mag = values[kind]
                     if pushable:

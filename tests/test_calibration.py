@@ -213,3 +213,28 @@ def test_close_rates_match_the_model_on_random_sequences(statistic, window_mode)
     rates = rec.close_rates(grid)
     assert all(rates[a] >= rates[b] for a, b in zip(grid, grid[1:]))  # fewer closes as the threshold grows
     assert rates[0.0] > rates[4.0]
+
+
+@pytest.mark.parametrize("max_reuse", [1, 3])
+def test_recorder_counts_rollout_batches_in_passes_of_several_steps(max_reuse):
+    """reuse_passes with 2 mini-batches per pass: every step of a batch belongs to it, whatever its reuse index
+    (with max_reuse=1 consecutive batches even share reuse index 1 throughout)."""
+    w = torch.nn.Parameter(torch.empty(4))
+    gate = dgg.DynamicGradientGate(w, window=2, threshold=math.inf, max_reuse=max_reuse, backend="torch",
+                                   target_kl=0.01, kl_factor=1.0)
+    rec = Recorder()
+    kls = [[0.0, 0.0, 0.0, 0.0, 0.5, 0.5], [0.0] * 6, [0.0] * 6]  # per batch, per step: only batch 0 exceeds
+    for batch in range(3):
+        k = 0
+        for _ in dgg.reuse_passes(gate):
+            for _mini in range(2):
+                w.grad = torch.ones(4)
+                gate.observe_kl(kls[batch][k] if k < len(kls[batch]) else 0.0)
+                gate.step()
+                rec.record(gate)
+                k += 1
+    assert len(rec) == 3 * 2 * max_reuse
+    assert rec.n_batches == 3
+    closes = rec.close_rates([0.01], test="kl")[0.01]
+    assert closes == (1 / 3 if max_reuse == 3 else 0.0)  # batch 0's pass 3 exceeds the limit; K=1 has no pass 2
+    assert rec.first_close_passes(0.01, test="kl") == ([3, None, None] if max_reuse == 3 else [None] * 3)

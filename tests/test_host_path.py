@@ -175,8 +175,10 @@ class _FakeJit:
         self.log = [] if log is None else log
 
     def __getitem__(self, grid):
-        def run(*args, num_warps):
+        def run(*args, num_warps, **options):
             assert len(args) == len(self.arg_names)
+            # every launch compiles without fused multiply-adds (the finalize's one rounding order)
+            assert options == {"enable_fp_fusion": False}
             self.log.append(("jit", grid, args))
             return _FakeCompiled(self.log)
         return run

@@ -1,4 +1,6 @@
 """The custom ops: opcheck, and torch.compile(fullgraph=True) through gate.step()."""
+import math
+
 import pytest
 import torch
 
@@ -21,6 +23,11 @@ def test_opcheck(backend, statistic):
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
     torch.library.opcheck(torch.ops.dgg.gate_mask.default, (s.decision, grads, gate._op_key),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for t in (s.decision, s.stats, s.ints):
+        torch.library.opcheck(torch.ops.dgg.snapshot.default, (t,),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.dgg.set_kl.default, (s.acc, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
@@ -61,3 +68,50 @@ def test_compiled_step_fullgraph_matches_eager(compiler, statistic, window_mode)
 def test_unknown_backend_key_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no live gate backend"):
         ops.gate_mask(torch.zeros((), dtype=torch.bool), [torch.randn(3)], 10**9)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kls, want", [((0.0, 1.0), (False, True)), ((1.0, 0.0), (True, False))])
+def test_two_steps_in_one_compiled_function_return_their_own_decisions(compiler, kls, want):
+    """observe_kl + step() twice in one fullgraph-compiled function: each step() returns its own decision
+    and stats() read between them shows the first step's energy (inductor once handed back the gate's own
+    decision buffer, overwritten by the second step)."""
+    w = torch.nn.Parameter(torch.empty(8, 4))
+    gate = dgg.DynamicGradientGate(w, window=2, threshold=math.inf, target_kl=0.01, backend="torch")
+
+    def two(g1, g2, kl1, kl2):
+        w.grad = g1.clone()
+        gate.observe_kl(kl1)
+        d1 = gate.step()
+        e1 = gate.stats()["energy"]
+        w.grad = g2.clone()
+        gate.observe_kl(kl2)
+        d2 = gate.step()
+        return d1, d2, e1
+
+    gate.new_batch()
+    w.grad = torch.ones(8, 4)
+    gate.observe_kl(0.0)
+    gate.step()  # pass 1: the two compiled steps are passes 2 and 3, where the KL stop may close
+    f = torch.compile(two, fullgraph=True, backend=compiler)
+    d1, d2, e1 = f(torch.ones(8, 4), 2 * torch.ones(8, 4), torch.tensor(kls[0]), torch.tensor(kls[1]))
+    assert (bool(d1), bool(d2)) == want
+    assert float(e1) == 32.0  # the first step's energy (8 x 4 ones), not the second's (128)
+
+
+def test_observe_kl_of_a_non_finite_number_raises_value_error_under_fullgraph_compile():
+    w = torch.nn.Parameter(torch.empty(8, 4))
+    gate = dgg.DynamicGradientGate(w, window=2, threshold=0.3, target_kl=0.01, backend="torch")
+    w.grad = torch.ones(8, 4)
+    before = gate.state.acc.clone()
+
+    def f(x):
+        gate.observe_kl(x)
+        return gate.step()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for bad in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(ValueError, match="must be finite in float32"):
+            compiled(bad)
+        assert torch.equal(gate.state.acc, before)
+    assert bool(compiled(0.5)) is False  # a finite KL still goes through (pass 1)

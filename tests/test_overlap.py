@@ -128,3 +128,30 @@ def test_overlap_on_cuda_matches_plain_and_is_sync_free():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(ga.state.stats, gb.state.stats), i
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlap_judges_the_unscaled_gradient_under_grad_scaler(backend):
+    """scaler.scale(loss).backward(); scaler.unscale_(opt); gate.step(): the hooks reduced the scaled gradient
+    during backward, and unscale_ divides it in place; the gate must judge the unscaled one, as the plain
+    gate does (not scale**2 times its energy), on every step, including after the scale grows."""
+    a, b, ga, gb = _pair(backend)
+    opts = [torch.optim.AdamW(p, lr=1e-3, fused=True) for p in (a, b)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2) for _ in (a, b)]
+    for ga_, opt in ((ga, opts[0]), (gb, opts[1])):
+        ga_.attach(opt)
+    g = torch.Generator().manual_seed(3)
+    for i in range(8):
+        x = torch.randn(4, 6, generator=g)
+        for params, opt, scaler in zip((a, b), opts, scalers):
+            opt.zero_grad(set_to_none=True)
+            w, bias = params
+            scaler.scale((x @ w.t() + bias).tanh().sum()).backward()
+            scaler.unscale_(opt)
+        ea, eb = ga.step(), gb.step()
+        assert ea.item() == eb.item(), i
+        assert torch.equal(ga.stats()["energy"], gb.stats()["energy"]), (i, ga.stats()["energy"], gb.stats()["energy"])
+        for (params, opt, scaler) in zip((a, b), opts, scalers):
+            scaler.step(opt)
+            scaler.update()
+    assert scalers[0].get_scale() > 2.0**16  # the scale grew during the run: each growth must not look like a surge

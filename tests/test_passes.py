@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dgg_kernels as dgg
+from dgg_kernels import state as S
 from contract import DEVICES, backends_for
 from semantics_model import play
 from sequences import bit_equal, make_sequence, run_gate
@@ -139,3 +140,37 @@ def test_new_pass_is_sync_free_and_changes_only_the_pass_slots():
     assert changed == [S.PASS_MODE, S.PASS_NEW]
     gate.new_batch()
     assert bit_equal(gate.state.ints, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("steps_per_pass", [3, 4])
+@pytest.mark.parametrize("statistic", ["energy", "energy+increment"])
+def test_batch_window_needs_window_batches_with_several_steps_per_pass(device, steps_per_pass, statistic):
+    """window_mode="batch": one statistic per rollout batch, however many mini-batches a pass has.
+
+    The property itself, not only agreement with the model: with a window of W, a surge x1000 at every
+    step of every later pass closes nothing in batches 1..W-1 (the window holds fewer than W statistics),
+    and in batch W it closes pass 2 (the window is full, one statistic per batch).
+    """
+    W = 3
+    for backend in backends_for(device):
+        mon = torch.nn.Parameter(torch.zeros(64, device=device))
+        gate = dgg.DynamicGradientGate(mon, window=W, threshold=0.3, statistic=statistic, max_reuse=3,
+                                       window_mode="batch", backend=backend)
+        gen = torch.Generator().manual_seed(0)
+        for batch in range(1, W + 1):
+            gate.new_batch()
+            closed = []
+            for p in range(1, 4):
+                gate.new_pass()
+                for _ in range(steps_per_pass):
+                    scale = 1.0 if p == 1 else 1000.0
+                    mon.grad = (scale * (1 + 0.1 * torch.rand(64, generator=gen))).to(device)
+                    closed.append(bool(gate.step()))
+            # one statistic per batch entered the window (the first step after new_batch())
+            assert int(gate.state.ints[S.COUNT]) == batch, (backend, batch)
+            if batch < W:
+                assert not any(closed), (backend, batch, closed)
+            else:
+                assert closed[:steps_per_pass] == [False] * steps_per_pass, backend
+                assert closed[steps_per_pass], (backend, "pass 2 of batch W must close")

@@ -59,8 +59,8 @@ struct WindowTest {
 
 __device__ WindowTest window_test(const double* ring, int64_t count, int64_t window, double stat, double eps) {
   const double n = static_cast<double>(count > 1 ? count : 1);
-  double sum = 0.0;
-  for (int64_t k = 0; k < window && k < count; ++k) sum += ring[k];
+  double sum = 0.0;  // left to right in slot order: the one order every form of the finalize uses
+  for (int64_t k = 0; k < window && k < count; ++k) sum = __dadd_rn(sum, ring[k]);
   WindowTest t;
   t.mean = sum / n;
   double sq = 0.0;
@@ -98,8 +98,9 @@ __device__ void gate_finalize(double energy, const GateStateView& st) {
   const bool latched = pass_mode && ints[sl.batch_closed] > 0;
   const double threshold = st.hyper[sl.threshold];
   const double eps = st.hyper[sl.eps];
-  // window mode "batch": only the first pass of a batch (reuse index 1) enters a window
-  const bool enters = st.hyper[sl.window_mode] == static_cast<double>(kWindowStep) || reuse == 1;
+  // window mode "batch": only the first step after new_batch() (reuse index 0 before it) enters a window:
+  // one statistic per rollout batch, also with passes of several mini-batches
+  const bool enters = st.hyper[sl.window_mode] == static_cast<double>(kWindowStep) || ints[sl.reuse] == 0;
   const int64_t window = st.window;
   const int64_t count = ints[sl.count];
   const int64_t pos = ints[sl.pos];

@@ -27,6 +27,21 @@ from .base import Backend, dense, zero_where
 FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
+def slot_order_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum of a window's slots (float64[window], unfilled slots already 0) in the one order every form
+    of the finalize adds them: slot 0 first, then each next slot, starting from 0.0.
+
+    torch.sum (pairwise, in an order that depends on the machine's SIMD width) and Triton's tl.sum (a tree)
+    round differently on crafted windows, which can flip a decision; a left-to-right order is the same on
+    every machine and in every language (finalize_host, the Triton kernel and csrc's window_test add the same
+    way).  Adding an unfilled slot's 0.0 leaves the sum unchanged.
+    """
+    total = torch.zeros_like(values[0])
+    for v in values.unbind(0):
+        total = total + v
+    return total
+
+
 def _window_test(ring: torch.Tensor, count: torch.Tensor, stat: torch.Tensor, eps: torch.Tensor, window: int):
     """One Z-score test of ``stat`` against a window (``ring``, ``count`` filled slots), all float64.
 
@@ -37,8 +52,8 @@ def _window_test(ring: torch.Tensor, count: torch.Tensor, stat: torch.Tensor, ep
     slots = torch.arange(window, device=ring.device)
     valid = slots < count
     n = count.clamp(min=1).to(torch.float64)
-    mean = torch.where(valid, ring, 0.0).sum() / n
-    std = (torch.where(valid, (ring - mean) ** 2, 0.0).sum() / n).sqrt()
+    mean = slot_order_sum(torch.where(valid, ring, 0.0)) / n
+    std = (slot_order_sum(torch.where(valid, (ring - mean) ** 2, 0.0)) / n).sqrt()
     full = count == window
     z = torch.where(full, (stat - mean) / (std + eps), torch.zeros_like(stat))
     return mean, std, z, full
@@ -80,8 +95,9 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     pass_mode = ints[S.PASS_MODE] > 0
     reuse = ints[S.REUSE] + torch.where(pass_mode, ints[S.PASS_NEW], torch.ones_like(ints[S.REUSE]))
     latched = pass_mode & (ints[S.BATCH_CLOSED] > 0)
-    # window_mode "batch": only the first pass of a batch (reuse index 1) enters a window
-    enters = (state.hyper[S.WINDOW_MODE] == 0) | (reuse == 1)
+    # window_mode "batch": only the first step after new_batch() (reuse index 0 before it) enters a window:
+    # one statistic per rollout batch, also with passes of several mini-batches (the first pass's first)
+    enters = (state.hyper[S.WINDOW_MODE] == 0) | (ints[S.REUSE] == 0)
     count, pos = ints[S.COUNT], ints[S.POS]
     count2, pos2 = ints[S.COUNT2], ints[S.POS2]
 
@@ -150,14 +166,17 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
 # below computes the same float64 arithmetic on Python floats, reading and writing the state through numpy
 # views of the same memory (no copy, no torch dispatch): tens of microseconds.  It mirrors finalize_reference
 # line for line, as the kernels do, and is tested against it step for step (tests/test_torch_backend.py);
-# the window's sums run in slot order (the tensor form may add in another order: float64 rounding only).
+# the window's sums run left to right in slot order, as slot_order_sum adds them, so both forms decide alike.
 
 
 def _window_test_host(ring, count: int, stat: float, eps: float, window: int):
     """_window_test on host numbers: ``ring`` a float64 numpy view of one window."""
     vals = [float(v) for v in ring[:count]]
     n = float(max(count, 1))
-    mean = sum(vals) / n
+    total = 0.0
+    for v in vals:  # slot_order_sum's order; not sum(), which compensates its rounding from Python 3.12 on
+        total += v
+    mean = total / n
     sq = 0.0
     for v in vals:
         d = v - mean
@@ -198,7 +217,7 @@ def finalize_host(state: GateState, config: GateConfig) -> None:
     pass_mode = ints[S.PASS_MODE] > 0
     reuse = ints[S.REUSE] + (ints[S.PASS_NEW] if pass_mode else 1)
     latched = pass_mode and ints[S.BATCH_CLOSED] > 0
-    enters = hyper[S.WINDOW_MODE] == 0 or reuse == 1
+    enters = hyper[S.WINDOW_MODE] == 0 or ints[S.REUSE] == 0
     count, pos = ints[S.COUNT], ints[S.POS]
     count2, pos2 = ints[S.COUNT2], ints[S.POS2]
     push2 = False

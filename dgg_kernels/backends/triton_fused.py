@@ -52,16 +52,23 @@ _ACC_ENERGY, _ACC_KL = tl.constexpr(S.ACC_ENERGY), tl.constexpr(S.ACC_KL)
 
 
 @triton.jit
-def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr, WBLOCK: tl.constexpr):
+def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr):
     # One Z-score test (torch_ref._window_test): mean and population std of the
     # count filled slots of the ring at ring_ptr, z once the window is full.
-    widx = tl.arange(0, WBLOCK)
-    ring = tl.load(ring_ptr + widx, mask=widx < WINDOW, other=0.0)
-    valid = widx < count
+    # Both sums run left to right in slot order (torch_ref.slot_order_sum), not
+    # as tl.sum's tree: every form of the finalize adds in this one order.  The
+    # launches pass enable_fp_fusion=False, so d * d + total is not contracted
+    # into a fused multiply-add (which rounds once, where the others round twice).
     n = tl.maximum(count, 1).to(tl.float64)
-    mean = tl.sum(tl.where(valid, ring, 0.0), 0) / n
-    dev = tl.where(valid, ring - mean, 0.0)
-    std = tl.sqrt(tl.sum(dev * dev, 0) / n)
+    total = tl.zeros_like(stat)
+    for k in range(0, WINDOW):
+        total = total + tl.where(k < count, tl.load(ring_ptr + k), 0.0)
+    mean = total / n
+    sq = tl.zeros_like(stat)
+    for k in range(0, WINDOW):
+        d = tl.where(k < count, tl.load(ring_ptr + k) - mean, 0.0)
+        sq = sq + d * d
+    std = tl.sqrt(sq / n)
     full = count == WINDOW
     z = tl.where(full, (stat - mean) / (std + eps), 0.0)
     return mean, std, z, full
@@ -70,7 +77,7 @@ def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr, WBLOCK: tl.const
 @triton.jit
 def _finalize(
     energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
-    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+    WINDOW: tl.constexpr, STAT: tl.constexpr,
 ):
     # Mirrors torch_ref.finalize_reference line for line; all float64.
     # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
@@ -93,8 +100,9 @@ def _finalize(
     latched = pass_mode & (batch_closed > 0)
     threshold = tl.load(hyper_ptr + _THRESHOLD)
     eps = tl.load(hyper_ptr + _EPS)
-    # window mode "batch" (1.0): only the first pass of a batch (reuse index 1) enters a window
-    enters = (tl.load(hyper_ptr + _WINDOW_MODE) == 0.0) | (reuse == 1)
+    # window mode "batch" (1.0): only the first step after new_batch() (reuse index 0 before it) enters a
+    # window: one statistic per rollout batch, also with passes of several mini-batches
+    enters = (tl.load(hyper_ptr + _WINDOW_MODE) == 0.0) | (tl.load(ints_ptr + _REUSE) == 0)
     count = tl.load(ints_ptr + _COUNT)
     pos = tl.load(ints_ptr + _POS)
     zero = tl.zeros_like(energy)
@@ -102,8 +110,8 @@ def _finalize(
     if STAT == 3:
         count2 = tl.load(ints_ptr + _COUNT2)
         pos2 = tl.load(ints_ptr + _POS2)
-        mean_e, std_e, z_e, full_e = _window_z(ring_ptr, count, energy, eps, WINDOW, WBLOCK)
-        mean_i, std_i, z_i, full_i = _window_z(ring_ptr + WINDOW, count2, increment, eps, WINDOW, WBLOCK)
+        mean_e, std_e, z_e, full_e = _window_z(ring_ptr, count, energy, eps, WINDOW)
+        mean_i, std_i, z_i, full_i = _window_z(ring_ptr + WINDOW, count2, increment, eps, WINDOW)
         fires = (full_e & (z_e > threshold)) | (full_i & (z_i > threshold)) | kl_over
         closed = (finite == 0) | (kl_finite == 0) | ((reuse > 1) & fires) | latched
         accept = closed == 0
@@ -128,7 +136,7 @@ def _finalize(
             stat = energy
         else:
             stat = increment
-        mean, std, z, full = _window_z(ring_ptr, count, stat, eps, WINDOW, WBLOCK)
+        mean, std, z, full = _window_z(ring_ptr, count, stat, eps, WINDOW)
         closed = (finite == 0) | (kl_finite == 0) | ((reuse > 1) & ((full & (z > threshold)) | kl_over)) | latched
         accept = closed == 0
         if STAT == 2:
@@ -182,7 +190,7 @@ def _gate_step_kernel(
     x_ptr, n_elements, partials_ptr, slot0, slots_per_tensor, n_partials, ticket_ptr, acc_ptr,
     ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
     BLOCK: tl.constexpr, PBLOCK: tl.constexpr, LAST: tl.constexpr,
-    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+    WINDOW: tl.constexpr, STAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -209,7 +217,7 @@ def _gate_step_kernel(
                 tl.store(acc_ptr + _ACC_ENERGY, energy)
             else:
                 _finalize(energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
-                          WINDOW, WBLOCK, STAT)
+                          WINDOW, STAT)
             tl.store(ticket_ptr, 0)
 
 
@@ -217,7 +225,7 @@ def _gate_step_kernel(
 def _gate_finalize_kernel(
     acc_ptr, partials_ptr, n_partials, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
     FROM_PARTIALS: tl.constexpr, PBLOCK: tl.constexpr,
-    WINDOW: tl.constexpr, WBLOCK: tl.constexpr, STAT: tl.constexpr,
+    WINDOW: tl.constexpr, STAT: tl.constexpr,
 ):
     # FROM_PARTIALS: the overlapped path, where each monitor tensor was reduced
     # separately during backward; otherwise the energy is in acc (after a collective).
@@ -226,7 +234,7 @@ def _gate_finalize_kernel(
     else:
         energy = tl.load(acc_ptr + _ACC_ENERGY)
     _finalize(energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
-              WINDOW, WBLOCK, STAT)
+              WINDOW, STAT)
 
 
 @triton.jit
@@ -396,7 +404,8 @@ class _Launch:
                     _FAST_LAUNCH = False
                     warnings.warn(f"dgg triton backend: direct kernel launch failed ({e}); using Triton's JIT launcher")
                     self.runner = None
-        kernel = self.fn[grid](*args, num_warps=num_warps)
+        # no fused multiply-adds: the finalize rounds d * d and the sum separately, as every other form does
+        kernel = self.fn[grid](*args, num_warps=num_warps, enable_fp_fusion=False)
         self.runner = _runner_of(kernel, grid)
         if self.runner is not None:
             self.key = (grid, num_warps, torch.cuda.current_device(), *map(_arg_key, args))
@@ -499,7 +508,7 @@ class TritonBackend(Backend):
                 n_partials=partials.numel(), ticket_ptr=ticket, acc_ptr=state.acc, ring_ptr=state.ring,
                 prev_ptr=state.prev, ints_ptr=state.ints, stats_ptr=state.stats, decision_ptr=state.decision,
                 hyper_ptr=state.hyper, max_reuse=config.max_reuse, BLOCK=block, PBLOCK=lay.pblock, LAST=last,
-                WINDOW=window, WBLOCK=triton.next_power_of_2(window), STAT=config.statistic_id,
+                WINDOW=window, STAT=config.statistic_id,
             )
 
     def _launch_reduce(self, grads, state: GateState, config: GateConfig, last: int) -> None:
@@ -525,7 +534,7 @@ class TritonBackend(Backend):
                 acc_ptr=state.acc, partials_ptr=partials, n_partials=partials.numel(), ring_ptr=state.ring,
                 prev_ptr=state.prev, ints_ptr=state.ints, stats_ptr=state.stats, decision_ptr=state.decision,
                 hyper_ptr=state.hyper, max_reuse=config.max_reuse, FROM_PARTIALS=from_partials, PBLOCK=lay.pblock,
-                WINDOW=window, WBLOCK=triton.next_power_of_2(window), STAT=config.statistic_id,
+                WINDOW=window, STAT=config.statistic_id,
             )
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
