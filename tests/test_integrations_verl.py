@@ -63,7 +63,7 @@ def test_settings_and_refusals(launch):
         assert "register_trainers() not exercised" not in texts[0]
 
 
-# -- the entry point, in fresh processes (no ranks: nothing here trains) ----------------------
+# -- the entry point and verl's version, in fresh processes (no ranks: nothing here trains) ----------------------
 
 ROOT = HERE.parent
 
@@ -89,3 +89,75 @@ def test_entry_point_overrides_a_yaml_dgg_section(tmp_path):
 
     dgg = OmegaConf.to_container(OmegaConf.create(run.stdout).actor_rollout_ref.actor.dgg)
     assert dgg == {"enable": True, "window": 6, "threshold": 0.5, "statistic": "norm"}, dgg
+
+
+def test_untested_verl_version_warns(tmp_path):
+    """Importing the integration under a verl version it was not tested with warns, naming both versions."""
+    run = _python(["-c", (
+        "import warnings, verl\n"
+        "verl.__version__ = '0.10.0'\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import dgg_kernels.integrations.verl\n"
+        "print('WARNINGS', [str(x.message) for x in w if 'dgg' in str(x.message)])\n"
+    )], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("WARNINGS"))
+    assert "verl 0.10.0" in line and "0.9.1" in line, line
+
+
+@pytest.mark.parametrize("renamed,script", [
+    ("FSDPEngineWithLMHead._build_model_optimizer", (
+        "from verl.workers.engine.fsdp.transformer_impl import FSDPEngine\n"
+        "FSDPEngine._build_model_and_optimizer = FSDPEngine._build_model_optimizer\n"
+        "del FSDPEngine._build_model_optimizer\n"
+        "import dgg_kernels.integrations.verl\n"
+    )),
+    ("PPOTrainerSync._init_resource_pool_mgr", (
+        "from verl.trainer.ppo.v1.trainer_base import PPOTrainer\n"
+        "PPOTrainer._init_worker_mapping = PPOTrainer._init_resource_pool_mgr\n"
+        "del PPOTrainer._init_resource_pool_mgr\n"
+        "import dgg_kernels.integrations.verl as dv\n"
+        "dv.register_trainers()\n"
+    )),
+])
+def test_missing_hook_point_fails_at_import_or_registration(tmp_path, renamed, script):
+    """A verl that renamed a method the integration overrides: importing the integration (or registering its
+    trainers) fails, naming it, instead of verl calling its own renamed method and training ungated."""
+    if "trainer" in script and importlib.util.find_spec("transfer_queue") is None:
+        pytest.skip("verl's v1 trainer needs transfer_queue (.ci/verl.sh installs it)")
+    run = _python(["-c", script + "print('NOT REFUSED')\n"], tmp_path)
+    assert run.returncode != 0 and "NOT REFUSED" not in run.stdout, f"{renamed} renamed: not refused"
+    assert renamed in run.stderr, run.stderr[-3000:]
+
+
+def test_gate_never_built_fails_loudly(launch):
+    """A gated run on a verl whose hook points moved raises instead of training as plain verl (verl_worker.py)."""
+    launch("hooks", 1, timeout=400)
+
+
+def test_unsupported_settings_refused_before_ray(launch):
+    """LoRA, fp16 with verl's scaler, non-fused optimizers: refused by the entry point's check before Ray, by the
+    same function as in the worker (verl_worker.py)."""
+    launch("refusals", 1, timeout=400)
+
+
+def test_dry_run_validates_without_ray(tmp_path):
+    """``--dry-run``: the gate's and verl's checks on the composed config, then exit; Ray is never started."""
+    import verl_cpu
+
+    example = verl_cpu.docs_example_args()
+    ok = _python(["-m", "dgg_kernels.integrations.verl", "--dry-run", *example], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "dry run" in ok.stdout and "threshold" in ok.stdout, ok.stdout[-3000:]
+    bad = _python(["-m", "dgg_kernels.integrations.verl", "--dry-run", *example, "actor_rollout_ref.model.lora_rank=8"],
+                  tmp_path)
+    assert bad.returncode != 0 and "LoRA" in bad.stdout + bad.stderr, (bad.stdout + bad.stderr)[-3000:]
+    for out in (ok, bad):
+        assert "ray.init" not in out.stdout + out.stderr and "Started a local Ray" not in out.stdout + out.stderr
+
+
+def test_defaults_said_and_metrics_documented(launch):
+    """The engine logs that it builds AdamW with fused=True over verl's default; every dgg/ metric is documented
+    (verl_worker.py)."""
+    launch("defaults", 1, timeout=400)

@@ -220,8 +220,12 @@ def save_tiny_model(path: str, seed: int = 0) -> str:
 # -- verl's configs ---------------------------------------------------------------------------------------------------
 
 def actor_config(model_path: str, *, ppo_epochs: int = 3, mini_batch: int = 4, dgg: dict | None = None,
-                 overrides: tuple[str, ...] = ()):
-    """``actor_rollout_ref`` of verl's own ppo_trainer config (Hydra, verl's YAML) for a CPU FSDP2 actor."""
+                 overrides: tuple[str, ...] = (), fused: bool | None = True):
+    """verl's own ppo_trainer config (Hydra, verl's YAML) for a CPU FSDP2 actor.
+
+    ``fused``: ``optim.override_optimizer_config.fused`` (True by default, so that plain verl runs the optimizer
+    the DGG engine runs; None leaves verl's default).
+    """
     import verl.trainer
     from hydra import compose, initialize_config_dir
 
@@ -246,7 +250,7 @@ def actor_config(model_path: str, *, ppo_epochs: int = 3, mini_batch: int = 4, d
         "actor_rollout_ref.actor.optim.lr_scheduler_type=cosine",
         "actor_rollout_ref.actor.optim.total_training_steps=10",
         "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
-        "+actor_rollout_ref.actor.optim.override_optimizer_config.fused=true",
+        *(() if fused is None else (f"+actor_rollout_ref.actor.optim.override_optimizer_config.fused={fused}".lower(),)),
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra]",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.n=1",
@@ -258,6 +262,18 @@ def actor_config(model_path: str, *, ppo_epochs: int = 3, mini_batch: int = 4, d
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=o)
     return cfg
+
+
+def docs_example_args() -> list[str]:
+    """The arguments of the ``python -m dgg_kernels.integrations.verl`` example in docs/integrations.md, as a user
+    types them (before the entry point's own rewriting)."""
+    import shlex
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "integrations.md")).read()
+    start = text.index("python -m dgg_kernels.integrations.verl \\")
+    block = text[start:text.index("```", start)]
+    return shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))[3:]
 
 
 # -- a rollout batch --------------------------------------------------------------------------------------------------

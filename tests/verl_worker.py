@@ -19,6 +19,14 @@ Cases (main = gate then open, at world size 1 and 2 in one launch):
          optimizer; max_reuse below ppo_epochs (the loop stops at max_reuse passes, the scheduler still steps
          once); prepare_config and verl's validate_config on the example of docs/integrations.md; the
          ``python -m dgg_kernels.integrations.verl`` entry point; the DGG trainers in verl's trainer registry.
+  hooks  (world size 1) a verl whose private hook points changed fails loudly instead of training ungated: an
+         initialize() that builds through a renamed method, an init_model that ignores actor_worker_cls, a gate
+         missing when training starts, a train_mini_batch that bypasses train_batch.
+  refusals (world size 1) LoRA, fp16 with verl's scaler, an optimizer without a fused step, fused=false and
+         foreach=true are refused by prepare_config (the entry point, before Ray), before it changes the config,
+         and by the worker's constructor with the same message.
+  defaults (world size 1) with verl's default optimizer settings the engine logs that it builds AdamW with
+         fused=True; every dgg/ metric of update_actor is documented in docs/integrations.md's verl section.
 """
 from __future__ import annotations
 
@@ -342,12 +350,147 @@ def config_case() -> None:
 def docs_example() -> list[str]:
     """The overrides of the ``python -m dgg_kernels.integrations.verl`` example in docs/integrations.md, as the
     module's main() hands them to Hydra."""
-    import shlex
+    return dv.hydra_overrides(verl_cpu.docs_example_args())
 
+
+# -- hooks (world size 1): a verl whose private hook points changed must not train ungated ---------------------------
+
+def hooks_case() -> None:
+    import functools
+    import inspect
+    import textwrap
+
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngine
+
+    on = {"enable": True, "window": 3}
+    failures = []  # every scenario runs, so that a failure report lists each one that trained ungated
+
+    def refused(what: str, fragment: str, fn) -> None:
+        try:
+            expect_error(RuntimeError, fragment, fn)
+        except AssertionError as e:
+            failures.append(f"{what}: {e}")
+
+    # a verl whose initialize() builds the model and optimizer through a renamed method: verl's own builder runs,
+    # DGGFSDPEngine._build_model_optimizer (where the gate is built) never does
+    saved = FSDPEngine.__dict__["initialize"], FSDPEngine.__dict__["_build_model_optimizer"]
+    source = textwrap.dedent(inspect.getsource(saved[0]))
+    assert "self._build_model_optimizer()" in source, "verl's initialize() changed: update this simulation"
+    scope: dict = {}
+    exec(source.replace("self._build_model_optimizer()", "self._build_model_and_optimizer()"),
+         vars(sys.modules[FSDPEngine.__module__]), scope)
+    FSDPEngine.initialize = scope["initialize"]
+    FSDPEngine._build_model_and_optimizer = saved[1]
+    del FSDPEngine._build_model_optimizer
+    try:
+        refused("renamed builder", "_build_model_optimizer", lambda: make_worker(on))
+    finally:
+        FSDPEngine.initialize, FSDPEngine._build_model_optimizer = saved
+        del FSDPEngine._build_model_and_optimizer
+
+    # a verl whose init_model no longer builds the actor from actor_worker_cls
+    cfg = verl_cpu.actor_config(model_path(), ppo_epochs=EPOCHS, mini_batch=MINI, dgg=on)
+    worker = dv.DGGActorRolloutRefWorker(cfg.actor_rollout_ref, role="actor")
+    worker.actor_worker_cls = dv.TrainingWorker
+    refused("actor_worker_cls ignored", "actor_worker_cls", worker.init_model)
+
+    # a gated worker whose gate is missing when training starts: refused, not run as plain verl
+    worker = make_worker(on)
+    engine = worker.actor.engine
+    dgg, engine.dgg = engine.dgg, None
+    before = snapshot(engine)
+    refused("gate missing at train_mini_batch", "never built", lambda: worker.update_actor(batch(0)))
+    if not bits_equal(before, snapshot(engine)):
+        failures.append("gate missing at train_mini_batch: the batch changed the model")
+    engine.dgg = dgg
+
+    # a verl whose train_mini_batch no longer runs the mini-batches through TrainingWorker.train_batch (the
+    # gate's loop): the gate would still step, but the rest of a closed batch would run
+    worker.actor.train_batch = functools.partial(dv.TrainingWorker.train_batch, worker.actor)
+    refused("train_batch bypassed", "train_batch", lambda: worker.update_actor(batch(1)))
+    assert not failures, "\n".join(failures)
+
+
+# -- refusals (world size 1): what the gate does not support is refused before Ray starts -------------------------
+
+def refusals_case() -> None:
+    from omegaconf import OmegaConf
+
+    path = model_path()
+    on = {"enable": True}
+    unsupported = {
+        "LoRA": ("actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.target_modules=all-linear"),
+        "fp16 with a gradient scaler": ("++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp16",),
+        "optimizer_impl=torch.optim": ("actor_rollout_ref.actor.optim.optimizer=RMSprop",),
+        "fused=True": ("++actor_rollout_ref.actor.optim.override_optimizer_config.fused=false",),
+        "remove fused/foreach": ("++actor_rollout_ref.actor.optim.override_optimizer_config.foreach=true",),
+    }
+    failures = []
+    for what, overrides in unsupported.items():
+        # the entry point's check, before ray.init: the config is refused before anything in it is changed
+        full = verl_cpu.actor_config(path, mini_batch=MINI, dgg=on, overrides=overrides + (
+            "data.train_batch_size=8", "trainer.nnodes=1"))
+        try:
+            dv.prepare_config(full)
+        except ValueError as e:
+            entry = str(e)
+        else:
+            failures.append(f"{what}: prepare_config (the entry point, before Ray) accepted it")
+            continue
+        if what not in entry:
+            failures.append(f"{what}: prepare_config refused it with {entry!r}")
+        if full.trainer.v1.trainer_mode != "sync" or OmegaConf.select(
+                full, "ray_kwargs.ray_init.runtime_env.worker_process_setup_hook") is not None:
+            failures.append(f"{what}: prepare_config changed the config before refusing it")
+        # the worker: the same check, the same message, before it builds anything
+        try:
+            dv.DGGActorRolloutRefWorker(full.actor_rollout_ref, role="actor")
+        except ValueError as e:
+            if str(e) != entry:
+                failures.append(f"{what}: the worker says {str(e)!r}, the entry point {entry!r}")
+        else:
+            failures.append(f"{what}: the worker's constructor accepted it")
+    assert not failures, "\n".join(failures)
+    # with the gate off, none of it is the gate's business
+    off = verl_cpu.actor_config(path, mini_batch=MINI, dgg={"enable": False}, overrides=unsupported["LoRA"] + (
+        "data.train_batch_size=8", "trainer.nnodes=1"))
+    dv.prepare_config(off)
+
+
+# -- defaults (world size 1): what the engine changes in verl's defaults is said, and its metrics are documented ---
+
+def defaults_case() -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(logging.INFO)
+    logger = logging.getLogger(dv.__name__)
+    logger.addHandler(handler)
+    try:
+        # verl's default optimizer settings (override_optimizer_config unset: torch's unfused AdamW)
+        cfg = verl_cpu.actor_config(model_path(), ppo_epochs=EPOCHS, mini_batch=MINI, fused=None,
+                                    dgg={"enable": True, "window": 3})
+        worker = dv.DGGActorRolloutRefWorker(cfg.actor_rollout_ref, role="actor")
+        worker.init_model()
+    finally:
+        logger.removeHandler(handler)
+    assert worker.actor.engine.optimizer.param_groups[0].get("fused") is True
+    problems = []
+    if not any("fused=True" in r.getMessage() for r in records if r.levelno >= logging.INFO):
+        problems.append(f"building AdamW with fused=True over verl's default was not logged: "
+                        f"{[r.getMessage() for r in records]}")
+    m = metrics_of(worker.update_actor(batch(0)))
     text = open(os.path.join(os.path.dirname(HERE), "docs", "integrations.md")).read()
-    start = text.index("python -m dgg_kernels.integrations.verl \\")
-    block = text[start:text.index("```", start)]
-    return dv.hydra_overrides(shlex.split(block.replace("\\\n", " ").replace("$HOME", "/home/user"))[3:])
+    section = text[text.index("## verl"):]
+    undocumented = sorted(k for k in m if k.startswith("dgg/") and f"`{k}`" not in section)
+    if undocumented:
+        problems.append(f"metrics missing from docs/integrations.md's verl section: {undocumented}")
+    assert not problems, "\n".join(problems)
 
 
 def main_case() -> None:
@@ -355,7 +498,8 @@ def main_case() -> None:
     open_case()
 
 
-CASES = {"main": main_case, "gate": gate_case, "open": open_case, "config": config_case}
+CASES = {"main": main_case, "gate": gate_case, "open": open_case, "config": config_case, "hooks": hooks_case,
+         "refusals": refusals_case, "defaults": defaults_case}
 
 if __name__ == "__main__":
     case = sys.argv[1]

@@ -23,8 +23,9 @@ change to verl:
   under its own model type, ``"dgg_language_model"``, so that only the actor
   worker that asks for it gets it (the reference model and the critic keep
   verl's engines).  It builds the optimizer with ``fused=True``
-  (``_build_optimizer``), builds the gate once the sharded model and the
-  optimizer exist (``_build_model_optimizer``) and attaches it, runs
+  (``_build_optimizer``; logged when verl's settings left it unfused), builds
+  the gate once the sharded model and the optimizer exist
+  (``_build_model_optimizer``) and attaches it, runs
   ``gate.step()`` first in ``optimizer_step()``, before verl clips (clipping
   would rescale the very surge the gate looks for), and saves/loads the gate
   with verl's checkpoints (``save_checkpoint`` / ``load_checkpoint``:
@@ -66,23 +67,46 @@ Refused, with an error that says what to do: FSDP1 (``strategy=fsdp``), the
 Megatron engine and verl's other engines (veomni, torchtitan, automodel),
 fp16 with verl's gradient scaler, LoRA (the lm_head gets no gradient), an
 optimizer that cannot skip a step on device, verl's legacy trainer
-(``trainer.use_v1=false``) and the ``separate_async`` trainer.
+(``trainer.use_v1=false``) and the ``separate_async`` trainer.  Each is
+checked by ``gate_config_from_actor``, which both the entry point (before
+``ray.init``) and the worker call; ``--dry-run`` runs the entry point's checks
+and verl's ``validate_config`` and exits without starting Ray.
+
+verl's private methods: the overrides above only work while verl calls them.
+Importing this module checks that every method it overrides exists (a
+RuntimeError names the missing ones) and warns under a verl version other
+than the tested one; a gated worker whose gate was not built, or whose
+mini-batches did not run through its loop, raises instead of training as
+plain verl.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # python -m: hand over to the importable module (which checks verl and registers), so nothing here runs twice
+    import sys
+
+    from dgg_kernels.integrations.verl import main
+
+    sys.exit(main())
+
 import dataclasses
 import functools
+import logging
 import os
 import sys
 import warnings
 from typing import Any
 
+import torch
+
 try:
     from omegaconf import DictConfig, OmegaConf, open_dict
     from tensordict import TensorDict
 
-    from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+    import verl
+    from verl.single_controller.base.decorator import MAGIC_ATTR, make_nd_compute_dataproto_dispatch_fn, register
     from verl.utils import tensordict_utils as tu
+    from verl.utils.torch_dtypes import PrecisionType
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
     from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
@@ -98,6 +122,7 @@ from .checkpoint import GATE_FILE, load_gate, save_gate
 
 __all__ = [
     "CONFIG_KEYS",
+    "TESTED_VERL_VERSIONS",
     "DGG_MODEL_TYPE",
     "DGGActorRolloutRefWorker",
     "DGGFSDPEngine",
@@ -116,6 +141,53 @@ SETUP_HOOK = "dgg_kernels.integrations.verl.ray_setup"
 _DGG_KEY = "actor_rollout_ref.actor.dgg"
 TRAINER_MODES = ("sync", "colocate_async")  # verl's v1 trainers that get a DGG variant, "dgg_<mode>"
 _FUSED_OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad")  # torch.optim classes with a fused step that honours found_inf
+DRY_RUN_FLAG = "--dry-run"
+TESTED_VERL_VERSIONS = ("0.9.1",)
+
+logger = logging.getLogger(__name__)
+
+# What this module overrides or sets on verl's classes.  They are private, so a verl release may rename them; the
+# override would then never be called and verl would train ungated without a word, hence the check at import.
+_HOOKS = (
+    (FSDPEngineWithLMHead, ("initialize", "_build_model_optimizer", "_build_optimizer", "optimizer_step",
+                            "save_checkpoint", "load_checkpoint")),
+    (TrainingWorker, ("train_mini_batch", "train_batch")),
+    (ActorRolloutRefWorker, ("init_model", "actor_worker_cls")),
+)
+
+
+def _verl_version() -> str:
+    return str(getattr(verl, "__version__", "unknown"))
+
+
+def _verl_versions() -> str:
+    return f"verl {_verl_version()}; tested with verl {', '.join(TESTED_VERL_VERSIONS)}"
+
+
+def _missing_hooks(hooks) -> None:
+    """Raise RuntimeError naming each ``(verl class, attribute)`` of ``hooks`` that verl does not have."""
+    missing = [f"{cls.__name__}.{name}" for cls, names in hooks for name in names if not hasattr(cls, name)]
+    if missing:
+        raise RuntimeError(
+            f"dgg_kernels.integrations.verl overrides {', '.join(missing)}, which this verl does not have "
+            f"({_verl_versions()}): the gate would never be built or stepped, and training would run ungated. Install "
+            f"verl=={TESTED_VERL_VERSIONS[-1]}, or port the integration to this verl's methods."
+        )
+
+
+def _check_verl() -> None:
+    """At import: warn under an untested verl version; raise when a method this module overrides is missing."""
+    if _verl_version() not in TESTED_VERL_VERSIONS:
+        warnings.warn(
+            f"dgg_kernels.integrations.verl runs under {_verl_versions()}. The verl methods it overrides exist, but if "
+            "verl changed when it calls them the gate may not run: check that actor/dgg/* metrics are logged, or run "
+            "the integration's tests against this verl (bash .ci/verl.sh)",
+            stacklevel=3,
+        )
+    _missing_hooks(_HOOKS)
+
+
+_check_verl()  # before the classes below, which read some of these hook points
 
 _STRATEGY_HELP = {
     "fsdp": (
@@ -150,13 +222,95 @@ def _get(cfg, key: str, default=None):
     return getter(key, default) if callable(getter) else getattr(cfg, key, default)
 
 
-def gate_config_from_actor(actor, dgg=None) -> GateConfig | None:
+# -- what the gate does not support: one function per rule, called on the config (gate_config_from_actor, before
+# -- Ray and in the worker) and again by the engine on what verl actually built
+
+def _refuse_strategy(strategy) -> None:
+    if strategy != "fsdp2":
+        why = _STRATEGY_HELP.get(strategy) or (
+            f"verl's {strategy!r} engine is not supported; the gate runs in verl's FSDP2 engine "
+            "(actor_rollout_ref.actor.strategy=fsdp2)."
+        )
+        raise ValueError(f"actor_rollout_ref.actor.dgg.enable=true with strategy={strategy!r}: {why}")
+
+
+def _refuse_lora(lora: bool) -> None:
+    if lora:
+        raise ValueError(
+            "the DGG engine does not support LoRA (actor_rollout_ref.model.lora_rank > 0): the lm_head is frozen and "
+            "gets no gradient for the gate to watch. Train without LoRA, or drive the gate yourself with a monitor "
+            "tensor that gets a gradient."
+        )
+
+
+def _refuse_scaler(scaled: bool) -> None:
+    refuse_grad_scaling(scaled, trainer="the DGG engine",
+                        fix="Set actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16 (or fp32).")
+
+
+def _fused_override(impl, name, override) -> dict:
+    """``override_optimizer_config`` with ``fused=True``, for an optimizer that can skip a discarded step on device.
+
+    A closed gate skips the fused step through ``found_inf``; an unfused or foreach step would still move the
+    weights (Adam's moments) on the zeroed gradient.  Anything else raises ValueError.
+    """
+    if impl != "torch.optim" or name not in _FUSED_OPTIMIZERS:
+        raise ValueError(
+            f"the DGG engine needs an optimizer that skips a discarded step on device (torch.optim "
+            f"{'/'.join(_FUSED_OPTIMIZERS)} with fused=True), got {impl}.{name}: set "
+            "actor_rollout_ref.actor.optim.optimizer_impl=torch.optim and optimizer=AdamW"
+        )
+    override = dict(_plain_optional(override))
+    if override.get("fused") is False or override.get("foreach"):
+        raise ValueError(
+            f"the DGG engine builds {name} with fused=True (a closed gate skips the fused step on device; "
+            f"a non-fused {name} still moves the weights on a zeroed gradient), but "
+            f"actor_rollout_ref.actor.optim.override_optimizer_config sets {override}: remove fused/foreach there"
+        )
+    override["fused"] = True
+    return override
+
+
+def _plain_optional(node) -> dict:
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def _fp16_params(actor) -> bool:
+    """Whether verl's FSDP engine will train ``actor`` in fp16, which is when it builds a ShardedGradScaler.
+
+    verl 0.9.1's ``FSDPEngine._build_fsdp_module``: no ``fsdp_config.mixed_precision`` means bf16; without
+    ``param_dtype`` there, bf16 too.
+    """
+    fsdp = _get(actor, "fsdp_config")
+    mixed = None if fsdp is None else _get(fsdp, "mixed_precision")
+    if mixed is None:
+        return False
+    return PrecisionType.to_dtype(_get(mixed, "param_dtype", "bf16")) == torch.float16
+
+
+def _refuse_unsupported(actor, model) -> None:
+    """The gate's refusals on verl's config: strategy, LoRA (with ``model``), fp16, the optimizer."""
+    _refuse_strategy(_get(actor, "strategy", "fsdp2"))
+    if model is not None:
+        _refuse_lora((_get(model, "lora_rank", 0) or 0) > 0)  # verl's FSDP engine: lora_rank > 0 means LoRA
+    _refuse_scaler(_fp16_params(actor))
+    optim = _get(actor, "optim")
+    if optim is not None:
+        _fused_override(_get(optim, "optimizer_impl", "torch.optim"), _get(optim, "optimizer", "AdamW"),
+                        _get(optim, "override_optimizer_config"))
+
+
+def gate_config_from_actor(actor, dgg=None, *, model=None) -> GateConfig | None:
     """The gate's settings from verl's actor config (``actor_rollout_ref.actor``), or None when the gate is off.
 
     ``dgg``: the ``dgg`` section when it was already taken out of ``actor`` (default: ``actor.dgg``).  Keys:
     ``enable`` (default false) and GateConfig's fields (window, threshold, statistic, max_reuse, window_mode,
-    eps, backend); ``max_reuse`` defaults to ``ppo_epochs``.  Unknown keys, a bad value, and a strategy the gate
-    does not support raise ValueError.
+    eps, backend); ``max_reuse`` defaults to ``ppo_epochs``.  ``model``: ``actor_rollout_ref.model``, for the LoRA
+    refusal.  Unknown keys, a bad value, and what the gate does not support (a strategy other than fsdp2, LoRA,
+    fp16 with verl's gradient scaler, an optimizer without a fused step) raise ValueError.  The entry point calls
+    it before Ray starts and the worker again when it is built.
     """
     section = _plain(_get(actor, "dgg") if dgg is None else dgg)
     enable = section.get("enable", False)
@@ -173,13 +327,7 @@ def gate_config_from_actor(actor, dgg=None) -> GateConfig | None:
         )
     if not enable:
         return None
-    strategy = _get(actor, "strategy", "fsdp2")
-    if strategy != "fsdp2":
-        why = _STRATEGY_HELP.get(strategy) or (
-            f"verl's {strategy!r} engine is not supported; the gate runs in verl's FSDP2 engine "
-            "(actor_rollout_ref.actor.strategy=fsdp2)."
-        )
-        raise ValueError(f"actor_rollout_ref.actor.dgg.enable=true with strategy={strategy!r}: {why}")
+    _refuse_unsupported(actor, model)
     epochs = _get(actor, "ppo_epochs")
     if isinstance(epochs, int) and config.max_reuse > epochs:
         warnings.warn(
@@ -230,40 +378,43 @@ class DGGFSDPEngine(FSDPEngineWithLMHead):
         from verl.workers.config.optimizer import build_optimizer
 
         cfg = self.optimizer_config
-        name, impl = cfg.optimizer, cfg.optimizer_impl
-        if impl != "torch.optim" or name not in _FUSED_OPTIMIZERS:
-            raise ValueError(
-                f"the DGG engine needs an optimizer that skips a discarded step on device (torch.optim "
-                f"{'/'.join(_FUSED_OPTIMIZERS)} with fused=True), got {impl}.{name}: set "
-                "actor_rollout_ref.actor.optim.optimizer_impl=torch.optim and optimizer=AdamW"
+        override = _fused_override(cfg.optimizer_impl, cfg.optimizer, cfg.override_optimizer_config)
+        if "fused" not in _plain_optional(cfg.override_optimizer_config):
+            # verl leaves fused unset (torch's default: an unfused AdamW), so this run's updates differ from plain
+            # verl's by rounding: say so, since an observer run (threshold=inf) is meant to match plain verl
+            logger.warning(
+                "the DGG engine builds %s with fused=True (a closed gate skips the fused step on device); verl's "
+                "default is torch's unfused %s. Updates therefore differ from a plain verl run with default settings "
+                "by float rounding (a few 1e-6 in the parameters after one rollout batch of the tests' model); set "
+                "actor_rollout_ref.actor.optim.override_optimizer_config.fused=true to run plain verl the same way and "
+                "to silence this message", cfg.optimizer, cfg.optimizer,
             )
-        override = dict(cfg.override_optimizer_config or {})
-        if override.get("fused") is False or override.get("foreach"):
-            raise ValueError(
-                f"the DGG engine builds {name} with fused=True (a closed gate skips the fused step on device; "
-                f"a non-fused {name} still moves the weights on a zeroed gradient), but "
-                f"actor_rollout_ref.actor.optim.override_optimizer_config sets {override}: remove fused/foreach there"
-            )
-        override["fused"] = True
         return build_optimizer(module.parameters(), dataclasses.replace(cfg, override_optimizer_config=override))
 
     def _build_model_optimizer(self):
-        if self._gated and self._is_lora:
-            raise ValueError(
-                "the DGG engine does not support LoRA (model.lora_rank > 0): the lm_head is frozen and gets no "
-                "gradient for the gate to watch. Train without LoRA, or drive the gate yourself with a monitor "
-                "tensor that gets a gradient."
-            )
+        if self._gated:
+            _refuse_lora(self._is_lora)
         super()._build_model_optimizer()
         if not self._gated or self.optimizer is None:
             return
-        refuse_grad_scaling(  # verl builds a ShardedGradScaler exactly when param_dtype is fp16
-            self.scaler is not None, trainer="the DGG engine",
-            fix="Set actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16 (or fp32).",
-        )
+        _refuse_scaler(self.scaler is not None)  # what verl built: its ShardedGradScaler
         # after fully_shard: the lm_head weight is a DTensor and the gate combines the ranks' shards over its mesh
         self.dgg = GateBinding(self.module, self.gate_config, trainer="the DGG engine")
         self.dgg.attach(self.optimizer)
+
+    def initialize(self):
+        super().initialize()
+        self._require_gate()
+
+    def _require_gate(self) -> None:
+        """Raise when this engine should gate and has no gate (training would run as plain verl)."""
+        if self._gated and self.dgg is None:
+            raise RuntimeError(
+                "the DGG engine has gate settings but its gate was never built: it is built in "
+                "DGGFSDPEngine._build_model_optimizer, which verl's FSDPEngine.initialize() did not call "
+                f"({_verl_versions()}). Training would run ungated: install verl=={TESTED_VERL_VERSIONS[-1]}, or port "
+                "the integration to where this verl builds its model and optimizer."
+            )
 
     def optimizer_step(self):
         if self.dgg is not None:
@@ -350,10 +501,7 @@ class DGGTrainingWorker(TrainingWorker):
             return
         if not isinstance(gate_config, GateConfig):
             raise TypeError(f"gate_config must be a GateConfig, got {type(gate_config).__name__}")
-        strategy = _get(config.engine_config, "strategy")
-        if strategy != "fsdp2":
-            raise ValueError(f"the gate runs in verl's FSDP2 engine only (strategy={strategy!r}): "
-                             + _STRATEGY_HELP.get(strategy, "set actor_rollout_ref.actor.strategy=fsdp2"))
+        _refuse_strategy(_get(config.engine_config, "strategy"))
         if config.model_type not in (None, "language_model"):
             raise ValueError(f"the gate watches a language model's lm_head; got model_type={config.model_type!r}")
         super().__init__(dataclasses.replace(config, model_type=DGG_MODEL_TYPE))
@@ -369,16 +517,27 @@ class DGGTrainingWorker(TrainingWorker):
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_mini_batch(self, data: TensorDict) -> TensorDict:
+        if isinstance(self.engine, DGGFSDPEngine):
+            self.engine._require_gate()  # gate settings without a gate: refuse rather than run plain verl
         dgg = getattr(self.engine, "dgg", None)
         if dgg is None:
             return super().train_mini_batch(data)
-        run = _BatchRun(dgg, _steps_per_pass(self, data))
+        per_pass = _steps_per_pass(self, data)
+        expected = per_pass * tu.get(data, "epochs", 1)  # read before verl's loop pops it
+        run = _BatchRun(dgg, per_pass)
         dgg.new_batch()
         self._dgg_run = run
         try:
             output = super().train_mini_batch(data)
         finally:
             self._dgg_run = None
+        if run.index != expected:
+            # the loop decides in train_batch; a verl whose loop no longer calls it runs every mini-batch
+            raise RuntimeError(
+                f"verl's TrainingWorker.train_mini_batch passed {run.index} of the batch's {expected} mini-batches "
+                f"through train_batch, where the gate decides which of them run ({_verl_versions()}): a closed batch's "
+                "remaining mini-batches would run. Install the tested verl, or port the integration."
+            )
         if output is None:  # a rank that returns no outputs
             return None
         metrics = dict(tu.get(output, "metrics"))
@@ -407,11 +566,21 @@ class DGGActorRolloutRefWorker(ActorRolloutRefWorker):
         section = _take_dgg(config)
         gate_config = None
         if "actor" in str(role):
-            gate_config = gate_config_from_actor(config.actor, section)
+            gate_config = gate_config_from_actor(config.actor, section, model=_get(config, "model"))
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
         self.gate_config = gate_config
         if gate_config is not None:
             self.actor_worker_cls = functools.partial(DGGTrainingWorker, gate_config=gate_config)
+
+    @register(**getattr(ActorRolloutRefWorker.init_model, MAGIC_ATTR))  # verl's dispatch settings, as they are
+    def init_model(self):
+        super().init_model()
+        if self.gate_config is not None and not isinstance(self.actor, DGGTrainingWorker):
+            raise RuntimeError(
+                f"verl's ActorRolloutRefWorker.init_model built the actor as {type(self.actor).__name__}, not from "
+                f"actor_worker_cls (DGGTrainingWorker), so it would train ungated ({_verl_versions()}). Install the "
+                "tested verl, or port the integration."
+            )
 
 
 # -- registrations ------------------------------------------------------------------------------------------------
@@ -439,21 +608,28 @@ def register_trainers() -> dict[str, type]:
     from verl.trainer.ppo.v1 import get_trainer_cls, register_trainer
 
     roles = tuple(getattr(Role, n) for n in ("ActorRollout", "ActorRolloutRef", "Actor") if hasattr(Role, n))
+    bases = {mode: get_trainer_cls(mode) for mode in TRAINER_MODES}
+    _missing_hooks([(base, ("_init_resource_pool_mgr",)) for base in bases.values()])
 
     def with_dgg_worker(base):
         class Trainer(base):
             def _init_resource_pool_mgr(self):
                 super()._init_resource_pool_mgr()  # verl maps the actor roles to ActorRolloutRefWorker here
-                for role in roles:
-                    if role in self.role_worker_mapping:
-                        self.role_worker_mapping[role] = ray.remote(DGGActorRolloutRefWorker)
+                mapped = [role for role in roles if role in self.role_worker_mapping]
+                if not mapped:  # verl renamed the roles or the mapping: the actor would get verl's own worker
+                    raise RuntimeError(
+                        f"verl's {base.__name__}._init_resource_pool_mgr mapped none of {[str(r) for r in roles]} "
+                        f"to a worker ({_verl_versions()}): cannot give the actor the DGG worker"
+                    )
+                for role in mapped:
+                    self.role_worker_mapping[role] = ray.remote(DGGActorRolloutRefWorker)
 
         Trainer.__name__ = Trainer.__qualname__ = f"DGG{base.__name__}"
         Trainer.__doc__ = f"verl's {base.__name__} whose actor worker is DGGActorRolloutRefWorker."
         return Trainer
 
-    for mode in TRAINER_MODES:
-        _TRAINERS[f"dgg_{mode}"] = register_trainer(f"dgg_{mode}")(with_dgg_worker(get_trainer_cls(mode)))
+    for mode, base in bases.items():
+        _TRAINERS[f"dgg_{mode}"] = register_trainer(f"dgg_{mode}")(with_dgg_worker(base))
     return dict(_TRAINERS)
 
 
@@ -474,9 +650,14 @@ def prepare_config(config) -> Any:
     With ``actor_rollout_ref.actor.dgg.enable=true``: selects the DGG trainer for ``trainer.v1.trainer_mode`` and
     adds ``ray_setup`` as Ray's worker_process_setup_hook.  The ``dgg`` section stays in ``config`` (the worker
     takes it out); the returned copy has none, for ``verl.utils.config.validate_config``, whose ActorConfig has no
-    such field.  Raises ValueError for what the gate does not support.
+    such field.  Raises ValueError for what the gate does not support (``gate_config_from_actor``, the check the
+    worker runs), before it changes ``config``.
     """
-    gate_config = gate_config_from_actor(config.actor_rollout_ref.actor)
+    return _prepare(config)[0]
+
+
+def _prepare(config) -> tuple[Any, GateConfig | None]:
+    gate_config = gate_config_from_actor(config.actor_rollout_ref.actor, model=config.actor_rollout_ref.get("model"))
     if gate_config is not None:
         if not _get(config.trainer, "use_v1", True):
             raise ValueError("the gate runs with verl's v1 trainer: set trainer.use_v1=true (verl 0.9's default)")
@@ -499,19 +680,26 @@ def prepare_config(config) -> Any:
             env.worker_process_setup_hook = SETUP_HOOK
     checked = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     _take_dgg(checked.actor_rollout_ref)
-    return checked
+    return checked, gate_config
 
 
-def _run(config) -> None:
+def _run(config, dry_run: bool = False) -> None:
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)
-    checked = prepare_config(config)
+    checked, gate_config = _prepare(config)
     validate_config(config=checked, use_reference_policy=need_reference_policy(checked),
                     use_critic=need_critic(checked))
+    if gate_config is not None:
+        ray_setup()  # the registrations here too: a verl whose trainers changed fails before Ray starts
+    if dry_run:
+        mode = OmegaConf.select(config, "trainer.v1.trainer_mode")
+        print(f"dry run: the config passed the gate's checks and verl's validate_config (gate: {gate_config}, "
+              f"trainer.v1.trainer_mode={mode}); Ray was not started", flush=True)
+        return
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
 
@@ -528,23 +716,24 @@ def hydra_overrides(argv) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dgg_kernels.integrations.verl [hydra overrides]``: verl's PPO trainer with the gate.
+    """``python -m dgg_kernels.integrations.verl [--dry-run] [hydra overrides]``: verl's PPO trainer with the gate.
 
     Takes verl's overrides (and Hydra's ``--config-path``/``--config-name``); ``actor_rollout_ref.actor.dgg.<key>
-    =...`` is accepted with or without Hydra's leading ``+``.
+    =...`` is accepted with or without Hydra's leading ``+``.  ``--dry-run``: compose the config, run the gate's
+    checks and verl's ``validate_config``, print the result and exit without starting Ray.
     """
     import hydra
     import verl.trainer
 
-    sys.argv = [sys.argv[0], *hydra_overrides(sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    dry_run = DRY_RUN_FLAG in args
+    sys.argv = [sys.argv[0], *hydra_overrides([a for a in args if a != DRY_RUN_FLAG])]
     config_dir = os.path.join(os.path.dirname(verl.trainer.__file__), "config")
-    hydra.main(config_path=config_dir, config_name="ppo_trainer", version_base=None)(_run)()
+
+    def task(config) -> None:
+        _run(config, dry_run=dry_run)
+
+    hydra.main(config_path=config_dir, config_name="ppo_trainer", version_base=None)(task)()
 
 
-if __name__ == "__main__":
-    # run as a script, this file is module __main__: hand over to the importable module, which registers
-    from dgg_kernels.integrations.verl import main as _main
-
-    _main()
-else:
-    _register_engine()
+_register_engine()
