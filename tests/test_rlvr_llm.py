@@ -44,3 +44,71 @@ def test_one_smollm2_unit_runs_through_the_gate():
     assert all(p["head_grad_norm"] >= 0 and p["head_rel_dw"] >= 0 for p in batch["passes"])
     assert "probe_after" in batch["passes"][1] and len(out["curve"]) == 2
     assert out["recorder_n_batches"] == 1
+
+
+ana = load_module(Path(__file__).resolve().parents[1] / "benchmarks" / "rlvr" / "llm_analysis.py", "rlvr_llm_analysis")
+
+
+def _unit(arm, seed, K, curve, hurt_when=lambda k, b: False, signal_when_hurt=5.0, closes=()):
+    batches = []
+    probe = 0.5
+    for b in range(len(curve) - 1):
+        passes = []
+        for k in range(1, K + 1):
+            closed = (b, k) in closes
+            hurt = hurt_when(k, b)
+            after = probe - 0.1 if hurt else probe + 0.01
+            row = dict(pass_=k, closed=closed, loss=0.0, kl_k3=0.01 * k, clipfrac=0.1, grad_norm=1.0,
+                       head_grad_norm=1.0, head_share=0.5, z=signal_when_hurt if hurt else 0.0, z_energy=0.0,
+                       z_increment=0.0, energy=1.0, head_rel_dw=1e-3, body_rel_dw=2e-3, zero_grad=False)
+            if not closed and arm.startswith("k"):
+                row.update(probe_before=probe, probe_after=after)
+                probe = after
+            passes.append(row)
+            if closed:
+                break
+        batches.append(dict(batch=b, applied_passes=sum(not p["closed"] for p in passes), passes=passes,
+                            eval_acc=curve[b + 1]))
+    return dict(arm=arm, seed=seed, curve=curve, batches=batches, seconds=1.0, head_rel_dw_total=0.1,
+                body_rel_dw_total=0.2)
+
+
+def test_auroc_is_mann_whitney_with_ties():
+    import itertools
+    scores, labels = [0.1, 0.4, 0.4, 0.8, 0.2, 0.4], [False, True, False, True, False, True]
+    pairs = [(p, n) for p, n in itertools.product([s for s, y in zip(scores, labels) if y],
+                                                  [s for s, y in zip(scores, labels) if not y])]
+    want = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert ana.auroc(scores, labels) == pytest.approx(want)
+    assert ana.auroc([1.0, 2.0], [False, False]) is None
+
+
+def test_a_signal_that_fires_exactly_on_hurt_passes_knows_and_the_pass_index_does_not():
+    hurt = lambda k, b: (k + b) % 3 == 0  # noqa: E731 - hurt passes spread over pass indices
+    units = [_unit("k4", s, 4, [0.2] * 11, hurt_when=hurt) for s in range(3)]
+    res = ana.analyse(units)
+    sig = res["auroc"]["signals"]
+    assert sig["z"]["auroc"] == 1.0 and sig["z"]["knows"]
+    assert not sig["energy"]["knows"]  # a constant cannot know
+    assert res["auroc"]["n_passes"] == 3 * 10 * 3  # passes 2..4 of 10 batches, 3 seeds
+
+
+def test_adaptive_arms_against_controls_and_leave_one_seed_out_best_fixed_k():
+    units = []
+    for s in range(3):
+        units.append(_unit("k1", s, 1, [0.2, 0.3, 0.4]))
+        # k4 is better on seeds 0 and 1, worse on seed 2: left out, seed 2's best fixed K is still k4
+        units.append(_unit("k4", s, 4, [0.2, 0.5, 0.6] if s < 2 else [0.2, 0.3, 0.3]))
+        units.append(_unit("dgg4", s, 4, [0.2, 0.4, 0.5], closes={(0, 2)}))
+        units.append(_unit("rep:dgg4", s, 4, [0.2, 0.35, 0.45]))
+    res = ana.analyse(units)
+    d = res["adaptive"]["dgg4"]
+    # final accuracy = mean of the last 3 evaluations: dgg4 0.3667, its replay 0.3333 on every seed
+    assert d["minus_rep"]["final"]["diffs"] == pytest.approx([0.1 / 3] * 3)
+    assert d["minus_rep"]["final"]["ci95"] is not None
+    # seed 2 held out: k4 is best on seeds 0-1 (0.433 vs k1's 0.3), though worst on seed 2 itself
+    assert d["minus_best_fixed_loso"][2] == {"best_fixed": "k4", "diff": pytest.approx(1.1 / 3 - 0.8 / 3)}
+    assert res["arms"]["dgg4"]["closed_batches"] == {0: 1, 1: 1, 2: 1}
+    assert res["arms"]["dgg4"]["mean_applied_passes"][0] == pytest.approx((1 + 4) / 2)
+    md = ana.markdown(res)
+    assert "dgg4: final accuracy minus its replay control" in md

@@ -203,16 +203,33 @@ class Settings:
 def parse_arm(spec: str) -> dict:
     """k<K>: fixed K passes; dgg<K>: the paper's rule (energy+increment, threshold from the plan);
     kl<K>: the gate's KL stop (target 0.01, factor 1.5: stable-baselines3's rule), threshold inf.
-    (The plan's replay and cap controls are not implemented yet.)"""
+    Controls of an adaptive arm A on the same seed (A's unit must have run): rep:A replays A's per-batch
+    numbers of applied passes, permuted over the batches (seed 40000 + seed); cap:A runs every batch with
+    A's mean applied passes, rounded.  Both apply every pass they run (an observer gate, no stop rule)."""
+    m = re.fullmatch(r"(rep|cap):((?:dgg|kl)\d+)", spec)
+    if m is not None:
+        return {"kind": m.group(1), "source": m.group(2), "K": parse_arm(m.group(2))["K"]}
     m = re.fullmatch(r"(k|dgg|kl)(\d+)", spec)
     if m is None:
-        raise ValueError(f"unknown arm {spec!r}: k<K>, dgg<K> or kl<K>")
+        raise ValueError(f"unknown arm {spec!r}: k<K>, dgg<K>, kl<K>, rep:<dgg|kl><K> or cap:<dgg|kl><K>")
     return {"kind": m.group(1), "K": int(m.group(2))}
 
 
-def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print) -> dict:
+def control_caps(kind: str, source: dict, seed: int) -> list[int]:
+    """Per-batch pass caps of a control from its source unit's JSON (``source``: the loaded dict)."""
+    applied = [b["applied_passes"] for b in source["batches"]]
+    if kind == "cap":
+        return [max(1, int(math.floor(sum(applied) / len(applied) + 0.5)))] * len(applied)
+    perm = torch.randperm(len(applied), generator=torch.Generator().manual_seed(40000 + seed)).tolist()
+    return [applied[i] for i in perm]
+
+
+def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps: list[int] | None = None) -> dict:
+    """One arm on one seed.  ``caps``: a control's per-batch numbers of passes (control_caps)."""
     arm = parse_arm(spec)
     K = arm["K"]
+    if (caps is None) != (arm["kind"] not in ("rep", "cap")):
+        raise ValueError(f"{spec}: caps are given exactly for the rep:/cap: controls")
     torch.manual_seed(seed)
     model, tok = load_model()
     model.train()
@@ -294,7 +311,7 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print) -> d
                 probe_prev = row["probe_after"]
                 model.train()
             passes.append(row)
-            if gate.should_stop():
+            if gate.should_stop() or (caps is not None and k >= caps[b]):
                 break
         acc = accuracy(model, tok, task, task.eval_pairs, st.max_new)
         curve.append(acc)
@@ -306,7 +323,7 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print) -> d
     head_total = float((lm_head.detach() - w0_head).norm() / w0_head.norm())
     num = sum(float(((p.detach() - q) ** 2).sum()) for p, q in zip(body, w0_body))
     body_total = math.sqrt(num / sum(float((q ** 2).sum()) for q in w0_body))
-    return dict(arm=spec, seed=seed, settings=vars(st), curve=curve, batches=batches,
+    return dict(arm=spec, seed=seed, settings=vars(st), curve=curve, batches=batches, caps=caps,
                 head_rel_dw_total=head_total, body_rel_dw_total=body_total,
                 recorder_n_batches=rec.n_batches, seconds=time.perf_counter() - t0)
 
@@ -345,11 +362,19 @@ def main(argv=None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in a.seeds.split(",")]:
         for spec in a.arms.split(","):
-            path = outdir / f"{spec}_s{seed}.json"
+            path = outdir / f"{spec.replace(':', '-')}_s{seed}.json"
             if path.exists():
                 print(f"{path} exists: skipped")
                 continue
-            res = run_unit(spec, seed, st, task)
+            caps = None
+            arm = parse_arm(spec)
+            if arm["kind"] in ("rep", "cap"):
+                src = outdir / f"{arm['source']}_s{seed}.json"
+                if not src.exists():
+                    print(f"{spec} s{seed}: {src} has not run yet: skipped")
+                    continue
+                caps = control_caps(arm["kind"], json.loads(src.read_text()), seed)
+            res = run_unit(spec, seed, st, task, caps=caps)
             res["meta"] = meta()
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1))

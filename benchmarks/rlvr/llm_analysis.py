@@ -1,0 +1,282 @@
+"""The SmolLM2 study's analysis, read against benchmarks/rlvr/llm_plan.md: every figure from the unit JSONs.
+
+    python benchmarks/rlvr/llm_analysis.py [--units benchmarks/results/llm_study] [--out benchmarks/results/llm_study]
+
+Writes <out>.json (every figure) and <out>.md (the verdict first, then the tables); <out>_accuracy.png when
+matplotlib is installed.  Only units that finished are read; what is missing is listed, not guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+SIGNALS = ("z", "z_energy", "z_increment", "energy", "increment", "head_grad_norm", "grad_norm", "head_share",
+           "kl_k3", "clipfrac", "pass_")  # pass_: the pass index itself, the baseline every signal must beat
+N_BOOT = 2000
+LAST = 3  # final accuracy: mean of the last LAST evaluations
+
+
+def load_units(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*_s*.json"))]
+
+
+def final_acc(u: dict) -> float:
+    return statistics.fmean(u["curve"][-LAST:])
+
+
+def auc(u: dict) -> float:
+    return statistics.fmean(u["curve"])
+
+
+def mean_applied(u: dict) -> float:
+    return statistics.fmean(b["applied_passes"] for b in u["batches"])
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney); None without both."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(r for r, y in zip(ranks, labels) if y)
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False) -> list[tuple]:
+    """(cluster, row, hurt) for every applied pass with a probe measurement; cluster = (arm, seed, batch)."""
+    out = []
+    for u in units:
+        prev_energy = None
+        for b in u["batches"]:
+            for p in b["passes"]:
+                row = dict(p)
+                row["increment"] = p["energy"] - prev_energy if prev_energy is not None else 0.0
+                if not p["closed"]:
+                    prev_energy = p["energy"]
+                if "probe_after" not in p or p["pass_"] < min_pass or (drop_zero_grad and p.get("zero_grad")):
+                    continue
+                out.append(((u["arm"], u["seed"], b["batch"]), row, p["probe_after"] < p["probe_before"]))
+    return out
+
+
+def auroc_table(rows: list[tuple], seed: int = 0) -> dict:
+    """Per signal: AUROC for "the pass hurt" and a 95% bootstrap CI resampling batches (clusters)."""
+    labels = [h for _, _, h in rows]
+    clusters: dict = {}
+    for i, (c, _, _) in enumerate(rows):
+        clusters.setdefault(c, []).append(i)
+    keys = list(clusters)
+    rng = random.Random(seed)
+    table = {"n_passes": len(rows), "n_hurt": sum(labels), "n_batches": len(keys), "signals": {}}
+    for sig in SIGNALS:
+        scores = [float(r[sig]) for _, r, _ in rows]
+        point = auroc(scores, labels)
+        boots = []
+        for _ in range(N_BOOT if point is not None else 0):
+            idx = [i for k in (rng.choice(keys) for _ in keys) for i in clusters[k]]
+            a = auroc([scores[i] for i in idx], [labels[i] for i in idx])
+            if a is not None:
+                boots.append(a)
+        boots.sort()
+        ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 40 else None
+        table["signals"][sig] = {"auroc": point, "ci95": ci,
+                                 "knows": ci is not None and (ci[0] > 0.5 or ci[1] < 0.5)}
+    return table
+
+
+def paired(xs: dict, ys: dict) -> dict:
+    """x - y over the seeds both have: per seed, mean, and a t-interval (95%) when there are >= 2 seeds."""
+    seeds = sorted(set(xs) & set(ys))
+    d = [xs[s] - ys[s] for s in seeds]
+    out = {"seeds": seeds, "diffs": d, "mean": statistics.fmean(d) if d else None, "ci95": None}
+    if len(d) >= 2:
+        t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(d), 2.0)
+        half = t * statistics.stdev(d) / math.sqrt(len(d))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def analyse(units: list[dict]) -> dict:
+    by = {}
+    for u in units:
+        by.setdefault(u["arm"], {})[u["seed"]] = u
+    arms = {}
+    for arm, seeds in sorted(by.items()):
+        arms[arm] = {
+            "seeds": sorted(seeds),
+            "final": {s: final_acc(u) for s, u in seeds.items()},
+            "auc": {s: auc(u) for s, u in seeds.items()},
+            "mean_applied_passes": {s: mean_applied(u) for s, u in seeds.items()},
+            "start": {s: u["curve"][0] for s, u in seeds.items()},
+            "wall_s": {s: u["seconds"] for s, u in seeds.items()},
+            "head_rel_dw_total": {s: u["head_rel_dw_total"] for s, u in seeds.items()},
+            "body_rel_dw_total": {s: u["body_rel_dw_total"] for s, u in seeds.items()},
+            "zero_grad_steps": {s: sum(p.get("zero_grad", False) for b in u["batches"] for p in b["passes"])
+                                for s, u in seeds.items()},
+            "closed_batches": {s: sum(any(p["closed"] for p in b["passes"]) for b in u["batches"])
+                               for s, u in seeds.items()},
+        }
+    fixed = sorted((a for a in arms if a.startswith("k")), key=lambda a: int(a[1:]))
+    out = {"arms": arms, "fixed": fixed}
+    # 1. does reuse harm, from which K
+    if "k1" in arms:
+        out["reuse_vs_k1"] = {a: {"final": paired(arms[a]["final"], arms["k1"]["final"]),
+                                  "auc": paired(arms[a]["auc"], arms["k1"]["auc"])} for a in fixed if a != "k1"}
+    # DWD: per pass index, the lm_head's relative weight change over the rest's (median over batches)
+    dwd = {}
+    for u in units:
+        if u["arm"] not in fixed:
+            continue
+        for b in u["batches"]:
+            for p in b["passes"]:
+                if not p["closed"] and p["body_rel_dw"] > 0:
+                    dwd.setdefault(p["pass_"], []).append(p["head_rel_dw"] / p["body_rel_dw"])
+    out["dwd_head_over_body_by_pass"] = {k: statistics.median(v) for k, v in sorted(dwd.items())}
+    # 2. threshold-free knowing: AUROCs over the fixed arms' passes >= 2
+    fixed_units = [u for u in units if u["arm"] in fixed]
+    out["auroc"] = auroc_table(pass_rows(fixed_units))
+    out["auroc_without_zero_grad"] = auroc_table(pass_rows(fixed_units, drop_zero_grad=True))
+    out["auroc_all_passes"] = auroc_table(pass_rows(fixed_units, min_pass=1))
+    # 3. adaptive arms against their controls and the best fixed K (chosen leave-one-seed-out)
+    adaptive = [a for a in arms if a.startswith(("dgg", "kl"))]
+    cmp = {}
+    for a in adaptive:
+        c = {}
+        for ctl in ("rep", "cap"):
+            name = f"{ctl}:{a}"
+            if name in arms:
+                c[f"minus_{ctl}"] = {"final": paired(arms[a]["final"], arms[name]["final"]),
+                                     "auc": paired(arms[a]["auc"], arms[name]["auc"])}
+        loso = {}
+        for s in arms[a]["seeds"]:
+            others = {k: [arms[k]["final"][t] for t in arms[k]["seeds"] if t != s] for k in fixed}
+            others = {k: v for k, v in others.items() if v and s in arms[k]["final"]}
+            if others:
+                best = max(others, key=lambda k: statistics.fmean(others[k]))
+                loso[s] = {"best_fixed": best, "diff": arms[a]["final"][s] - arms[best]["final"][s]}
+        c["minus_best_fixed_loso"] = loso
+        cmp[a] = c
+    out["adaptive"] = cmp
+    return out
+
+
+def _f(x, nd=3):
+    return "n/a" if x is None else f"{x:+.{nd}f}" if isinstance(x, float) and x < 0 else f"{x:.{nd}f}"
+
+
+def verdict(res: dict) -> list[str]:
+    lines = []
+    seeds = sorted({s for a in res["arms"].values() for s in a["seeds"]})
+    lines.append(f"Units read: {sum(len(a['seeds']) for a in res['arms'].values())} "
+                 f"({', '.join(sorted(res['arms']))}), seeds {seeds}. The plan asks for 3 seeds of every arm "
+                 "and its controls; whatever is missing below is not yet measured.")
+    t = res["auroc"]
+    knowing = [s for s, v in t["signals"].items() if v["knows"] and s != "pass_"]
+    if t["n_passes"] == 0 or t["n_hurt"] == 0:
+        lines.append("Does any signal know when a pass hurts? Not measured yet (no fixed-K pass >= 2 with a "
+                     "probe measurement, or none hurt).")
+    elif knowing:
+        lines.append(f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
+                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(knowing)}; "
+                     f"the pass index alone: {_f(t['signals']['pass_']['auroc'])}.")
+    else:
+        lines.append(f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
+                     f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
+    ad = res["adaptive"]
+    if not ad:
+        lines.append("Does any stop rule beat its replay control and the best fixed K? Not measured yet.")
+    for a, c in ad.items():
+        rep = c.get("minus_rep", {}).get("final")
+        lo = [v["diff"] for v in c["minus_best_fixed_loso"].values()]
+        lines.append(f"{a}: final accuracy minus its replay control "
+                     f"{_f(rep['mean']) if rep else 'not measured yet'}"
+                     f"{' (95% CI ' + _f(rep['ci95'][0]) + '..' + _f(rep['ci95'][1]) + ')' if rep and rep['ci95'] else ''}"
+                     f"; minus the best fixed K chosen leave-one-seed-out "
+                     f"{_f(statistics.fmean(lo)) if lo else 'not measured yet'}.")
+    return lines
+
+
+def markdown(res: dict) -> str:
+    out = ["# The SmolLM2-135M-Instruct study (GRPO on CPU, two-digit addition)", "",
+           "Read against benchmarks/rlvr/llm_plan.md. Every figure comes from the unit JSONs in "
+           "benchmarks/results/llm_study/ (llm_study.json holds them all).", ""]
+    out += [f"- {line}" for line in verdict(res)] + [""]
+    out += ["## Arms", "", "| arm | seeds | start | final (mean of last 3) | AUC | applied passes / batch | "
+            "closed batches | zero-gradient steps | lm_head / rest weight change, whole run | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for a, v in res["arms"].items():
+        def m(d):
+            return statistics.fmean(d.values()) if d else None
+        ratio = m({s: v["head_rel_dw_total"][s] / v["body_rel_dw_total"][s] for s in v["seeds"]})
+        out.append(f"| {a} | {v['seeds']} | {_f(m(v['start']))} | {_f(m(v['final']))} | {_f(m(v['auc']))} | "
+                   f"{_f(m(v['mean_applied_passes']), 2)} | {sum(v['closed_batches'].values())} | "
+                   f"{sum(v['zero_grad_steps'].values())} | {_f(ratio, 2)} | {m(v['wall_s']):.0f} |")
+    if res.get("reuse_vs_k1"):
+        out += ["", "## Reuse against K=1 (paired by seed)", "", "| arm | final minus K=1 | AUC minus K=1 | seeds |",
+                "|---|---|---|---|"]
+        for a, v in res["reuse_vs_k1"].items():
+            out.append(f"| {a} | {_f(v['final']['mean'])} | {_f(v['auc']['mean'])} | {v['final']['seeds']} |")
+    out += ["", "## DWD: the lm_head's relative weight change over the rest's, per pass (median)", "",
+            " ".join(f"pass {k}: {v:.2f};" for k, v in res["dwd_head_over_body_by_pass"].items()) or "not measured", ""]
+    for key, title in (("auroc", "passes >= 2"), ("auroc_without_zero_grad", "passes >= 2, zero-gradient steps left out"),
+                       ("auroc_all_passes", "every pass")):
+        t = res[key]
+        out += [f"## AUROC for \"this pass lowered the probe accuracy\" ({title})", "",
+                f"{t['n_passes']} passes, {t['n_hurt']} hurt, {t['n_batches']} batches (the bootstrap resamples "
+                "batches).", "", "| signal | AUROC | 95% CI |", "|---|---|---|"]
+        for s, v in t["signals"].items():
+            ci = f"{v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}" if v["ci95"] else "n/a"
+            out.append(f"| {s} | {_f(v['auroc'], 2)} | {ci} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def plot(units: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for u in units:
+        ax.plot(range(len(u["curve"])), u["curve"], label=f"{u['arm']} s{u['seed']}")
+    ax.set_xlabel("rollout batches")
+    ax.set_ylabel("greedy accuracy, 128 evaluation pairs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--units", default="benchmarks/results/llm_study")
+    ap.add_argument("--out", default="benchmarks/results/llm_study")
+    a = ap.parse_args(argv)
+    units = load_units(Path(a.units))
+    res = analyse(units)
+    Path(a.out + ".json").write_text(json.dumps(res, indent=1, default=str))
+    Path(a.out + ".md").write_text(markdown(res))
+    plot(units, Path(a.out + "_accuracy.png"))
+    print("\n".join(verdict(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
