@@ -50,7 +50,12 @@ FAMILIES = ("kl", "gradient")  # the families with more than one arm, whose "bes
 def load(path: str) -> dict:
     """A results JSON with its per-update records as rows (report.rows) and its committed analysis."""
     with open(path) as f:
-        res = json.load(f)
+        return prepare(json.load(f))
+
+
+def prepare(res: dict) -> dict:
+    """A results JSON as json.load returns it, made what ``load`` returns (in place): rows, and nan for the
+    analysis's nulls.  report.py uses it to write a results .md from what its JSON keeps."""
     res["runs"] = [dict(r, updates=report.rows(r["updates"])) for r in res["runs"]]
     report._nan(res["analysis"])
     return res
@@ -222,9 +227,13 @@ def premise(res) -> dict:
         ks = sorted(bp)
         g = [bp[k]["grad_norm"] for k in ks]
         h1, hk, b1, bk = bp[ks[0]]["lm_head"], bp[ks[-1]]["lm_head"], bp[ks[0]]["blocks"], bp[ks[-1]]["blocks"]
-        grows, bgrows = hk / h1, bk / b1
+        def div(a, b):  # as report.findings: a tiny run can have a 0 here
+            return a / b if b > 0 else float("nan")
+
+        grows, bgrows = div(hk, h1), div(bk, b1)
         out.update({"dwd_arm": res["analysis"]["dwd"]["arm"], "grad_norm_by_pass": g,
-                    "grad_norm_fall_first_to_last": g[0] / g[-1], "grad_norm_fall_first_to_min": g[0] / min(g),
+                    "grad_norm_fall_first_to_last": div(g[0], g[-1]),
+                    "grad_norm_fall_first_to_min": div(g[0], min(g)),
                     "lm_head_change_growth": grows, "blocks_change_growth": bgrows,
                     "dwd_within_batch": bool(grows > 1.5 and grows > 1.5 * bgrows)})
     return out

@@ -40,18 +40,178 @@ def _paired(an, a, b) -> tuple[float, int, int, str]:
     return float(x.mean()), int((x > 0).sum()), len(x), AN.verdict(x)
 
 
-def headline(an: dict) -> list[str]:
-    """The study's verdicts in plain words: KL stop vs gradient rule vs fixed K."""
+# ----------------------------------------------------------------------------- the re-analysis in the verdicts
+
+def reanalysis_of(res: dict) -> dict | None:
+    """benchmarks/rlvr/reanalysis.py's per-variant figures (reanalyse_variant) for a results JSON as json.load
+    returns it (the dict is prepared in place, as reanalysis.load does): the one source of the amount-adjusted
+    differences, the coin, where the gates close, the premise, the leave-one-seed-out best arms and the
+    evaluation set's overlap with the warm-up.  None without a fixed arm (no reference to adjust against)."""
+    from . import reanalysis as RA
+
+    if not res.get("analysis") or not res["analysis"].get("best_fixed"):
+        return None
+    return RA.reanalyse_variant(RA.prepare(res))
+
+
+def eval_label(ra: dict | None) -> str:
+    """"evaluation-set" where the evaluation items also occur in the warm-up data (not held out), else
+    "held-out"."""
+    o = (ra or {}).get("eval_overlap")
+    return "evaluation-set" if o and o["eval_items_in_warmup"] else "held-out"
+
+
+def eval_set_text(o: dict) -> str:
+    """The evaluation set of a task whose evaluation items occur in the warm-up data (reanalysis.eval_overlap)."""
+    k, n = o["eval_items_in_warmup"], o["eval_items"]
+    among = f"all {n} evaluation items" if k == n else f"{k} of the {n} evaluation items"
+    if o.get("problem_space"):
+        return (f"{n} fixed problems drawn from the warm-up's distribution ({o['warmup_distinct_problems']:,} of its "
+                f"{o['problem_space']:,} problems appear in the warm-up data, {among} among them)")
+    return f"{n} fixed problems drawn from the warm-up's distribution ({among} appear in the warm-up data)"
+
+
+def _and(xs: list[str]) -> str:
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
+
+
+def _batches_range(b: list[int]) -> str:
+    return f"{min(b)}" if min(b) == max(b) else f"{min(b)}-{max(b)}"
+
+
+def _coin(an: dict, ra: dict | None) -> tuple[str | None, str]:
+    """The coin arm and the applied passes it gives a batch ("1 or 8"): measured (reanalysis.cal_vs_coin) where
+    there is a calibrated arm beside it, else from the arm (it ends a batch at pass 2, discarding that update)."""
+    coin = next((a for a, s in an["arms"].items() if s["kind"] == "rnd"), None)
+    if coin is None:
+        return None, ""
+    c = (ra or {}).get("cal_vs_coin")
+    ks = list(c["applied_passes_share"][coin]) if c and c["coin"] == coin else ["1", str(AN.k_of(coin))]
+    return coin, " or ".join(ks) if len(ks) <= 2 else ", ".join(ks[:-1]) + " or " + ks[-1]
+
+
+def _shown_above(ra: dict) -> list[str]:
+    """Adaptive arms above fixed K at their own applied passes on every seed of at least 5 (a one-sided sign test
+    at p = 0.03 each): the only case where these data would say a signal knows when a pass hurts."""
+    return [a for a, x in ra["amount_adjusted"]["arms"].items() if x["seeds"] >= 5 and x["higher_seeds"] == x["seeds"]]
+
+
+def _premise_measured(ra: dict) -> bool:
+    p = ra["premise"]
+    return "grad_norm_by_pass" in p and math.isfinite(p["grad_norm_fall_first_to_last"])
+
+
+def premise_absent(ra: dict) -> bool:
+    """The paper's premise, measured (reanalysis.premise): absent when over the passes of a batch the lm_head
+    gradient norm falls, there is no DWD within a batch and the observer z at passes >= 2 has a median below
+    the split the findings use."""
+    p = ra["premise"]
+    if not _premise_measured(ra):
+        return False
+    z = p["median_observer_z_pass2plus"].values()
+    return p["grad_norm_fall_first_to_last"] > 1 and not p["dwd_within_batch"] and all(x < AN.Z_SPLIT for x in z)
+
+
+def support_line(an: dict, ra: dict) -> str:
+    """The first verdict line: what these data support, from the re-analysis (reanalysis.py's functions)."""
+    from . import reanalysis as RA
+
+    aa = ra["amount_adjusted"]
+    arms_aa, sp = aa["arms"], aa["spread_of_arm_means"]
+    fam_names = {"kl": "KL arms", "gradient": "gradient-rule arms"}
+    fams = [f"{fam_names[f]} {RA._s(sp[f][0])} .. {RA._s(sp[f][1])}" for f in fam_names if f in sp]
+    spread = (f"the {len(arms_aa)} adaptive arms land within {RA._s(sp['all'][0])} .. {RA._s(sp['all'][1])}"
+              + (f" ({', '.join(fams)})" if fams else ""))
+    head = ("Against the same seed's fixed-K accuracy curve at the arm's own applied passes per batch, " + spread)
+    above = _shown_above(ra)
+    if above:
+        S = [head + "; above fixed K at their own amount on every seed: "
+             + ", ".join(f"`{a}` ({RA._s(arms_aa[a]['diff_mean'])})" for a in above)
+             + f" (a one-sided sign test at p = 0.03 each, before any correction for the {len(arms_aa)} arms)."]
+    else:
+        S = ["no signal here was shown to know when a pass hurts. " + head + ": amount of reuse, not signal."]
+    best_fixed = an["best_fixed"]
+    kl = an.get("by_signal", {}).get("kl", {}).get("best")
+    ident = ", ".join(f"`{x['arm']}` = `{x['fixed']}`" for x in ra["identical_curves"]
+                      if x["seeds_identical"] == x["seeds"])
+    if kl in arms_aa:
+        p = arms_aa[kl]["applied_passes_mean"]
+        ks = aa["fixed_k"]
+        i = ks.index(AN.k_of(best_fixed))
+        near = (ks[i - 1] if i else 0) <= p <= (ks[i + 1] if i + 1 < len(ks) else float("inf"))
+        S.append(f"The best KL arm, `{kl}`, applies {p:.2f} passes per batch, "
+                 + (f"next to the best fixed K (`{best_fixed}`)" if near
+                    else f"while the best fixed K is `{best_fixed}`")
+                 + (f"; accuracy curves identical to a fixed arm's on every seed and evaluation: {ident}." if ident
+                    else "."))
+    elif ident:
+        S.append(f"Accuracy curves identical to a fixed arm's on every seed and evaluation: {ident}.")
+    _, coin_passes = _coin(an, ra)
+    c = ra["cal_vs_coin"]
+    if c:
+        S.append(f"The coin gives a batch {coin_passes} passes, not the spread a gate gives: not a matched control "
+                 f"(`{c['cal']}` vs the coin {RA._s(c['diff_mean'])}, {c['higher_seeds']}/{c['seeds']} seeds higher).")
+    p = ra["premise"]
+    if _premise_measured(ra):
+        g = p["grad_norm_fall_first_to_last"]
+        z = [f"{v:.2f} (`{q.split('/')[0]}`)" for q, v in p["median_observer_z_pass2plus"].items()]
+        S.append(("The premise is absent" if premise_absent(ra) else "The premise, measured")
+                 + f": in `{p['dwd_arm']}` the lm_head gradient norm "
+                 + (f"falls {g:.1f}x" if g > 1 else f"rises {1 / g:.1f}x")
+                 + f" from pass 1 to pass {len(p['grad_norm_by_pass'])}, there is "
+                 + ("no DWD" if not p["dwd_within_batch"] else "DWD") + " within a batch"
+                 + (f", and the observer z at passes >= 2 has a median of {_and(z)}" if z else ""))
+        cal = next((a for a in ra["closes"] if an["arms"][a]["kind"] == "cal"), None)
+        if cal:
+            x = ra["closes"][cal]
+            S[-1] += f"; the calibrated arm ends {RA._p(x['ended_early_rate'])} of the batches"
+            if "increment_only_share" in x:
+                S[-1] += f", {RA._p(x['increment_only_share'])} of its closes through the increment test alone"
+            if "median_z_at_close" in x:
+                S[-1] += f" (median z at the close {x['median_z_at_close']:.2f}, threshold {x['threshold']:.3g})"
+        S[-1] += "."
+    fb = {f: x for f, x in ra["best_arm"]["families"].items() if math.isfinite(x["loso_recovered"])}
+    if fb:
+        names = {"kl": "the KL family", "gradient": "the gradient family"}
+        S.append(f"The best-arm shares below were chosen on these same {len(ra['seeds'])} seeds; chosen "
+                 "leave-one-seed-out " + _and([f"{names[f]}{' recovers' if i == 0 else ''} "
+                                               f"{RA._p(x['loso_recovered'])} (in-sample "
+                                               f"{RA._p(x['in_sample_recovered'])})"
+                                               for i, (f, x) in enumerate(fb.items())]) + ".")
+    S.append(f"All seeds start from one warm-up checkpoint; each final accuracy is one evaluation of "
+             f"{ra['eval_items']} items.")
+    return ("**What these data support** (figures from [rlvr_reanalysis.md](rlvr_reanalysis.md)): " + " ".join(S))
+
+
+def headline(an: dict, ra: dict | None) -> list[str]:
+    """The study's verdicts in plain words: what the data support (the re-analysis ``ra``, reanalysis_of), then
+    KL stop vs gradient rule vs fixed K at equal rollouts, each best arm with its applied passes per batch and its
+    difference from fixed K at that amount."""
     L = []
     arms, bs = an["arms"], an.get("by_signal", {})
     best_fixed = an.get("best_fixed")
     if not best_fixed:
         return L
+    from . import reanalysis as RA
+
+    ra = ra or {}
+    aa = ra.get("amount_adjusted", {}).get("arms", {})
+    fb = ra.get("best_arm", {}).get("families", {})
+    if aa:  # there are adaptive arms to say it of
+        L.append(support_line(an, ra))
     L.append(f"Best fixed reuse: `{best_fixed}` (final accuracy {arms[best_fixed]['final_acc_mean']:.3f}); "
              + ", ".join(f"`{a}` {s['final_acc_mean']:.3f}" for a, s in arms.items() if s["kind"] == "fixed") + ".")
     rec = an.get("recovered", {})
+    _, coin_passes = _coin(an, ra)
     names = {"kl": "KL stop (SB3, CleanRL, the gate's KL test)", "gradient": "gradient rule (the gate's z-test)",
-             "gradient+kl": "gradient rule OR KL test", "coin": "coin control"}
+             "gradient+kl": "gradient rule OR KL test", "coin": "coin"}
+    after = {"coin": f" ({coin_passes} passes per batch: not a matched control)"}
+
+    def amount(a):
+        x = aa.get(a)
+        return (f" It applies {x['applied_passes_mean']:.2f} passes per batch and ends {x['diff_mean']:+.3f} against "
+                f"fixed K at that amount ({x['higher_seeds']}/{x['seeds']} seeds higher)." if x else "")
+
     for sig in ("kl", "gradient", "gradient+kl", "coin"):
         if sig not in bs:
             continue
@@ -59,33 +219,64 @@ def headline(an: dict) -> list[str]:
         m, w, n, vd = _paired(an, b["best"], best_fixed)
         r = rec.get(b["best"], float("nan"))
         worst = an.get("recovered_ref", {}).get("worst")
-        gap = (f"; it recovers {_f(100 * r, 0)}% of the gap between `{worst}` and `{best_fixed}`"
-               if worst and worst != best_fixed and r == r else "")
-        L.append(f"**{names[sig]}**: best arm `{b['best']}` ends at {b['best_final']:.3f}, {m:+.3f} vs `{best_fixed}` "
-                 f"({w}/{n} seeds higher: {vd}){gap}. Arms of this signal higher than the best fixed "
-                 f"K on most seeds: {', '.join(f'`{x}`' for x in b['beats_best_fixed']) or 'none'}.")
+        gap = ""
+        if worst and worst != best_fixed and r == r:
+            gap = f"it recovers {_f(100 * r, 0)}% of the gap between `{worst}` and `{best_fixed}`"
+            f = fb.get(sig)
+            gap = (f"; chosen as the best of {len(f['arms'])} arms on these same seeds, {gap} (chosen "
+                   f"leave-one-seed-out: {RA._p(f['loso_recovered'])})" if f else f"; {gap}")
+        L.append(f"**{names[sig]}**{after.get(sig, '')}: best arm `{b['best']}` ends at {b['best_final']:.3f}, "
+                 f"{m:+.3f} vs `{best_fixed}` ({w}/{n} seeds higher: {vd}){gap}.{amount(b['best'])} Arms of this "
+                 f"signal higher than the best fixed K on most seeds: "
+                 f"{', '.join(f'`{x}`' for x in b['beats_best_fixed']) or 'none'}.")
     if "kl" in bs and "gradient" in bs:
-        m, w, n, vd = _paired(an, bs["kl"]["best"], bs["gradient"]["best"])
-        L.append(f"**KL stop vs gradient rule** (each signal's best arm, paired by seed): `{bs['kl']['best']}` vs "
-                 f"`{bs['gradient']['best']}` {m:+.3f} ({w}/{n} seeds higher: {vd}).")
+        a, g = bs["kl"]["best"], bs["gradient"]["best"]
+        m, w, n, vd = _paired(an, a, g)
+        more = ""
+        if a in aa and g in aa:
+            pa, pg = aa[a]["applied_passes_mean"], aa[g]["applied_passes_mean"]
+            more = (f"; {'but ' if abs(pa - pg) >= 0.5 else ''}they apply {pa:.2f} and {pg:.2f} passes per batch, and "
+                    f"against fixed K at those amounts they end {aa[a]['diff_mean']:+.3f} and {aa[g]['diff_mean']:+.3f}"
+                    + (": this compares amounts of reuse, not signals" if abs(pa - pg) >= 0.5 else ""))
+        L.append(f"**KL stop vs gradient rule** (each signal's best arm, paired by seed): `{a}` vs `{g}` {m:+.3f} "
+                 f"({w}/{n} seeds higher: {vd}){more}.")
     eff = an.get("efficiency", {})
     if eff:
         need = max(1, math.ceil(0.8 * max(e["seeds"] for e in eff.values())))
         fast = [f"`{n}` ({e['reached']}/{e['seeds']} seeds, ratio {e['rollout_ratio_median']:.2f})"
                 for n, e in eff.items() if n != "fixed K=1" and e["reached"] >= need and e["rollout_ratio_median"] < 1]
         same = [n for n, e in eff.items() if n != "fixed K=1" and e["reached"] >= need]
+        rt = ra.get("rollout_target")
+        room = ""
+        if rt and rt["k1_reach_batch_per_seed"]:
+            b = rt["k1_reach_batch_per_seed"]
+            room = (f" {'The target has little room: ' if min(b) >= 0.8 * rt['batches'] else ''}`fixed K=1` itself "
+                    f"first reaches it at batch {_batches_range(b)} of {rt['batches']}.")
         L.append("**Sample efficiency** (rollouts to reach `fixed K=1`'s final accuracy, the paper's measure): arms "
                  f"reaching it on at least {need} seeds: " + (", ".join(f"`{x}`" for x in same) or "none")
                  + "; of those, with a median rollout ratio below 1 (fewer rollouts than K=1): "
-                 + (", ".join(fast) or "none") + ".")
+                 + (", ".join(fast) or "none") + "." + room)
     beats = [x for s in bs.values() for x in s["beats_best_fixed"]]
-    L.append("**Beats the best fixed K without tuning K** (max reuse 8, higher than the best fixed arm on most "
-             "seeds): " + (", ".join(f"`{x}`" for x in beats) if beats else "no signal does") + ".")
+    L.append("**Beats the best fixed K** (max reuse 8, higher than the best fixed arm on most seeds): "
+             + (", ".join(f"`{x}`" for x in beats) if beats else "no signal does") + ".")
     return L
 
 
-def findings(an: dict) -> list[str]:
-    """Plain statements computed from the numbers (the same rules apply whatever the outcome)."""
+def comparisons_note(an: dict, ra: dict | None) -> str:
+    """The paragraph above the per-arm verdicts: what they compare (equal rollouts, not equal passes)."""
+    coin, coin_passes = _coin(an, ra)
+    return ("Per arm and reference, paired by seed, on final " + eval_label(ra) + " accuracy at equal rollouts. "
+            "With 5 seeds, \"every seed\" is a one-sided sign test at p = 0.03; \"most seeds\" (4 of 5) is p = 0.19, "
+            "suggestive only. "
+            + (f"Comparisons with `{coin}` are not matched for the amount of reuse (the coin gives a batch "
+               f"{coin_passes} passes), and every" if coin else "Every")
+            + " comparison here is at equal rollouts, not at equal passes: an adaptive arm against fixed K at its own "
+            "applied passes per batch is in [rlvr_reanalysis.md](rlvr_reanalysis.md), section 1.")
+
+
+def findings(an: dict, label: str = "held-out") -> list[str]:
+    """Plain statements computed from the numbers (the same rules apply whatever the outcome); ``label`` names
+    the evaluation set (eval_label)."""
     lines = []
     for ref, p in an["premise"].items():
         lines.append(f"**Does reuse do harm here?** `{p['arm']}` ends below `{ref}` on {p['below']} of {p['seeds']} "
@@ -151,7 +342,7 @@ def findings(an: dict) -> list[str]:
                  for q, v in sg["rules"].items()]
         lines.append(
             f"**Does z warn of harm?** Over the fixed-reuse arms {', '.join(sg['arms'])}: Spearman(max observer z over "
-            f"passes >= 2, held-out accuracy change over that batch) = " + "; ".join(parts)
+            f"passes >= 2, {label} accuracy change over that batch) = " + "; ".join(parts)
             + " (a useful warning would be clearly negative). "
             f"Spearman(lm_head grad norm, KL of the same update) = {_f(sg['spearman_norm_vs_kl_same_update'], 2)}, "
             f"(norm, KL of the next update on the same batch) = {_f(sg['spearman_norm_vs_kl_next_update'], 2)}.")
@@ -173,7 +364,14 @@ TIED_TEXT = ("lm_head tied to the token embedding (the gate monitors that shared
              "embedding and the output contributions)")
 
 
-def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
+def write_markdown(res: dict, an: dict, path: str, plots: list[str], ra: dict | None = None) -> None:
+    """The results .md; ``ra`` is reanalysis_of(the JSON as written), the source of the verdict's re-analysed
+    figures and of the evaluation set's description."""
+    with open(path, "w") as f:
+        f.write(markdown(res, an, plots, ra))
+
+
+def markdown(res: dict, an: dict, plots: list[str], ra: dict | None = None) -> str:
     from .cli import GPU_COMMANDS, TIME_NOTE
 
     a = res["args"]
@@ -190,21 +388,23 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
          f"Command: `{env['command']}` (configuration `{a['config']}`{', --quick' if a['quick'] else ''})"
          + (f"; analysis rewritten from its JSON by `{res['reanalysed_by']}`" if res.get("reanalysed_by") else ""),
          "", "## Verdict: KL stop vs gradient rule vs fixed K", ""]
-    L += [f"- {x}" for x in headline(an)]
-    L += ["", "Per arm and reference, paired by seed, on final held-out accuracy at equal rollouts. With 5 seeds, "
-          "\"every seed\" is a one-sided sign test at p = 0.03; \"most seeds\" (4 of 5) is p = 0.19, suggestive only.",
-          ""]
+    label = eval_label(ra)
+    o = (ra or {}).get("eval_overlap")
+    L += [f"- {x}" for x in headline(an, ra)]
+    L += ["", comparisons_note(an, ra), ""]
     L += [f"- {x}" for x in verdict_lines(an)]
     L += ["", "## Setup", "",
           f"- Policy: causal transformer, vocab {a['vocab']}, width {a['width']}, {a['layers']} layer(s), "
           f"{a['heads']} heads, " + (TIED_TEXT if tied else "untied lm_head") + " "
           f"(the lm_head holds {env['lm_head_share']:.0%} of the weights).",
-          f"- Task: {task_text}. Held-out: {a['heldout']} fixed problems, greedy decoding.",
+          f"- Task: {task_text}. "
+          + (f"Evaluation set: {eval_set_text(o)}, greedy decoding." if label == "evaluation-set" else
+             f"Held-out: {a['heldout']} fixed problems, greedy decoding."),
           (f"- Pretraining phase of the task (copying the symbol sequence, so every symbol's lm_head row is trained, "
-           f"as a pretrained LM knows its tokens): {res['sft']['pretrain_steps']} steps, held-out accuracy on the "
+           f"as a pretrained LM knows its tokens): {res['sft']['pretrain_steps']} steps, {label} accuracy on the "
            f"reverse task after it {res['sft']['heldout_acc_after_pretrain']:.3f}." if res["sft"].get("pretrain_steps")
            else "- No pretraining phase."),
-          f"- Supervised warm-up to greedy held-out accuracy {res['sft']['heldout_acc']:.3f} "
+          f"- Supervised warm-up to greedy {label} accuracy {res['sft']['heldout_acc']:.3f} "
           f"({res['sft']['steps']} steps, lr {a['sft_lr']}, batch {a['sft_batch']}); one checkpoint for every arm and "
           "seed.",
           f"- RL: {a['batches']} rollout batches per arm and seed of {a['prompts']} prompts x {a['group']} samples "
@@ -225,15 +425,15 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
           f"- Ungated arms run observer gates (threshold {observer_threshold():g}) for the rules "
           + ", ".join(f"`{q}`" for q in res.get("observer_rules", [])) + ", so z is logged for them too.",
           f"- Calibrated arms (`cal`): threshold from an observer run (fixed reuse, same rule) on seed "
-          f"{a['calib_seed']}, which no arm is evaluated on.",
+          f"{a['calib_seed']}, which no arm is evaluated on" + _calibrated_text(an, ra) + ".",
           f"- Time: warm-up {res['sft']['seconds']:.0f} s, calibration {res.get('calib_seconds', 0):.0f} s, RL "
           f"{res['rl_seconds']:.0f} s, total {res['total_seconds']:.0f} s wall. Per (arm, seed) unit (training + "
           "evaluation, one thread): " + ", ".join(
               f"{n.split(' t=')[0] if n.startswith('fixed') else n} {s['unit_seconds_mean']:.0f} s"
               for n, s in an["arms"].items() if n in ("fixed K=1", "fixed K=8")) + ".",
           "", "## What was seen", ""]
-    L += [f"- {x}" for x in findings(an)]
-    L += ["", "## Arms (accuracy is greedy held-out exact match; mean over seeds [min .. max])", "",
+    L += [f"- {x}" for x in findings(an, label)]
+    L += ["", f"## Arms (accuracy is greedy {label} exact match; mean over seeds [min .. max])", "",
           "| arm | signal | final acc | final acc (trailing mean of 5) | mean acc over run | updates/seed (applied) "
           "| batches ended early | closing pass (mean; share at pass 2) | passes/batch | unit s |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -275,7 +475,7 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
         L += ["", "## The paper's observations: does the lm_head energy surge before accuracy drops?", "",
               f"Per batch: the lm_head gradient energy (mean over the batch's passes of ||g||^2), its pass-1 value, "
               f"and its increment over the previous batch. Lagged Spearman within each fixed arm (pooled over seeds) "
-              f"of the signal at batch b against the held-out accuracy change over batch b+lag (a warning = clearly "
+              f"of the signal at batch b against the {label} accuracy change over batch b+lag (a warning = clearly "
               f"negative; |rho| below about 2/sqrt(n) is noise). Drops: the 3-evaluation trailing mean falls "
               f"{AN.DROP} below its running maximum (first time per seed); a surge = z > {AN.SURGE_Z:g} against the "
               f"{AN.SURGE_WINDOW} batches before.", "",
@@ -303,8 +503,8 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
     sg = an["signal"]
     if sg.get("rules"):
         L += ["", "## Does z warn of harm? (observer gates in the fixed-reuse arms)", "",
-              "Per batch: the largest z over passes >= 2 against the held-out accuracy change over that batch. Within "
-              "each arm is the fair test (n batches in brackets).", "",
+              f"Per batch: the largest z over passes >= 2 against the {label} accuracy change over that batch. "
+              "Within each arm is the fair test (n batches in brackets).", "",
               "| rule | batches | Spearman pooled | within " + " / ".join(f"`{a}`" for a in sg["arms"])
               + f" | batches with z > {AN.Z_SPLIT} | their mean change | the others | their mean change |",
               "|---|---|---|---|---|---|---|---|"]
@@ -350,14 +550,38 @@ def write_markdown(res: dict, an: dict, path: str, plots: list[str]) -> None:
           "equal-length lists; numbers keep 5 significant digits); runs[i].drift has the per-batch drift per group."]
     if plots:
         L += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
+    return "\n".join(L) + "\n"
+
+
+def _calibrated_text(an: dict, ra: dict | None) -> str:
+    """After the setup's calibrated-arms line: the target share and how many batches the gated arm ended."""
+    cal = [c for c in an["calibration"] if c["arm"] in (ra or {}).get("closes", {})]
+    if not cal:
+        return ""
+    share = lambda r: "half" if r == 0.5 else f"{r:.0%}"  # noqa: E731
+    from . import reanalysis as RA
+
+    if len(cal) == 1:
+        return (f": the threshold that would have closed {share(cal[0]['target_rate'])} of that run's batches. Gated, "
+                f"the arm ended {RA._p(ra['closes'][cal[0]['arm']]['ended_early_rate'])} of the batches"
+                + (" (see the verdict)" if _premise_measured(ra) else ""))
+    return (": per arm, the threshold that would have closed its target share of that run's batches ("
+            + ", ".join(f"`{c['arm']}` {share(c['target_rate'])}" for c in cal) + "). Gated, "
+            + ", ".join(f"`{c['arm']}` ended {RA._p(ra['closes'][c['arm']]['ended_early_rate'])}" for c in cal)
+            + " of the batches")
 
 
 # ----------------------------------------------------------------------------- plots
 
 STYLE = {"fixed": "--", "dgg": "-", "cal": ":", "rnd": "-.", "sb3": (0, (1, 1)), "crl": (0, (3, 1, 1, 1)),
          "dkl": (0, (5, 1))}
+
+
+def plot_files(res: dict, stem: str) -> list[str]:
+    """The files make_plots writes for ``res`` (with matplotlib), in its order: what the md's Plots section lists."""
+    specs = {s["name"]: s for s in res["arm_specs"]}
+    fixed = any(specs[a]["kind"] == "fixed" for a in res["arm_names"])
+    return [f"{stem}_accuracy.png"] + ([f"{stem}_weight_change.png"] if fixed else []) + [f"{stem}_gate.png"]
 
 
 def make_plots(res: dict, an: dict, stem: str) -> list[str]:
@@ -521,16 +745,19 @@ def write_results(res: dict, out: str, stem_name: str, plots_on: bool) -> str:
         an = AN.analyse(res)
         res["analysis"] = an
         _write_json(res, path)
-        an = json.loads(json.dumps(_round(an)))  # the md reads what the JSON keeps (as a rerun from it would)
+        with open(path) as f:  # the md reads what the JSON keeps (as a rerun from it would)
+            kept = json.load(f)
+        ra = reanalysis_of(kept)  # reanalysis.py's figures for the verdict, from the JSON as written
+        an = kept["analysis"]
         _nan(an)
         plots = make_plots(res, an, stem) if plots_on else []
-        write_markdown(res, an, f"{stem}_results.md", plots)
+        write_markdown(res, an, f"{stem}_results.md", plots, ra)
     except Exception:
         print(f"writing the results failed after the run; its results are kept in {path}: rerun the analysis with "
               f"python benchmarks/rlvr_reuse.py --from-json {path} --out {out}", file=sys.stderr, flush=True)
         raise
-    print("\n".join(["", "Verdict:"] + [f"- {x}" for x in headline(an)] + [f"- {x}" for x in verdict_lines(an)]
-                    + ["", "What was seen:"] + [f"- {x}" for x in findings(an)]))
+    print("\n".join(["", "Verdict:"] + [f"- {x}" for x in headline(an, ra)] + [f"- {x}" for x in verdict_lines(an)]
+                    + ["", "What was seen:"] + [f"- {x}" for x in findings(an, eval_label(ra))]))
     print(f"wrote {stem}_results.md, {path}" + (", " + ", ".join(plots) if plots else ""))
     return stem
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import numpy as np  # noqa: E402
-
+from benchmarks.rlvr import analysis as AN  # noqa: E402
 from benchmarks.rlvr import cli, report  # noqa: E402
 
 VARIANTS = {"addition": [], "reverse": ["--task", "reverse"], "reverse-tied": ["--task", "reverse", "--tied"]}
@@ -32,14 +32,73 @@ def variant_stem(name: str, quick: bool) -> str:
     return cli.stem_name(a)
 
 
+# A status line the results cannot know: what is being run beside this study (update it when that lands).
+IN_PROGRESS = "a study on a real LLM, no figures yet"
+
+
+def support_paragraph(data: dict, ras: dict) -> str:
+    """The study's "What these data support", from each variant's re-analysis (report.reanalysis_of): each claim
+    is made only where it holds in every variant."""
+    ras = {n: ra for n, ra in ras.items() if ra and ra["amount_adjusted"]["arms"]}
+    if not ras:
+        return "No re-analysis (a variant without a fixed arm or without its analysis)."
+    amount = all(not report._shown_above(ra) for ra in ras.values())
+    clauses = []
+    if amount:
+        clauses.append("each adaptive arm ends where fixed K at the same applied passes per batch ends (amount of "
+                       "reuse, not signal)")
+    if any(ra["cal_vs_coin"] for ra in ras.values()):
+        clauses.append("the coin is not a matched control")
+    if all(report.premise_absent(ra) for ra in ras.values()):
+        clauses.append("the premise (a surge of the lm_head gradient) is absent at this scale")
+    if any(math.isfinite(x["loso_recovered"]) for ra in ras.values() for x in ra["best_arm"]["families"].values()):
+        clauses.append("the best-arm figures below were chosen on the test seeds (leave-one-seed-out figures are in "
+                       "each verdict)")
+    lead = ("In these small from-scratch tasks no signal in this package was shown to know when a reuse pass hurts"
+            if amount else "In these small from-scratch tasks some adaptive arm ends above fixed K at its own applied "
+            "passes per batch on every seed (see the first line of its verdict)")
+    ks = sorted({AN.k_of(a) for n, d in data.items() if n in ras
+                 for a, s in d["analysis"]["arms"].items() if s["kind"] != "fixed"})
+    paper = ("the paper's setting (a gate at max reuse K=4; every adaptive arm here runs at "
+             f"K={ks[0]}) and " if ks and 4 not in ks and len(ks) == 1 else "")
+    return (lead + (": " + "; ".join(clauses) if clauses else "") + ". Figures: "
+            "[rlvr_reanalysis.md](rlvr_reanalysis.md) (`python benchmarks/rlvr/reanalysis.py`). In progress: "
+            f"{paper}{IN_PROGRESS}.")
+
+
+def eval_sets_text(data: dict, ras: dict) -> str:
+    """Which evaluation sets are held out and which are drawn from the warm-up's data, by task."""
+    by_task: dict[str, list[str]] = {}
+    for n, d in data.items():
+        by_task.setdefault(d["args"].get("task", "addition"), []).append(n)
+    parts = []
+    for task, names in by_task.items():
+        ov = {n: (ras.get(n) or {}).get("eval_overlap") for n in names}
+        if not all(ov.values()):
+            continue
+        if all(o["eval_items_in_warmup"] == 0 for o in ov.values()):
+            parts.append(f"{task}'s evaluation items do not occur in its warm-up data")
+        elif len(names) == 1:
+            parts.append(f"{task}'s evaluation set: " + report.eval_set_text(ov[names[0]]))
+        else:
+            parts += [f"{n}'s evaluation set: " + report.eval_set_text(o) if o["eval_items_in_warmup"] else
+                      f"{n}'s evaluation items do not occur in its warm-up data" for n, o in ov.items()]
+    if not parts:
+        return ""
+    text = "; ".join(parts) + ". "
+    return text[0].upper() + text[1:]
+
+
 def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None) -> str:
-    """rlvr_study.md from the variants' results JSONs in ``out``."""
-    data = {}
+    """rlvr_study.md from the variants' results JSONs in ``out``; each verdict's re-analysed figures come from
+    benchmarks/rlvr/reanalysis.py's functions over the same JSON (report.reanalysis_of)."""
+    data, ras = {}, {}
     for n in names:
         path = os.path.join(out, f"{variant_stem(n, quick)}_results.json")
         if os.path.exists(path):
             with open(path) as f:
                 data[n] = json.load(f)
+            ras[n] = report.reanalysis_of(data[n])
     L = ["# RLVR rollout reuse: the study across tasks (fixed K, KL stops, DGG)", ""]
     if not data:
         L.append("No results found.")
@@ -51,12 +110,14 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
           + (f" Study command: `{extra['command']}`, {extra['wall']:.0f} s wall in all." if extra else ""), "",
           "Per variant: " + "; ".join(f"`{d['env']['command']}` -> `{variant_stem(n, quick)}_results.md`"
                                        for n, d in data.items()) + ".", ""]
+    if data:
+        L += ["## What these data support", "", support_paragraph(data, ras), ""]
     for n, d in data.items():
         an = d.get("analysis")
         if not an:
             continue
         report._nan(an)
-        L += [f"## {n}: verdict", ""] + [f"- {x}" for x in report.headline(an)] + [""]
+        L += [f"## {n}: verdict", ""] + [f"- {x}" for x in report.headline(an, ras[n])] + [""]
     # final accuracy per arm, every variant
     names_all = []
     for d in data.values():
@@ -64,10 +125,10 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
             if a not in names_all:
                 names_all.append(a)
     if data:
-        L += ["## Final held-out accuracy per arm (mean over seeds) and rollouts to reach fixed K=1's final accuracy",
-              "", "Rollout ratio = the arm's rollouts / fixed K=1's to first reach K=1's final smoothed accuracy "
-              "(median over the seeds where it did; n/N = seeds reaching it); half-gain: the same to half of K=1's gain over "
-              "the start.", "",
+        L += ["## Final accuracy on the evaluation set per arm (mean over seeds) and rollouts to reach fixed K=1's "
+              "final accuracy", "", eval_sets_text(data, ras) + "Rollout ratio = the arm's rollouts / fixed K=1's to "
+              "first reach K=1's final smoothed accuracy (median over the seeds where it did; n/N = seeds reaching "
+              "it); half-gain: the same to half of K=1's gain over the start.", "",
               "| arm | " + " | ".join(f"{n} final acc | {n} rollout ratio (n/N) | {n} half-gain ratio (n/N)"
                                        for n in data) + " |",
               "|---|" + "---|---|---|" * len(data)]
@@ -89,12 +150,12 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
             an = d.get("analysis")
             if not an:
                 continue
-            L += [f"### {n}", ""] + [f"- {x}" for x in report.findings(an)
+            seen = report.findings(an, report.eval_label(ras[n]))
+            L += [f"### {n}", ""] + [f"- {x}" for x in seen
                                      if x.startswith(("**DWD", "**Does the lm_head", "**Does reuse", "**Does z"))] + [""]
     path = os.path.join(out, "rlvr_study_quick.md" if quick else "rlvr_study.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
-    _ = np
     return path
 
 
