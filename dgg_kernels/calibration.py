@@ -22,9 +22,9 @@ so it can sit in the training loop; the report methods read the device (once
 each) and are meant for after the run.
 
 What the numbers mean.  A rollout batch is the run of steps from one
-``new_batch()`` to the next (the gate counts its new_batch() calls on the
-host, and record() notes the count beside each step; a gate whose
-new_batch() is never called records one batch).  With passes of several
+``new_batch()`` to the next (the gate counts its new_batch() calls in its
+state, which record() copies with each step; a gate whose new_batch() is
+never called records one batch).  With passes of several
 steps (``new_pass()``, ``reuse_passes``) every step of a batch belongs to it,
 whatever its reuse index.  Under a threshold
 ``t`` a batch closes at its first *eligible* pass (reuse index above 1, the
@@ -60,6 +60,7 @@ _TESTS = (None, "energy", "increment", "kl")
 # columns of a recorded row: the gate's stats (float32 -> float64, exact), then its ints (int64 -> float64)
 _N_COLS = S.N_STATS + S.N_INTS
 _REUSE_COL = S.N_STATS + S.REUSE
+_BATCHES_COL = S.N_STATS + S.BATCHES
 _Z_COL = {None: S.Z, "energy": S.Z_ENERGY, "increment": S.Z_INCREMENT, "kl": S.KL}
 
 
@@ -92,8 +93,6 @@ class Recorder:
         self._capacity = capacity
         self._buf: Optional[torch.Tensor] = None
         self._n = 0
-        # per recorded step, host-side: (the gate's id, its new_batch() count): where it changes a batch starts
-        self._batch_of: list[tuple[int, int]] = []
         self.config = None  # the recorded gate's GateConfig, from the first record()
 
     # -- recording (no host sync) -------------------------------------------------------
@@ -117,7 +116,6 @@ class Recorder:
         row = self._buf[self._n]
         row[: S.N_STATS].copy_(st.stats)
         row[S.N_STATS :].copy_(st.ints)
-        self._batch_of.append((id(gate), gate._batches_started))
         self._n += 1
 
     def __len__(self) -> int:
@@ -147,7 +145,8 @@ class Recorder:
             raise ValueError(f"test must be one of {_TESTS}, got {test!r}")
         batches: list = []
         last = None
-        for row, batch in zip(self._rows(), self._batch_of):
+        for row in self._rows():
+            batch = row[_BATCHES_COL]  # the gate's new_batch() count, saved with its state
             if batch != last:
                 batches.append([])
             batches[-1].append((int(row[_REUSE_COL]), self._score(row, test)))

@@ -44,31 +44,46 @@ def _tensor_list(value, what: str) -> list[torch.Tensor]:
     return items
 
 
+def _grad_scaler_classes() -> list[type]:
+    """The GradScaler classes that define their own ``unscale_``: torch.amp's (torch.cuda.amp's inherits it)
+    and FSDP's ShardedGradScaler, where it can be imported."""
+    classes = [torch.amp.GradScaler]
+    try:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    except ImportError:  # pragma: no cover - torch built without distributed
+        ShardedGradScaler = None
+    if ShardedGradScaler is not None and "unscale_" in vars(ShardedGradScaler):
+        classes.append(ShardedGradScaler)
+    return classes
+
+
 def _bump_versions_on_unscale() -> None:
-    """Make ``torch.amp.GradScaler.unscale_`` bump the version counter of every gradient it unscales.
+    """Make ``GradScaler.unscale_`` bump the version counter of every gradient it unscales.
 
     GradScaler divides the gradients in place with ``torch._amp_foreach_non_finite_check_and_unscale_``,
     which does not bump their version counters, so overlap's key (``_grad_trace``) would take the hooks'
     reduction of the *scaled* gradient as current: an energy scale**2 too large, and every scale growth
-    would look like a surge.  Wrapping the public method once (it stays the same method otherwise, and
-    ``torch.cuda.amp.GradScaler`` inherits it) makes the unscale an invalidation like any in-place op.
+    would look like a surge.  Wrapping the public method of each class that defines one (it stays the same
+    method otherwise) makes the unscale an invalidation like any in-place op.  A disabled scaler
+    (``enabled=False``) changes nothing and bumps nothing, so it does not cost overlap its reduction.
     Installed when the first overlap gate is built; installing again does nothing.
     """
-    cls = torch.amp.GradScaler
-    original = cls.unscale_
-    if getattr(original, "_dgg_bumps_versions", False):
-        return
+    for cls in _grad_scaler_classes():
+        original = vars(cls)["unscale_"]
+        if getattr(original, "_dgg_bumps_versions", False):
+            continue
 
-    @functools.wraps(original)
-    def unscale_(self, optimizer):
-        out = original(self, optimizer)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch.autograd.graph.increment_version(grads)
-        return out
+        def unscale_(self, optimizer, _original=original):
+            out = _original(self, optimizer)
+            if self.is_enabled():
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                if grads:
+                    torch.autograd.graph.increment_version(grads)
+            return out
 
-    unscale_._dgg_bumps_versions = True
-    cls.unscale_ = unscale_
+        functools.update_wrapper(unscale_, original)
+        unscale_._dgg_bumps_versions = True
+        cls.unscale_ = unscale_
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -195,9 +210,6 @@ class DynamicGradientGate:
             n_rings=self.config.n_rings, window_mode=self.config.window_mode, kl_limit=self.config.kl_limit,
         )
         self._kl_observed = False  # observe_kl() called since the last step (required each step with target_kl)
-        # new_batch() calls so far, counted on the host: calibration.Recorder tells rollout batches apart by it
-        # (the reuse index cannot: with several steps per pass it repeats within a batch)
-        self._batches_started = 0
         self.overlap = bool(overlap)
         self._overlap_hooks: list = []
         if self.overlap:
@@ -352,7 +364,8 @@ class DynamicGradientGate:
         """A fresh rollout batch starts: the next step() has reuse index 1 and the stop flag is cleared."""
         self.state.ints[S.REUSE : S.STOP + 1].zero_()
         self.state.ints[S.PASS_MODE : S.BATCH_CLOSED + 1].zero_()
-        self._batches_started += 1
+        # counted on the device (saved with the state): calibration.Recorder tells rollout batches apart by it
+        self.state.ints[S.BATCHES : S.BATCHES + 1].add_(1)
 
     def new_pass(self) -> None:
         """A pass over the rollout batch starts (call it before the pass's first step; no host sync).
@@ -416,9 +429,11 @@ class DynamicGradientGate:
             except OverflowError:
                 value = math.inf
             if torch.compiler.is_compiling():
-                # checked when the graph runs, by the op that writes it: a ValueError raised while tracing
-                # would reach the caller of a fullgraph compile as torch._dynamo's Unsupported instead
-                ops.set_kl(self.state.acc, value)
+                # Not checked here but judged like a tensor's value (a KL that is not finite closes the gate):
+                # a check would guard the graph on the value, and the ValueError it raises while tracing
+                # reaches a fullgraph caller as torch._dynamo's Unsupported.  zero_().add_() keeps the number
+                # symbolic (fill_ or torch.tensor would specialize the graph on it: a recompile per value).
+                slot.zero_().add_(value)
             else:
                 check_kl_value(value)
                 slot.fill_(value)

@@ -91,19 +91,3 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
 @snapshot.register_fake
 def _(t):
     return torch.empty_like(t)
-
-
-@torch.library.custom_op("dgg::set_kl", mutates_args=("acc",))
-def set_kl(acc: torch.Tensor, value: float) -> None:
-    """observe_kl() of a Python number under torch.compile: checks ``value`` when the graph runs (ValueError
-    for one not finite in float32, nothing written) and writes it to acc[ACC_KL]."""
-    from .inputs import check_kl_value
-    from .state import ACC_KL
-
-    check_kl_value(value)
-    acc[ACC_KL] = value
-
-
-@set_kl.register_fake
-def _(acc, value):
-    return None

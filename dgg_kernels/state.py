@@ -28,7 +28,9 @@ COUNT2 = 8        # the second ring's COUNT; else unused, 0
 PASS_MODE = 9     # 1 once new_pass() was called since new_batch(): passes of several steps (see gate.new_pass)
 PASS_NEW = 10     # 1 between new_pass() and the pass's first step, which advances the reuse index
 BATCH_CLOSED = 11  # 1 once a step closed since new_batch() (in pass mode every later step of the batch closes)
-N_INTS = 12
+BATCHES = 12      # new_batch() calls (from 0, or since an upgrade from version 5 or older): where it changes
+                  # between two recorded steps a rollout batch starts (calibration.Recorder); no kernel reads it
+N_INTS = 13
 
 # stats: float32[N_STATS], the last step's report
 ENERGY = 0     # sum of squared gradient entries
@@ -154,7 +156,7 @@ class GateState:
 #      run the script for it, and add a row to the table in docs/semantics.md.
 # Never renumber a slot: a layout's slots keep their meaning in every later version.
 
-STATE_VERSION = 5  # the layout state_dict() writes
+STATE_VERSION = 6  # the layout state_dict() writes
 
 _CONFIG_V1 = frozenset({"window", "threshold", "statistic", "eps", "max_reuse"})
 
@@ -188,6 +190,9 @@ LAYOUTS = (
            _CONFIG_V1 | {"window_mode"}, 12, 9, torch.bool, versioned=True, ring_per_test=True),
     Layout(5, "the KL stop: settings target_kl, kl_factor; stats slot KL",
            _CONFIG_V1 | {"window_mode", "target_kl", "kl_factor"}, 12, 10, torch.bool, versioned=True,
+           ring_per_test=True),
+    Layout(6, "int slot BATCHES (new_batch() calls); window_mode \"batch\" takes the first step after new_batch()",
+           _CONFIG_V1 | {"window_mode", "target_kl", "kl_factor"}, 13, 10, torch.bool, versioned=True,
            ring_per_test=True),
 )
 
@@ -246,8 +251,21 @@ def _upgrade_4(sd: dict) -> dict:
     }
 
 
+def _upgrade_5(sd: dict) -> dict:
+    """5 -> 6: int slot BATCHES appended, 0 (a version 5 gate did not count its new_batch() calls; only the
+    count's changes mean anything, so counting from the upgrade is enough).
+
+    Also new in version 6 (no slot): with window_mode "batch" only the first step after new_batch() enters a
+    window.  A version 5 gate stepped several mini-batches per pass (new_pass()) let every step of pass 1 in;
+    its window keeps those entries until ``window`` new rollout batches have replaced them.
+    """
+    state = sd["state"]
+    ints = state["ints"]
+    return {**sd, "version": 6, "state": {**state, "ints": torch.cat([ints, ints.new_zeros(1)])}}
+
+
 # _UPGRADES[n]: a version n dict -> the same dict in version n + 1
-_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4}
+_UPGRADES = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4, 5: _upgrade_5}
 assert [lay.version for lay in LAYOUTS] == list(range(1, STATE_VERSION + 1))
 assert sorted(_UPGRADES) == list(range(1, STATE_VERSION))
 

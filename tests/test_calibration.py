@@ -1,5 +1,6 @@
 """dgg_kernels.calibration.Recorder: close rates from an observed run, against hand computations."""
 import math
+import types
 
 import pytest
 import torch
@@ -238,3 +239,28 @@ def test_recorder_counts_rollout_batches_in_passes_of_several_steps(max_reuse):
     closes = rec.close_rates([0.01], test="kl")[0.01]
     assert closes == (1 / 3 if max_reuse == 3 else 0.0)  # batch 0's pass 3 exceeds the limit; K=1 has no pass 2
     assert rec.first_close_passes(0.01, test="kl") == ([3, None, None] if max_reuse == 3 else [None] * 3)
+
+
+def test_recorder_batches_survive_a_resume_into_a_fresh_gate_and_wrappers():
+    """The batch count lives in the gate's state: a gate resumed mid-batch from a state_dict (a new object)
+    continues the same batch, and a wrapper exposing .state and .config (DeepSpeedGate, the adapter's)
+    records like the gate itself."""
+    w = torch.nn.Parameter(torch.empty(3))
+    kw = dict(window=2, threshold=math.inf, max_reuse=4, backend="torch")
+    gate = dgg.DynamicGradientGate(w, **kw)
+    rec = Recorder()
+    norms = [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 50.0, 1.0]]
+    for b, batch in enumerate(norms):
+        gate.new_batch()
+        for k, n in enumerate(batch):
+            if (b, k) == (1, 2):  # resume mid-batch into a fresh gate, recorded through a wrapper
+                sd = gate.state_dict()
+                gate = dgg.DynamicGradientGate(w, **kw)
+                gate.load_state_dict(sd)
+                gate = types.SimpleNamespace(gate=gate, state=gate.state, config=gate.config, step=gate.step)
+            w.grad = torch.full((3,), n)
+            gate.step()
+            rec.record(gate)
+    assert rec.n_batches == 2
+    assert rec.first_close_passes(1.0) == [None, 3]
+    assert rec.close_rates([1.0]) == {1.0: 0.5}

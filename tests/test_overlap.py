@@ -155,3 +155,20 @@ def test_overlap_judges_the_unscaled_gradient_under_grad_scaler(backend):
             scaler.step(opt)
             scaler.update()
     assert scalers[0].get_scale() > 2.0**16  # the scale grew during the run: each growth must not look like a surge
+
+
+def test_unscale_wrapper_covers_sharded_scaler_and_skips_a_disabled_one():
+    """The wrapper is on every GradScaler class with its own unscale_ (FSDP's ShardedGradScaler too), and a
+    disabled scaler (enabled=False, the usual `GradScaler(enabled=use_fp16)` in a bf16 run) bumps nothing,
+    so overlap keeps its reduction."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    a, b, ga, gb = _pair("torch")
+    assert getattr(ShardedGradScaler.unscale_, "_dgg_bumps_versions", False)
+    assert getattr(torch.amp.GradScaler.unscale_, "_dgg_bumps_versions", False)
+    opt = torch.optim.AdamW(a, lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _backward(a, torch.randn(4, 6), 1.0)
+    versions = [p.grad._version for p in a]
+    scaler.unscale_(opt)
+    assert [p.grad._version for p in a] == versions

@@ -32,14 +32,14 @@ struct StepTensorTable {
 // constants compiled in here.
 struct StateSlots {
   int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2,     // ints (int64)
-      pass_mode, pass_new, batch_closed;
+      pass_mode, pass_new, batch_closed, batches;
   int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment, kl;    // stats (float32)
   int32_t threshold, eps, window_mode, kl_limit;                                       // hyper (float64)
   int32_t acc_energy, acc_kl;                                                          // acc (float64)
 };
 // Slots per group, in StateSlots order, and the lengths of ints, stats, hyper and acc
 // (state.py N_INTS, N_STATS, N_HYPER, N_ACC; the binding checks both).
-constexpr int kNumIntSlots = 12;
+constexpr int kNumIntSlots = 13;
 constexpr int kNumStatSlots = 10;
 constexpr int kNumHyperSlots = 4;
 constexpr int kNumAccSlots = 2;

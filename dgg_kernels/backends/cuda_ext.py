@@ -32,7 +32,7 @@ from .base import Backend, DeviceTable, MaskPlan, dense, zero_where
 # take them from here (state.py is their single source of truth).
 SLOTS = [
     S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV, S.POS2, S.COUNT2,
-    S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED,
+    S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED, S.BATCHES,
     S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED, S.Z_ENERGY, S.Z_INCREMENT, S.KL,
     S.THRESHOLD, S.EPS, S.WINDOW_MODE, S.KL_LIMIT,
     S.ACC_ENERGY, S.ACC_KL,

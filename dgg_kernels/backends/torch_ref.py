@@ -148,6 +148,7 @@ def finalize_reference(state: GateState, config: GateConfig) -> None:
     new_ints[S.PASS_MODE] = ints[S.PASS_MODE]
     new_ints[S.PASS_NEW] = torch.zeros_like(pos)
     new_ints[S.BATCH_CLOSED] = torch.where(closed, one, ints[S.BATCH_CLOSED])
+    new_ints[S.BATCHES] = ints[S.BATCHES]
     ints.copy_(torch.stack(new_ints))
     new_stats = [None] * S.N_STATS
     new_stats[S.ENERGY], new_stats[S.NORM], new_stats[S.STATISTIC] = energy, norm, stat
