@@ -61,6 +61,28 @@ N_ACC = 2
 
 _SAVED = ("ring", "prev", "ints", "stats", "decision")
 
+# ----------------------------------------------------------------------------- the slot table
+# Each group's slot names in index order: the constants above are the indices, this says which group each
+# belongs to.  From it come csrc's StateSlots struct and group sizes (the generated header
+# csrc/common/dgg_slots.h, `python -m dgg_kernels.csrc_header --write`; CI regenerates it and fails on a
+# difference) and the slot list the CUDA extension takes (slot_order()).  A new slot: its constant, its
+# name here, a new state version (below), then regenerate the header.
+SLOT_GROUPS = {
+    "ints": ("POS", "COUNT", "ACCEPTED", "CLOSED_TOTAL", "REUSE", "STOP", "HAS_PREV", "POS2", "COUNT2",
+             "PASS_MODE", "PASS_NEW", "BATCH_CLOSED", "BATCHES"),
+    "stats": ("ENERGY", "NORM", "STATISTIC", "MEAN", "STD", "Z", "CLOSED", "Z_ENERGY", "Z_INCREMENT", "KL"),
+    "hyper": ("THRESHOLD", "EPS", "WINDOW_MODE", "KL_LIMIT"),
+    "acc": ("ACC_ENERGY", "ACC_KL"),
+}
+_GROUP_SIZES = {"ints": N_INTS, "stats": N_STATS, "hyper": N_HYPER, "acc": N_ACC}
+for _group, _names in SLOT_GROUPS.items():  # each group names its slots 0..n-1, once each
+    assert [globals()[n] for n in _names] == list(range(_GROUP_SIZES[_group])), _group
+
+
+def slot_order() -> list[int]:
+    """Every slot's index, group by group in SLOT_GROUPS order: the order of csrc's StateSlots fields."""
+    return [globals()[n] for names in SLOT_GROUPS.values() for n in names]
+
 
 @dataclass
 class GateState:
@@ -151,7 +173,8 @@ class GateState:
 #   1. STATE_VERSION = N+1, and append its Layout to LAYOUTS (versioned=True: it always has the key);
 #   2. write _upgrade_N(sd) -> the same dict in layout N+1 (new slots get the value a gate with that
 #      history would hold) and register it in _UPGRADES;
-#   3. tests/data/gate_states/make_states.py: give the version N file written by "this checkout"
+#   3. a new slot also goes into SLOT_GROUPS; regenerate csrc's header (python -m dgg_kernels.csrc_header --write);
+#   4. tests/data/gate_states/make_states.py: give the version N file written by "this checkout"
 #      (commit None) the commit that last wrote version N, add a version N+1 entry with commit None,
 #      run the script for it, and add a row to the table in docs/semantics.md.
 # Never renumber a slot: a layout's slots keep their meaning in every later version.

@@ -93,7 +93,14 @@ def test_broken_prebuilt_is_reported_with_the_fallback_reason(fresh_loader, monk
 def test_slot_order_matches_the_kernel_struct():
     # The kernels read every slot index from state.py in the order StateSlots
     # declares its fields; a reordering on either side would be silent.
-    header = (CSRC / "common" / "dgg_types.h").read_text()
+    # StateSlots and the group sizes are generated from state.SLOT_GROUPS (python -m dgg_kernels.csrc_header)
+    from dgg_kernels.csrc_header import csrc_header
+
+    slots_h = (CSRC / "common" / "dgg_slots.h").read_text()
+    assert slots_h == csrc_header(), "csrc/common/dgg_slots.h is stale: python -m dgg_kernels.csrc_header --write"
+    types_h = (CSRC / "common" / "dgg_types.h").read_text()
+    assert '#include "common/dgg_slots.h"' in types_h
+    header = slots_h + types_h
     body = re.search(r"struct StateSlots \{(.*?)\};", header, re.S).group(1)
     fields = re.findall(r"(\w+)(?=[,;])", re.sub(r"//[^\n]*", "", body).replace("int32_t", ""))
     want = [getattr(S, f.upper()) for f in fields]
@@ -456,3 +463,15 @@ def test_reduce_partial_then_finalize_partials_matches_step(ext, statistic):
         assert math.isclose(fused.acc[S.ACC_ENERGY].item(), parts.acc[S.ACC_ENERGY].item(), rel_tol=1e-6), i
         closed += fused.decision.item()
     assert 0 < closed < 40
+
+
+def test_csrc_header_check_fails_on_a_stale_header(tmp_path, capsys):
+    """What CI runs (python -m dgg_kernels.csrc_header): exit 1 on a header that differs from the table."""
+    from dgg_kernels import csrc_header
+
+    stale = tmp_path / "dgg_slots.h"
+    stale.write_text(csrc_header.csrc_header().replace("batches", "batches, extra"))
+    assert csrc_header.main(["--header", str(stale)]) == 1
+    assert "differs from the slot table" in capsys.readouterr().out
+    assert csrc_header.main(["--header", str(stale), "--write"]) == 0
+    assert csrc_header.main(["--header", str(stale)]) == 0

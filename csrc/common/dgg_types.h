@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common/dgg_slots.h"
+
 namespace dgg {
 
 // dtype tags of the gradients the kernels read (what the binding maps torch dtypes to).
@@ -27,23 +29,7 @@ struct StepTensorTable {
   int32_t count;
 };
 
-// Which entry of ints/stats/hyper means what.  The values come from
-// dgg_kernels/state.py at run time (the single source of truth), never from
-// constants compiled in here.
-struct StateSlots {
-  int32_t pos, count, accepted, closed_total, reuse, stop, has_prev, pos2, count2,     // ints (int64)
-      pass_mode, pass_new, batch_closed, batches;
-  int32_t energy, norm, statistic, mean, std, z, closed, z_energy, z_increment, kl;    // stats (float32)
-  int32_t threshold, eps, window_mode, kl_limit;                                       // hyper (float64)
-  int32_t acc_energy, acc_kl;                                                          // acc (float64)
-};
-// Slots per group, in StateSlots order, and the lengths of ints, stats, hyper and acc
-// (state.py N_INTS, N_STATS, N_HYPER, N_ACC; the binding checks both).
-constexpr int kNumIntSlots = 13;
-constexpr int kNumStatSlots = 10;
-constexpr int kNumHyperSlots = 4;
-constexpr int kNumAccSlots = 2;
-constexpr int kNumSlots = kNumIntSlots + kNumStatSlots + kNumHyperSlots + kNumAccSlots;
+// StateSlots and the group sizes kNum*Slots: generated from dgg_kernels/state.py.
 
 // The statistic, as GateConfig.statistic_id numbers it.
 constexpr int32_t kStatNorm = 0;

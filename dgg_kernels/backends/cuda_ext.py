@@ -28,15 +28,8 @@ from ..config import GateConfig
 from ..state import GateState
 from .base import Backend, DeviceTable, MaskPlan, dense, zero_where
 
-# Slot indices in the order of csrc/common/dgg_types.h StateSlots; the kernels
-# take them from here (state.py is their single source of truth).
-SLOTS = [
-    S.POS, S.COUNT, S.ACCEPTED, S.CLOSED_TOTAL, S.REUSE, S.STOP, S.HAS_PREV, S.POS2, S.COUNT2,
-    S.PASS_MODE, S.PASS_NEW, S.BATCH_CLOSED, S.BATCHES,
-    S.ENERGY, S.NORM, S.STATISTIC, S.MEAN, S.STD, S.Z, S.CLOSED, S.Z_ENERGY, S.Z_INCREMENT, S.KL,
-    S.THRESHOLD, S.EPS, S.WINDOW_MODE, S.KL_LIMIT,
-    S.ACC_ENERGY, S.ACC_KL,
-]  # fmt: skip
+# Slot indices in the order of csrc's StateSlots (generated from the same table: state.SLOT_GROUPS).
+SLOTS = S.slot_order()
 
 # Monitor tensors one reduce launch takes (csrc kMaxStepTensors); more take
 # one launch each per this many.  Checked against the module on load.
