@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/dgg_types.h"
+#include "common/state_view.h"
 #include "gate_mask/gate_mask.cuh"
 #include "gate_step/gate_step.cuh"
 
@@ -18,14 +19,6 @@ namespace {
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "dgg ", what, " launch failed: ", cudaGetErrorString(err));
-}
-
-void check_state_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel,
-                        const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "dgg: state.", name, " is on ", t.device(), ", the gradients on ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, "dgg: state.", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == numel, "dgg: state.", name, " must have ", numel, " elements, got ", t.numel());
-  TORCH_CHECK(t.is_contiguous(), "dgg: state.", name, " must be contiguous");
 }
 
 int32_t dtype_tag(at::ScalarType s) {
@@ -73,61 +66,6 @@ std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& gra
   return tables;
 }
 
-dgg::StateSlots make_slots(const std::vector<int64_t>& s) {
-  TORCH_CHECK(static_cast<int>(s.size()) == dgg::kNumSlots, "dgg: expected ", dgg::kNumSlots,
-              " state slot indices, got ", s.size());
-  // ints, stats, hyper and acc have kNumIntSlots, kNumStatSlots, kNumHyperSlots
-  // and kNumAccSlots entries (checked in make_view); a slot outside them would
-  // make the finalize write out of bounds.
-  constexpr int kStats0 = dgg::kNumIntSlots, kHyper0 = kStats0 + dgg::kNumStatSlots;
-  constexpr int kAcc0 = kHyper0 + dgg::kNumHyperSlots;
-  for (int i = 0; i < dgg::kNumSlots; ++i) {
-    const int64_t limit = i < kStats0  ? dgg::kNumIntSlots
-                          : i < kHyper0 ? dgg::kNumStatSlots
-                          : i < kAcc0   ? dgg::kNumHyperSlots
-                                        : dgg::kNumAccSlots;
-    TORCH_CHECK(s[i] >= 0 && s[i] < limit, "dgg: state slot ", i, " = ", s[i], " is outside [0, ", limit, ")");
-  }
-  dgg::StateSlots sl;
-  int32_t* f = &sl.pos;  // the struct is kNumSlots int32 in declaration order
-  static_assert(sizeof(dgg::StateSlots) == dgg::kNumSlots * sizeof(int32_t), "StateSlots must be packed int32");
-  for (int i = 0; i < dgg::kNumSlots; ++i) f[i] = static_cast<int32_t>(s[i]);
-  return sl;
-}
-
-dgg::GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints,
-                             const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper,
-                             const at::Tensor& acc, int64_t window, int64_t max_reuse, int64_t statistic,
-                             const std::vector<int64_t>& slots) {
-  const at::Device device = acc.device();
-  TORCH_CHECK(device.is_cuda(), "dgg: the gate state is on ", device, "; the cuda backend needs a CUDA device");
-  TORCH_CHECK(window >= 2, "dgg: window must be >= 2, got ", window);
-  TORCH_CHECK(max_reuse >= 1, "dgg: max_reuse must be >= 1, got ", max_reuse);
-  TORCH_CHECK(statistic >= dgg::kStatNorm && statistic <= dgg::kStatEnergyIncrement,
-              "dgg: statistic id must be 0, 1, 2 or 3, got ", statistic);
-  const int64_t n_rings = statistic == dgg::kStatEnergyIncrement ? 2 : 1;
-  check_state_tensor(ring, "ring", at::kDouble, n_rings * window, device);
-  check_state_tensor(prev, "prev", at::kDouble, 1, device);
-  check_state_tensor(ints, "ints", at::kLong, dgg::kNumIntSlots, device);
-  check_state_tensor(stats, "stats", at::kFloat, dgg::kNumStatSlots, device);
-  check_state_tensor(decision, "decision", at::kBool, 1, device);
-  check_state_tensor(hyper, "hyper", at::kDouble, dgg::kNumHyperSlots, device);
-  check_state_tensor(acc, "acc", at::kDouble, dgg::kNumAccSlots, device);
-  dgg::GateStateView v{};
-  v.ring = ring.data_ptr<double>();
-  v.prev = prev.data_ptr<double>();
-  v.ints = ints.data_ptr<int64_t>();
-  v.stats = stats.data_ptr<float>();
-  v.decision = decision.data_ptr<bool>();
-  v.hyper = hyper.data_ptr<double>();
-  v.acc = acc.data_ptr<double>();
-  v.window = window;
-  v.max_reuse = max_reuse;
-  v.statistic = static_cast<int32_t>(statistic);
-  v.slots = make_slots(slots);
-  return v;
-}
-
 void reduce_impl(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
                  const at::Tensor& acc, int64_t max_blocks, const dgg::GateStateView* state) {
   const at::Device device = acc.device();
@@ -168,7 +106,8 @@ void step(const std::vector<at::Tensor>& grads, const at::Tensor& partials, cons
           const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper, const at::Tensor& acc,
           int64_t window, int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots) {
   const dgg::GateStateView v =
-      make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots);
+      dgg::make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots,
+                      at::kCUDA);
   reduce_impl(grads, partials, ticket, acc, max_blocks, &v);
 }
 
@@ -177,7 +116,8 @@ void finalize(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& 
               int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots,
               const std::optional<at::Tensor>& sums) {
   const dgg::GateStateView v =
-      make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots);
+      dgg::make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots,
+                      at::kCUDA);
   const double* sums_ptr = nullptr;
   int64_t n_sums = 0;
   if (sums.has_value()) {
