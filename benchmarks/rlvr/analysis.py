@@ -371,6 +371,8 @@ def _by_signal(an, specs, others) -> dict:
     it is higher than the best fixed arm on most seeds (without tuning K: every such arm runs at max reuse 8)."""
     out = {}
     for n in others:
+        if specs[n]["kind"] in ("rep", "cap"):  # a control of an adaptive arm is no signal of its own
+            continue
         sig = specs[n].get("signal") or specs[n]["kind"]
         out.setdefault(sig, []).append(n)
     res = {}

@@ -15,6 +15,15 @@ is a statistic (norm, energy, increment, paper = energy+increment), a window mod
     sb3N@X[:f=F]       stable-baselines3 target_kl: from pass 2 on, k3 KL to the rollout policy from the pass's
                        forward, before backward; if > F*X (F default 1.5) no update and the batch ends
     crlN@X             CleanRL target_kl: after each pass (its update applied), stop if that pass's k3 KL > X
+
+Controls of an adaptive arm A (a dgg, dkl, cal, sb3 or crl spec listed in the same --arms), as in the SmolLM2
+study (benchmarks/rlvr/llm.py: rep:A, cap:A): they run after A's unit on the same seed and apply every pass
+they run (observer gates, no stop rule), at A's max reuse:
+
+    rep:A              replay: A's own per-batch numbers of applied passes on this seed, permuted over the
+                       batches (seed 40000 + seed), run as fixed per-batch caps (a batch where A applied 0:
+                       pass 1 runs and its update is discarded)
+    cap:A              fixed cap: every batch runs A's mean applied passes on this seed, rounded (at least 1)
 """
 from __future__ import annotations
 
@@ -93,6 +102,12 @@ class Arm:
     close_rate: float | None = None  # cal: the target fraction of batches closed; rnd: the chance of closing
     target_kl: float | None = None  # dkl, dgg with kl=, sb3, crl
     kl_factor: float = 1.0
+    source: str | None = None  # rep/cap: the name of the adaptive arm whose applied passes they take
+
+    @property
+    def control(self) -> bool:
+        """A rep:/cap: control: its per-batch passes come from its source unit on the same seed."""
+        return self.kind in CONTROL_KINDS
 
     @property
     def gated(self) -> bool:
@@ -133,13 +148,16 @@ class ArmKind:
             "sb3": lambda: f"sb3 {k} target_kl={a.target_kl:g}" + (f"x{a.kl_factor:g}" if a.kl_factor != SB3_FACTOR
                                                                   else ""),
             "crl": lambda: f"cleanrl {k} target_kl={a.target_kl:g}",
+            "rep": lambda: f"replay of {a.source}",
+            "cap": lambda: f"cap of {a.source}",
         }
         return names[self.kind]()
 
     def signal(self, a: Arm) -> str:
         if self.kind in ("dgg", "cal"):
             return "gradient+kl" if a.target_kl is not None else "gradient"
-        return {"fixed": "none", "rnd": "coin", "dkl": "kl", "sb3": "kl", "crl": "kl"}[self.kind]
+        return {"fixed": "none", "rnd": "coin", "dkl": "kl", "sb3": "kl", "crl": "kl", "rep": "replay",
+                "cap": "cap"}[self.kind]
 
 
 KINDS = [  # longest prefix first (the spec regex tries them in this order)
@@ -153,9 +171,12 @@ KINDS = [  # longest prefix first (the spec regex tries them in this order)
     ArmKind("rnd", "rnd", "rndN@P", "chance", (), min_reuse=2),
     ArmKind("k", "fixed", "kN", None, ()),
 ]
-KIND_BY_NAME = {k.kind: k for k in KINDS}
+# the controls (rep:A, cap:A): parsed apart from the regex below (their A is a whole spec)
+CONTROL_KINDS = {"rep": ArmKind("rep:", "rep", "rep:A", None), "cap": ArmKind("cap:", "cap", "cap:A", None)}
+CONTROL_SOURCES = ("dgg", "dkl", "cal", "sb3", "crl")  # the adaptive kinds a control may replay
+KIND_BY_NAME = {k.kind: k for k in KINDS} | CONTROL_KINDS
 _SPEC = re.compile(r"^(" + "|".join(k.prefix for k in KINDS) + r")(\d+)(?:@([^:]*))?((?::[^:]*)*)$")
-SYNTAX = ", ".join(k.syntax for k in KINDS[::-1])
+SYNTAX = ", ".join([k.syntax for k in KINDS[::-1]] + [k.syntax for k in CONTROL_KINDS.values()])
 
 
 def _number(item: str, text: str, what: str) -> float:
@@ -166,6 +187,15 @@ def _number(item: str, text: str, what: str) -> float:
 
 
 def parse_arm(item: str) -> Arm:
+    ctl, colon, rest = item.partition(":")
+    if colon and ctl in CONTROL_KINDS:
+        src = parse_arm(rest)
+        if src.kind not in CONTROL_SOURCES:
+            raise ValueError(f"bad arm {item!r}: a {ctl}: control replays an adaptive arm "
+                             f"({', '.join(CONTROL_SOURCES)}), not {rest!r}")
+        arm = Arm("", src.max_reuse, ctl, source=src.name)
+        arm.name = CONTROL_KINDS[ctl].name(arm)
+        return arm
     m = _SPEC.match(item)
     if not m:
         raise ValueError(f"bad arm {item!r}: use one of {SYNTAX}")
@@ -230,7 +260,17 @@ def parse_arms(spec: str) -> list[Arm]:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"an arm is listed twice in {spec!r}")
+    for a in arms:
+        if a.control and a.source not in names:
+            raise ValueError(f"bad arm: {a.name!r} needs its source arm {a.source!r} in the same list")
     return arms
+
+
+def with_controls(spec: str) -> str:
+    """``spec`` with rep:A and cap:A appended for every adaptive arm A in it (dgg, dkl, cal, sb3, crl)."""
+    items = [i.strip() for i in spec.split(",") if i.strip()]
+    adaptive = [i for i in items if parse_arm(i).kind in CONTROL_SOURCES]
+    return ",".join(items + [f"{c}:{i}" for i in adaptive for c in ("rep", "cap")])
 
 
 def observer_rules(arms) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from . import arms as A
 from . import policy, runner, tasks
 
 DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "dgg-kernels-bench")
+HELDOUT_SEED = 12345  # the evaluation set's generator
 
 # The study's arm set.  Kept from the 2026-11-23 set: fixed K, the paper's rule at K=8 (t 0.1/0.3/0.5 and
 # calibrated), the default rule at t=0.3, the coin.  Dropped for time: the K=4 gate variants and the batch
@@ -65,10 +66,14 @@ by dgg_kernels.reuse_passes.  Arms (--arms; benchmarks/rlvr/arms.py has the gram
   rndN@P             control: a coin ends a batch at pass 2 with chance P
   sb3N@X             stable-baselines3 target_kl (k3 KL before backward, > 1.5 X: no update, batch ends)
   crlN@X             CleanRL target_kl (after a pass, k3 KL measured in it > X: batch ends, update kept)
+  rep:A, cap:A       controls of an adaptive arm A in the same list: A's per-batch applied passes on the seed,
+                     permuted over batches (seed 40000+seed), or their rounded mean, as fixed per-batch caps
 Tasks (--task): addition (2-digit, 12 of the ids occur) and reverse (a sequence of symbols from ~8k ids).
 Writes <stem>_results.{md,json} and, with matplotlib, <stem>_{accuracy,weight_change,gate}.png into --out
 (stem: rlvr_reuse for addition, rlvr_vocab[_tied] for reverse; _quick with --quick).
 Each (arm, seed) unit runs in one of --jobs forked workers with one thread; results do not depend on --jobs.
+With controls (rep:/cap:) or --probe, <stem>_controls.{md,json} holds the controls design's analysis
+(benchmarks/rlvr/controls.py, with the SmolLM2 study's definitions).
 """
 
 
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--digits", type=I(1), default=c["digits"], help="addition: digits per addend")
     g.add_argument("--seq-len", type=I(1), default=3, help="reverse: symbols per sequence")
     g.add_argument("--heldout", type=I(1), default=256, help="held-out problems (fixed, greedy decoding)")
-    g = ap.add_argument_group("supervised warm-up (one checkpoint for every arm and seed)")
+    g = ap.add_argument_group("supervised warm-up (one checkpoint for every arm and seed, or --warmups of them)")
     g.add_argument("--sft-target", type=frac(), default=c["sft_target"],
                    help="stop once greedy held-out accuracy (0 to 1) reaches this")
     g.add_argument("--pretrain-steps", type=I(0), default=0,
@@ -127,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-lr", type=N(0, lo_open=True), default=c["sft_lr"], help="warm-up AdamW learning rate")
     g.add_argument("--sft-eval-every", type=I(1), default=25, help="warm-up steps between held-out evaluations")
     g.add_argument("--sft-seed", type=I(0), default=0, help="seed of the model init and the warm-up data")
+    g.add_argument("--warmups", type=I(1), default=1,
+                   help="warm-up checkpoints: checkpoint j is trained with warm-up seed --sft-seed + j, and RL seed s "
+                        "starts from checkpoint s mod this (1: one checkpoint for every seed)")
     g = ap.add_argument_group("RL")
     g.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated arms (see above)")
     g.add_argument("--seeds", type=I(1), default=c["seeds"], help="RL seeds per arm (0 .. seeds-1)")
@@ -140,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=N(0, lo_open=True), default=0.2, help="PPO clip range")
     g.add_argument("--temperature", type=N(0, lo_open=True), default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--window", type=I(2), default=8, help="gate window (statistics in the Z-score)")
+    g.add_argument("--probe", type=I(0), default=0,
+                   help="fresh validation prompts (disjoint from the evaluation set and never drawn in the warm-up or "
+                        "the rollouts): every fixed arm records its greedy accuracy on them before and after each "
+                        "pass, and <stem>_controls.{md,json} gets the per-signal AUROCs for 'the pass hurt' (0: off)")
     return ap
 
 
@@ -192,6 +204,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         need = tasks.get(args.task).min_vocab
         if args.vocab < need:
             ap.error(f"--vocab {args.vocab}: the {args.task} task needs >= {need}")
+        if args.probe:
+            task = tasks.get(args.task)(args)
+            held = task.sample(args.heldout, torch.Generator().manual_seed(HELDOUT_SEED))[0]
+            from . import controls
+            try:
+                controls.fresh_probe(task, args.probe, held)
+            except ValueError as e:
+                ap.error(str(e))
         if args.calib_seed < args.seeds:
             ap.error(f"--calib-seed {args.calib_seed} is one of the evaluated seeds 0..{args.seeds - 1}: "
                      "calibrate on another seed")
@@ -225,7 +245,10 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.from_json:
-        return report.reanalyse(args.from_json, args.out, not args.no_plots)
+        res = report.reanalyse(args.from_json, args.out, not args.no_plots)
+        _write_controls(os.path.join(args.out, f"{stem_name(res['args'])}_results.json"), args.out,
+                        stem_name(res["args"]))
+        return res
     dev = torch.device(args.device)  # checked by parse_args
     if args.threads is None and dev.type == "cpu":
         args.threads = 1
@@ -238,19 +261,32 @@ def main(argv=None) -> dict:
           f"{' tied' if args.tied else ''}, vocab {args.vocab}, width {args.width}, {args.layers} layers, device "
           f"{dev}, torch {torch.__version__}, {len(arms)} arms x {args.seeds} seeds x {args.batches} batches of "
           f"{args.prompts}x{args.group} rollouts, lr {args.lr}, jobs {args.jobs}", flush=True)
-    heldout = tuple(t.to(dev) for t in task.sample(args.heldout, torch.Generator().manual_seed(12345)))
+    heldout_cpu = task.sample(args.heldout, torch.Generator().manual_seed(HELDOUT_SEED))
+    heldout = tuple(t.to(dev) for t in heldout_cpu)
+    probe = None
+    if args.probe:  # fresh validation prompts: not in the evaluation set, never drawn in training
+        from . import controls
+        probe_cpu = controls.fresh_probe(task, args.probe, heldout_cpu[0])
+        probe = tuple(t.to(dev) for t in probe_cpu)
+        task = controls.Excluding(task, probe_cpu[0])
+        print(f"validation set: {args.probe} fresh prompts (seed {controls.PROBE_SEED}), excluded from training",
+              flush=True)
 
-    torch.manual_seed(args.sft_seed)
-    model = policy.make_model(args, task).to(dev)
-    sft_info = policy.sft(model, task, heldout, args, dev)
-    print(f"sft: {sft_info['steps']} steps, held-out greedy accuracy {sft_info['heldout_acc']:.3f}, "
-          f"{sft_info['seconds']:.1f} s", flush=True)
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init_states, sft_all = [], []
+    for j in range(args.warmups):  # checkpoint j: warm-up seed sft_seed + j (model init and warm-up data)
+        torch.manual_seed(args.sft_seed + j)
+        model = policy.make_model(args, task).to(dev)
+        sft_info = policy.sft(model, task, heldout, args, dev, seed=args.sft_seed + j)
+        print(f"sft{f' {j} (seed {args.sft_seed + j})' if args.warmups > 1 else ''}: {sft_info['steps']} steps, "
+              f"held-out greedy accuracy {sft_info['heldout_acc']:.3f}, {sft_info['seconds']:.1f} s", flush=True)
+        init_states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        sft_all.append(dict(sft_info, seed=args.sft_seed + j))
+    sft_info = sft_all[0]
     n_params = sum(p.numel() for p in model.parameters())
 
     t_rl = time.perf_counter()
-    runs, calib, calib_s = runner.run_all(arms, init_state, task, heldout, args, dev, rules,
-                                          log=lambda s: print(s, flush=True))
+    runs, calib, calib_s = runner.run_all(arms, init_states if args.warmups > 1 else init_states[0], task, heldout,
+                                          args, dev, rules, log=lambda s: print(s, flush=True), probe=probe)
     backend = runs[0].pop("backend", None)
     for r in runs:
         r.pop("backend", None)
@@ -266,10 +302,21 @@ def main(argv=None) -> dict:
         "args": vars(args), "arm_names": [a.name for a in arms],
         "arm_specs": [{**asdict(a), "rule": a.rule, "signal": a.signal, "gated": a.gated} for a in arms],
         "observer_rules": [A.rule_name(*q) for q in rules],
-        "sft": sft_info, "calibration": calib, "calib_seconds": calib_s, "runs": runs,
+        "sft": sft_info, **({"sft_all": sft_all} if args.warmups > 1 else {}),
+        "calibration": calib, "calib_seconds": calib_s, "runs": runs,
         "rl_seconds": time.perf_counter() - t_rl - calib_s,
     }
     res["total_seconds"] = time.perf_counter() - t_start
-    report.write_results(res, args.out, stem_name(args), not args.no_plots)
+    stem = report.write_results(res, args.out, stem_name(args), not args.no_plots)
+    _write_controls(f"{stem}_results.json", args.out, stem_name(args))
     print(f"total {res['total_seconds']:.0f} s")
     return res
+
+
+def _write_controls(path: str, out: str, stem: str) -> None:
+    """The controls design's analysis (controls.py) from the results JSON as written; nothing for other runs."""
+    from . import controls
+
+    written = controls.write_from_json(path, out, stem)
+    if written:
+        print("wrote " + ", ".join(written))

@@ -94,9 +94,10 @@ def accuracy(model: TinyLM, prompt: torch.Tensor, answer: torch.Tensor, chunk: i
     return hits / prompt.shape[0]
 
 
-def sft(model: TinyLM, task, heldout, args, dev) -> dict:
-    """Teacher-forced warm-up until greedy held-out accuracy reaches args.sft_target (or the step cap)."""
-    gen = torch.Generator().manual_seed(args.sft_seed)
+def sft(model: TinyLM, task, heldout, args, dev, seed: int | None = None) -> dict:
+    """Teacher-forced warm-up until greedy held-out accuracy reaches args.sft_target (or the step cap); the data
+    generator's seed is ``seed`` (None: args.sft_seed)."""
+    gen = torch.Generator().manual_seed(args.sft_seed if seed is None else seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     t0 = time.perf_counter()
 

@@ -51,7 +51,10 @@ def reanalysis_of(res: dict) -> dict | None:
 
     if not res.get("analysis") or not res["analysis"].get("best_fixed"):
         return None
-    return RA.reanalyse_variant(RA.prepare(res))
+    ra = RA.reanalyse_variant(RA.prepare(res))
+    if len(res.get("sft_all", [])) > 1:  # --warmups: seed s starts from checkpoint s mod N
+        ra["warmups"] = len(res["sft_all"])
+    return ra
 
 
 def eval_label(ra: dict | None) -> str:
@@ -178,8 +181,9 @@ def support_line(an: dict, ra: dict) -> str:
                                                f"{RA._p(x['loso_recovered'])} (in-sample "
                                                f"{RA._p(x['in_sample_recovered'])})"
                                                for i, (f, x) in enumerate(fb.items())]) + ".")
-    S.append(f"All seeds start from one warm-up checkpoint; each final accuracy is one evaluation of "
-             f"{ra['eval_items']} items.")
+    S.append((f"Seed s starts from warm-up checkpoint s mod {ra['warmups']}" if ra.get("warmups", 1) > 1 else
+              "All seeds start from one warm-up checkpoint")
+             + f"; each final accuracy is one evaluation of {ra['eval_items']} items.")
     return ("**What these data support** (figures from [rlvr_reanalysis.md](rlvr_reanalysis.md)): " + " ".join(S))
 
 
@@ -364,6 +368,16 @@ TIED_TEXT = ("lm_head tied to the token embedding (the gate monitors that shared
              "embedding and the output contributions)")
 
 
+def checkpoints_text(res: dict) -> str:
+    """The warm-up checkpoints the seeds start from (--warmups; a results JSON without sft_all had one)."""
+    sft = res.get("sft_all", [])
+    if len(sft) <= 1:
+        return "one checkpoint for every arm and seed."
+    accs = ", ".join(f"{x['heldout_acc']:.3f}" for x in sft)
+    return (f"{len(sft)} checkpoints, warm-up seeds {', '.join(str(x['seed']) for x in sft)} (the figures above are "
+            f"the first's; accuracies {accs}), RL seed s from checkpoint s mod {len(sft)}.")
+
+
 def write_markdown(res: dict, an: dict, path: str, plots: list[str], ra: dict | None = None) -> None:
     """The results .md; ``ra`` is reanalysis_of(the JSON as written), the source of the verdict's re-analysed
     figures and of the evaluation set's description."""
@@ -405,8 +419,8 @@ def markdown(res: dict, an: dict, plots: list[str], ra: dict | None = None) -> s
            f"reverse task after it {res['sft']['heldout_acc_after_pretrain']:.3f}." if res["sft"].get("pretrain_steps")
            else "- No pretraining phase."),
           f"- Supervised warm-up to greedy {label} accuracy {res['sft']['heldout_acc']:.3f} "
-          f"({res['sft']['steps']} steps, lr {a['sft_lr']}, batch {a['sft_batch']}); one checkpoint for every arm and "
-          "seed.",
+          f"({res['sft']['steps']} steps, lr {a['sft_lr']}, batch {a['sft_batch']}); "
+          + checkpoints_text(res),
           f"- RL: {a['batches']} rollout batches per arm and seed of {a['prompts']} prompts x {a['group']} samples "
           f"(= {a['batches'] * a['prompts'] * a['group']} rollouts), temperature {a['temperature']}, "
           f"group-normalized advantages, PPO-clip {a['clip']}, one full-batch update per pass, AdamW(fused=True) lr "

@@ -1,7 +1,9 @@
 """One arm on one seed (``run_arm``), the calibration runs, and the (arm, seed) units over worker processes.
 
 Every unit seeds its own generators (prompts: 10000+seed, samples: 20000+seed, coin: 30000+seed) and starts
-from the same checkpoint, so a unit's result does not depend on which worker ran it or on --jobs."""
+from the same checkpoint (with --warmups N: seed s from checkpoint s mod N), so a unit's result does not depend
+on which worker ran it or on --jobs.  A rep:/cap: control runs after its source unit on the same seed (its
+per-batch caps come from the source's applied passes: controls.control_caps)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -25,8 +27,11 @@ class Controller:
     """Around each pass: ``before_backward`` may end the batch with no update (stable-baselines3);
     ``after_step`` says whether to discard this pass's update and whether to end the batch."""
 
-    def __init__(self, arm: A.Arm, coin_gen: torch.Generator) -> None:
-        self.arm, self.coin_gen = arm, coin_gen
+    by = "coin"  # what a discard is put down to in the records
+    stop_by = "kl-after"  # what an end of the batch with the update kept is put down to (CleanRL)
+
+    def __init__(self, arm: A.Arm, coin_gen: torch.Generator, caps=None) -> None:
+        self.arm, self.coin_gen, self.caps = arm, coin_gen, caps
 
     def new_batch(self) -> None:
         pass
@@ -57,7 +62,28 @@ class CleanRL(Controller):
         return False, float(kl) > self.arm.target_kl  # the pass's update stays applied
 
 
-CONTROLLERS = {"rnd": Coin, "sb3": SB3, "crl": CleanRL}  # every other kind: the gate (or nothing) decides
+class Caps(Controller):
+    """A rep:/cap: control: batch b applies caps[b] passes (every update it runs stays applied), then ends; a cap
+    of 0 (its source applied nothing in that batch) runs pass 1 and discards its update, as a close would."""
+
+    by = stop_by = "cap"
+
+    def __init__(self, arm, coin_gen, caps=None) -> None:
+        if not caps:
+            raise ValueError(f"{arm.name}: a control needs its per-batch caps (from its source unit)")
+        super().__init__(arm, coin_gen, list(caps))
+        self.b = -1
+
+    def new_batch(self) -> None:
+        self.b += 1
+
+    def after_step(self, k, kl):
+        cap = self.caps[self.b]
+        return cap == 0, k >= cap
+
+
+# every other kind: the gate (or nothing) decides
+CONTROLLERS = {"rnd": Coin, "sb3": SB3, "crl": CleanRL, "rep": Caps, "cap": Caps}
 
 
 def make_gate(model, args, threshold: float, max_reuse: int, stat: str, mode: str, params, target_kl=None,
@@ -76,9 +102,12 @@ def _drift(groups, init) -> dict[str, float]:
     return rel_changes(groups, init)
 
 
-def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(), record: bool = False) -> dict:
+def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(), record: bool = False,
+            caps=None, probe=None) -> dict:
     """One arm on one seed.  Ungated arms run one observer gate per rule in ``rules`` (the first drives
-    reuse_passes and is attached to the optimizer; none ever closes on a finite gradient)."""
+    reuse_passes and is attached to the optimizer; none ever closes on a finite gradient).  ``caps``: a control's
+    per-batch passes.  ``probe``: (prompts, answers) of the fresh validation set; a fixed arm then records its
+    greedy accuracy before and after every pass (``val_before``, ``val_after``: the "this pass hurt" label)."""
     torch.manual_seed(seed)
     model = policy.make_model(args, task).to(dev)
     model.load_state_dict(init_state)
@@ -103,7 +132,11 @@ def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(
     prompt_gen = torch.Generator().manual_seed(10_000 + seed)  # the same prompt stream for every arm of a seed
     coin_gen = torch.Generator().manual_seed(30_000 + seed)
     sample_gen = torch.Generator(device=dev).manual_seed(20_000 + seed)
-    ctrl = CONTROLLERS.get(arm.kind, Controller)(arm, coin_gen)
+    ctrl = CONTROLLERS.get(arm.kind, Controller)(arm, coin_gen, caps)
+    paper = A.rule_name(A.PAPER, "step")  # the paper rule's observer: its z per test is logged for every pass
+    val = probe is not None and arm.kind == "fixed"
+    val_prev = policy.accuracy(model, *probe) if val else None
+    val_start = val_prev
     init = snapshot(groups)
     n_per_batch = args.prompts * args.group
     updates, curve = [], [(0, 0.0, policy.accuracy(model, *heldout))]
@@ -140,6 +173,8 @@ def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(
                 break
             opt.zero_grad(set_to_none=False)
             loss.backward()
+            gnorm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
             if kl_gate:
                 gate.observe_kl(akl)
             gate.step()
@@ -153,15 +188,25 @@ def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(
             s = gate.stats()  # the benchmark's own host reads, outside gate.step()
             gate_closed = bool(s["closed"])
             u.update(grad_norm=float(s["norm"]), z=float(s["z"]), closed=gate_closed or discard,
-                     by=("gate" if gate_closed else "coin" if discard else ""), rel_change=rel_changes(groups, before))
+                     by=("gate" if gate_closed else ctrl.by if discard else ""), rel_change=rel_changes(groups, before))
+            # the per-pass signals of the SmolLM2 study (llm.py): lm_head energy, global gradient norm, lm_head share
+            u.update(energy=float(s["energy"]), global_grad_norm=gnorm,
+                     head_share=float(s["norm"]) / max(gnorm, 1e-30))
             if "z_energy" in s:
                 u["z_energy"], u["z_increment"] = float(s["z_energy"]), float(s["z_increment"])
             if kl_gate and "kl" in s:
                 u["gate_kl"] = float(s["kl"])
             if stop and not discard:
-                u["by"] = "kl-after"  # CleanRL: the update stays, the batch ends
+                u["by"] = ctrl.stop_by  # CleanRL (or a control's cap): the update stays, the batch ends
             if not arm.gated:
                 u["obs_z"] = {rname: float(g.stats()["z"]) for rname, g in gates.items()}
+                if paper in gates:
+                    ps = gates[paper].stats()
+                    u["paper_z"], u["paper_z_energy"], u["paper_z_increment"] = (
+                        float(ps["z"]), float(ps["z_energy"]), float(ps["z_increment"]))
+            if val:  # greedy decoding on fixed prompts: no generator is drawn from, the run is unchanged
+                u["val_before"] = val_prev
+                u["val_after"] = val_prev = policy.accuracy(model, *probe)
             updates.append(u)
             prev = cur
             if stop:
@@ -181,6 +226,10 @@ def run_arm(arm: A.Arm, seed: int, init_state, task, heldout, args, dev, rules=(
            "drift": drift, "main_rule": main_rule, "backend": gate.backend}
     if recorders:
         res["recorders"] = recorders
+    if caps is not None:
+        res["caps"] = list(caps)
+    if val:
+        res["val_start"] = val_start
     return res
 
 
@@ -190,27 +239,33 @@ def _rates(rec, thresholds) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- units over worker processes
 
-_CTX: dict = {}  # what every unit shares (checkpoint, task, held-out set, flags): set before the workers fork
+_CTX: dict = {}  # what every unit shares (checkpoints, task, held-out set, flags): set before the workers fork
 
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def checkpoint_for(init_states: list, seed: int):
+    """Seed s starts from warm-up checkpoint s mod N (N = len(init_states); one checkpoint: every seed)."""
+    return init_states[seed % len(init_states)]
+
+
 def _calib_unit(k: int, rules) -> dict:
     c = _CTX
     t0 = time.perf_counter()
-    r = run_arm(A.Arm(f"fixed K={k}", k), c["args"].calib_seed, c["init_state"], c["task"], c["heldout"], c["args"],
-                c["dev"], rules, record=True)
+    seed = c["args"].calib_seed
+    r = run_arm(A.Arm(f"fixed K={k}", k), seed, checkpoint_for(c["init_states"], seed), c["task"], c["heldout"],
+                c["args"], c["dev"], rules, record=True)
     return {"k": k, "recorders": r["recorders"], "acc": [r["curve"][0][2], r["curve"][-1][2]],
             "seconds": time.perf_counter() - t0}
 
 
-def _arm_unit(arm: A.Arm, seed: int, cal_thresholds: tuple = ()) -> dict:
+def _arm_unit(arm: A.Arm, seed: int, cal_thresholds: tuple = (), caps=None) -> dict:
     c = _CTX
     t0 = time.perf_counter()
-    r = run_arm(arm, seed, c["init_state"], c["task"], c["heldout"], c["args"], c["dev"], c["rules"],
-                record=c["record"] and arm.kind == "fixed")
+    r = run_arm(arm, seed, checkpoint_for(c["init_states"], seed), c["task"], c["heldout"], c["args"], c["dev"],
+                c["rules"], record=c["record"] and arm.kind == "fixed", caps=caps, probe=c.get("probe"))
     recs = r.pop("recorders", {})
     if recs:
         r["close_rates"] = {q: _rates(rec, CAL_GRID + tuple(cal_thresholds)) for q, rec in recs.items()}
@@ -218,13 +273,19 @@ def _arm_unit(arm: A.Arm, seed: int, cal_thresholds: tuple = ()) -> dict:
     return r
 
 
-def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=print) -> tuple[list, list, float]:
+def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=print,
+            probe=None) -> tuple[list, list, float]:
     """Calibrate the cal arms, then every (arm, seed) unit; returns (runs in (seed, arm) order, calibration
-    records, calibration seconds).  With args.jobs > 1 the units run in that many forked workers, one
-    thread each; the order they finish in does not change the results."""
+    records, calibration seconds).  ``init_state``: one checkpoint, or a list of them (seed s starts from
+    checkpoint s mod N).  A rep:/cap: control runs once its source unit on the same seed has finished (its
+    caps come from that unit).  With args.jobs > 1 the units run in that many forked workers, one thread
+    each; the order they finish in does not change the results."""
+    from . import controls
+
+    init_states = list(init_state) if isinstance(init_state, (list, tuple)) else [init_state]
     _CTX.clear()
-    _CTX.update(init_state=init_state, task=task, heldout=heldout, args=args, dev=dev, rules=rules,
-                record=A.calibration_module() is not None)
+    _CTX.update(init_states=init_states, task=task, heldout=heldout, args=args, dev=dev, rules=rules,
+                record=A.calibration_module() is not None, probe=probe)
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
     _warm_imports(arms, dev)  # every module a unit needs is loaded before the workers fork
     pool = None
@@ -237,19 +298,33 @@ def run_all(arms: list[A.Arm], init_state, task, heldout, args, dev, rules, log=
         calib_s = time.perf_counter() - t_cal
         cal_thr = tuple(a.threshold for a in arms if a.kind == "cal")  # passed along: the workers forked earlier
         units = [(seed, i) for seed in range(args.seeds) for i in range(len(arms))]
-        # longest first (more reuse = more passes) so the workers finish together
-        order = sorted(units, key=lambda u: -arms[u[1]].max_reuse)
+        index = {a.name: i for i, a in enumerate(arms)}
+        source = {i: index[a.source] for i, a in enumerate(arms) if a.control}  # control -> its source arm
+
+        def caps_of(seed, i):
+            return controls.control_caps(arms[i].kind, done[(seed, source[i])], seed, args.batches)
+
         done = {}
         if pool is None:
-            for seed, i in units:
-                done[(seed, i)] = _arm_unit(arms[i], seed, cal_thr)
+            for seed, i in [u for u in units if u[1] not in source] + [u for u in units if u[1] in source]:
+                caps = caps_of(seed, i) if i in source else None
+                done[(seed, i)] = _arm_unit(arms[i], seed, cal_thr, caps)
                 _log_run(done[(seed, i)], log)
         else:
-            futs = {pool.submit(_arm_unit, arms[i], seed, cal_thr): (seed, i) for seed, i in order}
-            from concurrent.futures import as_completed
-            for f in as_completed(futs):
-                done[futs[f]] = f.result()
-                _log_run(done[futs[f]], log)
+            from concurrent.futures import FIRST_COMPLETED, wait
+            # sources first, longest first (more reuse = more passes) so the workers finish together; each
+            # control is submitted as soon as its source unit is done
+            first = sorted((u for u in units if u[1] not in source), key=lambda u: -arms[u[1]].max_reuse)
+            futs = {pool.submit(_arm_unit, arms[i], seed, cal_thr): (seed, i) for seed, i in first}
+            while futs:
+                ready, _ = wait(futs, return_when=FIRST_COMPLETED)
+                for f in sorted(ready, key=lambda f: futs[f]):
+                    seed, i = futs.pop(f)
+                    done[(seed, i)] = f.result()
+                    _log_run(done[(seed, i)], log)
+                    for c, src in source.items():
+                        if src == i:
+                            futs[pool.submit(_arm_unit, arms[c], seed, cal_thr, caps_of(seed, c))] = (seed, c)
         return [done[u] for u in units], calib, calib_s
     finally:
         if pool is not None:

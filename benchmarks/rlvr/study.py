@@ -5,8 +5,11 @@ then one summary (rlvr_study.md) across the three from their results JSONs.
                                                                         # 61 min measured (2 cores, shared)
     python benchmarks/rlvr/study.py --config gpu --out benchmarks/results/gpu   # not run: no GPU here
     python benchmarks/rlvr/study.py --summary-only --out benchmarks/results   # rewrite the summary only
+    python benchmarks/rlvr/study.py --design controls --out benchmarks/results   # the controls design (not run
+                                                    # yet; estimated 1.5 h here): into benchmarks/results/controls/
 
-Each variant is one run of benchmarks/rlvr_reuse.py (the same flags); its own md/json/png go to --out.
+Each variant is one run of benchmarks/rlvr_reuse.py (the same flags); its own md/json/png go to --out (a design's
+into --out/<design>/, so the committed results are never overwritten).
 """
 from __future__ import annotations
 
@@ -21,9 +24,34 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from benchmarks.rlvr import analysis as AN  # noqa: E402
+from benchmarks.rlvr import arms as A  # noqa: E402
 from benchmarks.rlvr import cli, report  # noqa: E402
 
 VARIANTS = {"addition": [], "reverse": ["--task", "reverse"], "reverse-tied": ["--task", "reverse", "--tied"]}
+
+# The controls design: the SmolLM2 study's (benchmarks/rlvr/llm_plan.md) on the small tasks.  Fixed K = 1, 2, 4, 8;
+# the K=4 arms back in (the paper's rule at t=0.3 with max reuse 4, the gate's KL stop at K=4) beside their K=8
+# twins, the calibrated arm and the two KL stops of the loop (stable-baselines3, CleanRL); a replay and a cap
+# control of every adaptive arm (arms.with_controls); 256 fresh validation prompts measured before and after every
+# pass of the fixed arms (the AUROC labels); 6 seeds over 3 warm-up checkpoints (seed s from checkpoint s mod 3).
+DESIGN_BASE_ARMS = ("k1,k2,k4,k8,dgg4@0.3:paper,dgg8@0.3:paper,dkl4@0.01,dkl8@0.01,cal8@0.5:paper,sb38@0.01,"
+                    "crl8@0.01")
+DESIGNS = {"controls": dict(arms=A.with_controls(DESIGN_BASE_ARMS), probe=256, warmups=3, seeds=6)}
+# --quick: the same arms at the quick sizes; 2 seeds over 2 warm-ups, 16 validation prompts (1-digit addition
+# has ~28 prompts outside its quick evaluation set)
+DESIGNS_QUICK = {"controls": dict(probe=16, warmups=2, seeds=2)}
+# Estimated, not measured (the design has not run).  A --quick smoke of it (python benchmarks/rlvr/study.py
+# --design controls --quick --jobs 2 --no-plots, 2026-12-05, on the 2-core CPU shared with other work): 25 arms x 2
+# seeds per variant, 0.1-0.9 s per unit; addition 14 s, reverse 35 s, reverse tied 26 s, 83 s wall in all.  The quick
+# sizes say little about the full ones, so the full estimate scales the committed 2026-12-01 runs (same machine,
+# --jobs 2): per unit a + b x (passes run), fitted per variant (addition a 3.3 s, b 0.124 s; reverse 4.7 s, 0.110 s;
+# reverse tied 5.6 s, 0.131 s); each arm's passes per batch from those runs (a K=4 arm: its K=8 twin's, at most 4; a
+# control: its source's applied passes); plus, per fixed-arm pass, one greedy pass over the 256 validation prompts
+# (measured: 15 ms addition, 61 ms reverse); 6 seeds, 3 warm-ups, 2 workers; plus the controls analysis's bootstraps
+# (measured on constructed runs of the full size: 154 s for addition's 3,300 passes >= 2, ~90 s for each reverse).
+# That gives addition ~34 min, reverse ~27 min, reverse tied ~31 min: about 1.5 h wall.
+DESIGN_TIME_NOTE = ("estimated, not run: about 1.5 h wall at --jobs 2 on the 2-core CPU that ran the committed "
+                    "study (addition ~34 min, reverse ~27, reverse tied ~31)")
 
 
 def variant_stem(name: str, quick: bool) -> str:
@@ -153,6 +181,17 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
             seen = report.findings(an, report.eval_label(ras[n]))
             L += [f"### {n}", ""] + [f"- {x}" for x in seen
                                      if x.startswith(("**DWD", "**Does the lm_head", "**Does reuse", "**Does z"))] + [""]
+    ctl = {n: os.path.join(out, f"{variant_stem(n, quick)}_controls.json") for n in data}
+    ctl = {n: p for n, p in ctl.items() if os.path.exists(p)}
+    if ctl:  # the controls design (controls.py): its verdict per variant, from <stem>_controls.json
+        from benchmarks.rlvr import controls
+
+        L += ["## The controls design: replay and cap controls, AUROCs for \"this pass hurt\"", ""]
+        for n, p in ctl.items():
+            with open(p) as f:
+                can = json.load(f)
+            L += [f"### {n} ([{os.path.basename(p)[:-5]}.md]({os.path.basename(p)[:-5]}.md))", ""]
+            L += [f"- {x}" for x in controls.verdict(can)] + [""]
     path = os.path.join(out, "rlvr_study_quick.md" if quick else "rlvr_study.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
@@ -167,8 +206,18 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--quick", action="store_true", help="every variant with --quick")
     ap.add_argument("--summary-only", action="store_true", help="no runs: rewrite the summary from the JSONs in --out")
+    ap.add_argument("--design", choices=sorted(DESIGNS), default=None,
+                    help="a study design other than the committed one: its arms, seeds, warm-ups and validation set "
+                         "(flags after it still win), its results in --out/<design>/; controls: "
+                         + DESIGN_TIME_NOTE)
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = ap.parse_known_args(argv)
+    design = []
+    if args.design:
+        d = {**DESIGNS[args.design], **(DESIGNS_QUICK[args.design] if args.quick else {})}
+        design = [x for k, v in d.items() for x in (f"--{k}", str(v))]
+        args.out = os.path.join(args.out, args.design)
+        os.makedirs(args.out, exist_ok=True)
     names = [v for v in args.variants.split(",") if v]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
@@ -176,7 +225,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if not args.summary_only:
         for n in names:
-            argv_n = ["--config", args.config, "--out", args.out, *VARIANTS[n], *rest]
+            argv_n = ["--config", args.config, "--out", args.out, *VARIANTS[n], *design, *rest]
             if args.jobs is not None:
                 argv_n += ["--jobs", str(args.jobs)]
             if args.quick:
