@@ -1,4 +1,4 @@
-// The gate's finalize (dgg_kernels/backends/torch_ref.py finalize_reference), written once for both
+// The gate's finalize (dgg_kernels/backends/finalize.py, the Python form), written once for both
 // compilers: nvcc compiles it into the fused kernels (gate_step.cu), the host compiler into the CPU build
 // that CI runs against the plain-Python model (csrc/cpu/finalize_cpu.cpp).  No torch headers here.
 //
@@ -37,7 +37,7 @@ DGG_HD inline double mul_rn(double a, double b) {
 #endif
 }
 
-// One Z-score test (torch_ref._window_test): mean and population std of the
+// One Z-score test (dgg_kernels/backends/finalize.py _window_test): mean and population std of the
 // `count` filled slots of `ring`, z = (stat - mean) / (std + eps) once the
 // window is full, else 0.  Float64, in slot order, without fused multiply-adds.
 struct WindowTest {

@@ -53,9 +53,9 @@ _ACC_ENERGY, _ACC_KL = tl.constexpr(S.ACC_ENERGY), tl.constexpr(S.ACC_KL)
 
 @triton.jit
 def _window_z(ring_ptr, count, stat, eps, WINDOW: tl.constexpr):
-    # One Z-score test (torch_ref._window_test): mean and population std of the
+    # One Z-score test (finalize._window_test): mean and population std of the
     # count filled slots of the ring at ring_ptr, z once the window is full.
-    # Both sums run left to right in slot order (torch_ref.slot_order_sum), not
+    # Both sums run left to right in slot order (finalize._sum_slots), not
     # as tl.sum's tree: every form of the finalize adds in this one order.  The
     # launches pass enable_fp_fusion=False, so d * d + total is not contracted
     # into a fused multiply-add (which rounds once, where the others round twice).
