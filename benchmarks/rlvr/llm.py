@@ -331,7 +331,15 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
 def meta() -> dict:
     import transformers
 
-    return dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, transformers=transformers.__version__,
+    import subprocess
+
+    try:  # the code that ran the unit (a unit that started before a commit still records the one it ran)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except Exception:
+        commit = None
+    return dict(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
+                transformers=transformers.__version__,
                 dgg_kernels=dgg.__version__, machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads(), model=f"{GGUF_PACKAGE}/{GGUF_FILE}")
 
@@ -374,8 +382,9 @@ def main(argv=None) -> int:
                     print(f"{spec} s{seed}: {src} has not run yet: skipped")
                     continue
                 caps = control_caps(arm["kind"], json.loads(src.read_text()), seed)
+            started = meta()
             res = run_unit(spec, seed, st, task, caps=caps)
-            res["meta"] = meta()
+            res["meta"] = {**meta(), "commit_at_start": started["commit"]}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(path)
