@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import statistics
 
 import torch
@@ -139,68 +138,16 @@ def to_units(res: dict) -> list[dict]:
     return out
 
 
-def _finite_rows(rows: list[tuple]) -> tuple[list[tuple], int]:
-    keep = [x for x in rows if all(math.isfinite(float(x[1][s])) for s in LA.SIGNALS)]
-    return keep, len(rows) - len(keep)
-
-
-def minus_pass_index(rows: list[tuple], seed: int = 1) -> dict:
-    """Per signal: AUROC minus the pass index's AUROC on the same passes, with a 95% CI from one batch bootstrap
-    (the same resampled batches for both; llm_analysis.auroc).  ``beyond``: the CI excludes 0."""
-    labels = [h for _, _, h in rows]
-    clusters: dict = {}
-    for i, (c, _, _) in enumerate(rows):
-        clusters.setdefault(c, []).append(i)
-    keys = list(clusters)
-    rng = random.Random(seed)
-    draws = [[i for k in (rng.choice(keys) for _ in keys) for i in clusters[k]] for _ in range(LA.N_BOOT)]
-    base = [float(r["pass_"]) for _, r, _ in rows]
-    b = LA.auroc(base, labels)
-    base_boot = [LA.auroc([base[i] for i in idx], [labels[i] for i in idx]) for idx in draws] if b is not None else []
-    out = {}
-    for sig in LA.SIGNALS:
-        if sig == "pass_":
-            continue
-        sc = [float(r[sig]) for _, r, _ in rows]
-        a = LA.auroc(sc, labels)
-        if a is None or b is None:
-            out[sig] = {"diff": None, "ci95": None, "beyond": False}
-            continue
-        boots = []
-        for idx, y in zip(draws, base_boot):
-            x = LA.auroc([sc[i] for i in idx], [labels[i] for i in idx])
-            if x is not None and y is not None:
-                boots.append(x - y)
-        boots.sort()
-        ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 40 else None
-        out[sig] = {"diff": a - b, "ci95": ci, "beyond": ci is not None and (ci[0] > 0 or ci[1] < 0)}
-    return out
-
-
 def auroc(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False, baseline: bool = False) -> dict:
     """llm_analysis.auroc_table over llm_analysis.pass_rows of ``units`` (passes with a non-finite signal left
     out, counted in ``dropped_non_finite``); ``baseline``: also each signal minus the pass index (minus_pass_index).
     A signal that "knows" in the other direction (AUROC below 0.5) is as useful as one above: 1 - AUROC."""
-    rows, dropped = _finite_rows(LA.pass_rows(units, min_pass=min_pass, drop_zero_grad=drop_zero_grad))
+    rows, dropped = LA.finite_rows(LA.pass_rows(units, min_pass=min_pass, drop_zero_grad=drop_zero_grad))
     t = LA.auroc_table(rows)
     t["dropped_non_finite"] = dropped
     if baseline:
-        t["minus_pass_index"] = minus_pass_index(rows)
+        t["minus_pass_index"] = LA.minus_pass_index(rows)
     return t
-
-
-def loso_best_fixed(arm_final: dict, fixed_final: dict[str, dict]) -> dict:
-    """Per seed s of the arm: the fixed K with the best mean final accuracy over the other seeds (llm_analysis's
-    rule), and the arm minus that K on s; ``paired``: llm_analysis.paired of the arm against the chosen Ks."""
-    per = {}
-    for s in sorted(arm_final):
-        others = {k: [v[t] for t in v if t != s] for k, v in fixed_final.items() if s in v}
-        others = {k: x for k, x in others.items() if x}
-        if others:
-            best = max(others, key=lambda k: statistics.fmean(others[k]))
-            per[s] = {"best_fixed": best, "diff": arm_final[s] - fixed_final[best][s]}
-    chosen = {s: fixed_final[v["best_fixed"]][s] for s, v in per.items()}
-    return {"per_seed": per, "paired": LA.paired({s: arm_final[s] for s in per}, chosen)}
 
 
 def analyse(res: dict) -> dict:
@@ -232,7 +179,7 @@ def analyse(res: dict) -> dict:
     out["auroc_all_passes"] = auroc(fixed_units, min_pass=1)
     out["auroc_by_arm"] = {}  # point estimates only (the pooled tables carry the CIs)
     for a in fixed:
-        rows, _ = _finite_rows(LA.pass_rows([u for u in fixed_units if u["arm"] == a]))
+        rows, _ = LA.finite_rows(LA.pass_rows([u for u in fixed_units if u["arm"] == a]))
         if k[a] > 1:
             labels = [h for _, _, h in rows]
             out["auroc_by_arm"][a] = {"n_passes": len(rows), "n_hurt": sum(labels), "signals": {
@@ -248,7 +195,7 @@ def analyse(res: dict) -> dict:
                 c[f"minus_{kind}"] = {m: LA.paired(v[m], arms[ctl][m]) for m in ("final", "auc")}
                 c[f"{kind}_mean_applied_passes"] = arms[ctl]["mean_applied_passes"]
         if fixed:
-            c["minus_best_fixed_loso"] = {m: loso_best_fixed(v[m], {f: arms[f][m] for f in fixed})
+            c["minus_best_fixed_loso"] = {m: LA.loso_best_fixed(v[m], {f: arms[f][m] for f in fixed})
                                           for m in ("final", "auc")}
         adaptive[a] = c
     out["adaptive"] = adaptive

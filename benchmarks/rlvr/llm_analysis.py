@@ -14,6 +14,8 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 SIGNALS = ("z", "z_energy", "z_increment", "energy", "increment", "head_grad_norm", "grad_norm", "head_share",
            "kl_k3", "clipfrac", "pass_")  # pass_: the pass index itself, the baseline every signal must beat
 N_BOOT = 2000
@@ -36,24 +38,20 @@ def mean_applied(u: dict) -> float:
     return statistics.fmean(b["applied_passes"] for b in u["batches"])
 
 
-def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney); None without both."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
+def auroc(scores, labels) -> float | None:
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney, with average ranks
+    over ties); None without both classes."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return None
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):  # average ranks over ties
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = sum(r for r, y in zip(ranks, labels) if y)
-    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    order = np.argsort(s, kind="mergesort")
+    _, inverse, counts = np.unique(s[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = np.empty(len(s))
+    ranks[order] = (ends - (counts - 1) / 2.0)[inverse]  # the average 1-based rank of each tie group
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False) -> list[tuple]:
@@ -73,21 +71,27 @@ def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False
     return out
 
 
-def auroc_table(rows: list[tuple], seed: int = 0) -> dict:
-    """Per signal: AUROC for "the pass hurt" and a 95% bootstrap CI resampling batches (clusters)."""
-    labels = [h for _, _, h in rows]
+def bootstrap_draws(rows: list[tuple], seed: int) -> list[list[int]]:
+    """N_BOOT resamples of ``rows`` by batch (cluster): each draws as many batches as there are, with
+    replacement, and takes every pass of each; a list of row indices per resample."""
     clusters: dict = {}
     for i, (c, _, _) in enumerate(rows):
         clusters.setdefault(c, []).append(i)
     keys = list(clusters)
     rng = random.Random(seed)
-    table = {"n_passes": len(rows), "n_hurt": sum(labels), "n_batches": len(keys), "signals": {}}
+    return [[i for k in (rng.choice(keys) for _ in keys) for i in clusters[k]] for _ in range(N_BOOT)]
+
+
+def auroc_table(rows: list[tuple], seed: int = 0) -> dict:
+    """Per signal: AUROC for "the pass hurt" and a 95% bootstrap CI resampling batches (bootstrap_draws)."""
+    labels = [h for _, _, h in rows]
+    draws = bootstrap_draws(rows, seed) if rows else []
+    table = {"n_passes": len(rows), "n_hurt": sum(labels), "n_batches": len({c for c, _, _ in rows}), "signals": {}}
     for sig in SIGNALS:
         scores = [float(r[sig]) for _, r, _ in rows]
         point = auroc(scores, labels)
         boots = []
-        for _ in range(N_BOOT if point is not None else 0):
-            idx = [i for k in (rng.choice(keys) for _ in keys) for i in clusters[k]]
+        for idx in (draws if point is not None else []):
             a = auroc([scores[i] for i in idx], [labels[i] for i in idx])
             if a is not None:
                 boots.append(a)
@@ -96,6 +100,40 @@ def auroc_table(rows: list[tuple], seed: int = 0) -> dict:
         table["signals"][sig] = {"auroc": point, "ci95": ci,
                                  "knows": ci is not None and (ci[0] > 0.5 or ci[1] < 0.5)}
     return table
+
+
+def finite_rows(rows: list[tuple]) -> tuple[list[tuple], int]:
+    """The rows whose every signal is finite, and how many were left out."""
+    keep = [x for x in rows if all(math.isfinite(float(x[1][s])) for s in SIGNALS)]
+    return keep, len(rows) - len(keep)
+
+
+def minus_pass_index(rows: list[tuple], seed: int = 1) -> dict:
+    """Per signal: AUROC minus the pass index's AUROC on the same passes, with a 95% CI from one batch bootstrap
+    (the same resampled batches for both; llm_analysis.auroc).  ``beyond``: the CI excludes 0."""
+    labels = [h for _, _, h in rows]
+    draws = bootstrap_draws(rows, seed)
+    base = [float(r["pass_"]) for _, r, _ in rows]
+    b = auroc(base, labels)
+    base_boot = [auroc([base[i] for i in idx], [labels[i] for i in idx]) for idx in draws] if b is not None else []
+    out = {}
+    for sig in SIGNALS:
+        if sig == "pass_":
+            continue
+        sc = [float(r[sig]) for _, r, _ in rows]
+        a = auroc(sc, labels)
+        if a is None or b is None:
+            out[sig] = {"diff": None, "ci95": None, "beyond": False}
+            continue
+        boots = []
+        for idx, y in zip(draws, base_boot):
+            x = auroc([sc[i] for i in idx], [labels[i] for i in idx])
+            if x is not None and y is not None:
+                boots.append(x - y)
+        boots.sort()
+        ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 40 else None
+        out[sig] = {"diff": a - b, "ci95": ci, "beyond": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+    return out
 
 
 def paired(xs: dict, ys: dict) -> dict:
@@ -148,9 +186,11 @@ def analyse(units: list[dict]) -> dict:
     out["dwd_head_over_body_by_pass"] = {k: statistics.median(v) for k, v in sorted(dwd.items())}
     # 2. threshold-free knowing: AUROCs over the fixed arms' passes >= 2
     fixed_units = [u for u in units if u["arm"] in fixed]
-    out["auroc"] = auroc_table(pass_rows(fixed_units))
-    out["auroc_without_zero_grad"] = auroc_table(pass_rows(fixed_units, drop_zero_grad=True))
-    out["auroc_all_passes"] = auroc_table(pass_rows(fixed_units, min_pass=1))
+    for key, kw in (("auroc", {}), ("auroc_without_zero_grad", {"drop_zero_grad": True}),
+                    ("auroc_all_passes", {"min_pass": 1})):
+        rows, dropped = finite_rows(pass_rows(fixed_units, **kw))
+        out[key] = {**auroc_table(rows), "dropped_non_finite": dropped}
+    out["auroc"]["minus_pass_index"] = minus_pass_index(finite_rows(pass_rows(fixed_units))[0])
     # 3. adaptive arms against their controls and the best fixed K (chosen leave-one-seed-out)
     adaptive = [a for a in arms if a.startswith(("dgg", "kl"))]
     cmp = {}
@@ -161,17 +201,24 @@ def analyse(units: list[dict]) -> dict:
             if name in arms:
                 c[f"minus_{ctl}"] = {"final": paired(arms[a]["final"], arms[name]["final"]),
                                      "auc": paired(arms[a]["auc"], arms[name]["auc"])}
-        loso = {}
-        for s in arms[a]["seeds"]:
-            others = {k: [arms[k]["final"][t] for t in arms[k]["seeds"] if t != s] for k in fixed}
-            others = {k: v for k, v in others.items() if v and s in arms[k]["final"]}
-            if others:
-                best = max(others, key=lambda k: statistics.fmean(others[k]))
-                loso[s] = {"best_fixed": best, "diff": arms[a]["final"][s] - arms[best]["final"][s]}
-        c["minus_best_fixed_loso"] = loso
+        c["minus_best_fixed_loso"] = loso_best_fixed(arms[a]["final"], {k: arms[k]["final"] for k in fixed})["per_seed"]
         cmp[a] = c
     out["adaptive"] = cmp
     return out
+
+
+def loso_best_fixed(arm_final: dict, fixed_final: dict[str, dict]) -> dict:
+    """Per seed s of the arm: the fixed K with the best mean final accuracy over the other seeds (llm_analysis's
+    rule), and the arm minus that K on s; ``paired``: llm_analysis.paired of the arm against the chosen Ks."""
+    per = {}
+    for s in sorted(arm_final):
+        others = {k: [v[t] for t in v if t != s] for k, v in fixed_final.items() if s in v}
+        others = {k: x for k, x in others.items() if x}
+        if others:
+            best = max(others, key=lambda k: statistics.fmean(others[k]))
+            per[s] = {"best_fixed": best, "diff": arm_final[s] - fixed_final[best][s]}
+    chosen = {s: fixed_final[v["best_fixed"]][s] for s, v in per.items()}
+    return {"per_seed": per, "paired": paired({s: arm_final[s] for s in per}, chosen)}
 
 
 def _f(x, nd=3):
