@@ -289,6 +289,15 @@ def markdown(res: dict) -> str:
             ci = f"{v['ci95'][0]:.2f}..{v['ci95'][1]:.2f}" if v["ci95"] else "n/a"
             out.append(f"| {s} | {_f(v['auroc'], 2)} | {ci} |")
         out.append("")
+    mpi = res["auroc"].get("minus_pass_index", {})
+    if mpi:
+        out += ["## Each signal's AUROC minus the pass index's (passes >= 2; the same resampled batches)", "",
+                "A signal that only tracks how many passes have run does no better than the pass index itself.", "",
+                "| signal | AUROC minus pass index | 95% CI |", "|---|---|---|"]
+        for s, v in mpi.items():
+            ci = f"{v['ci95'][0]:+.2f}..{v['ci95'][1]:+.2f}" if v["ci95"] else "n/a"
+            out.append(f"| {s} | {_f(v['diff'], 2)} | {ci} |")
+        out.append("")
     return "\n".join(out) + "\n"
 
 
