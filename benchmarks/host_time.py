@@ -149,7 +149,7 @@ def build_rows(device, args) -> list[dict]:
 def stubbed(make):
     """``make`` with the Triton kernels replaced by no-op launchers that look compiled, so the direct-launch path
     runs: what remains is this package's Python per step (CPU only; --stub-launches)."""
-    from dgg_kernels.backends import triton_fused as TF
+    from dgg_kernels.backends import triton_launch as TL  # the launch layer: where the kernels are launched from
 
     class Compiled:
         def __getitem__(self, grid):
@@ -164,8 +164,8 @@ def stubbed(make):
 
     def wrapped():
         for name in ("_gate_step_kernel", "_gate_mask_kernel", "_gate_finalize_kernel"):
-            setattr(TF, name, Kernel(getattr(TF, name)))
-        TF._CompiledKernel = Compiled
+            setattr(TL, name, Kernel(getattr(TL, name)))
+        TL._CompiledKernel = Compiled
         torch.cuda.current_device = lambda: 0
         return make()
 

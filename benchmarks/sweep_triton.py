@@ -53,7 +53,8 @@ def _shape(name, shape, dtype) -> tuple[int, int]:
 
 
 def measure(device, args, budget, floor_GBps) -> list[dict]:
-    from dgg_kernels.backends.triton_fused import CUDA_CONFIGS, LaunchConfig, TritonBackend
+    from dgg_kernels.backends.triton_fused import TritonBackend
+    from dgg_kernels.backends.triton_launch import CUDA_CONFIGS, LaunchConfig
     from dgg_kernels.config import GateConfig
     from dgg_kernels import state as S
     from dgg_kernels.state import GateState

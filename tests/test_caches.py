@@ -26,7 +26,7 @@ import torch
 import dgg_kernels as dgg
 from dgg_kernels import inputs
 from dgg_kernels.backends import cuda_ext
-from dgg_kernels.backends import triton_fused as TF
+from dgg_kernels.backends import triton_launch as TL
 from dgg_kernels.backends.base import MaskPlan
 from contract import assert_unchanged, backends_for, snapshot
 from sequences import bit_equal
@@ -319,11 +319,11 @@ def test_triton_launches_run_under_a_guard_for_the_gates_device(monkeypatch):
             return False
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
-    with TF._on(torch.device("cuda", 1)):
+    with TL._on(torch.device("cuda", 1)):
         pass
-    with TF._on(torch.device("cuda", 0)):
+    with TL._on(torch.device("cuda", 0)):
         pass
-    with TF._on(torch.device("cpu")):
+    with TL._on(torch.device("cpu")):
         pass
     assert entered == [1]
 
@@ -333,7 +333,7 @@ def test_every_triton_launch_site_is_guarded(monkeypatch):
     import contextlib
 
     seen = []
-    monkeypatch.setattr(TF, "_on", lambda device: seen.append(device) or contextlib.nullcontext())
+    monkeypatch.setattr(TL, "_on", lambda device: seen.append(device) or contextlib.nullcontext())
     w = torch.nn.Parameter(torch.randn(8))
     gate = dgg.DynamicGradientGate(w, backend="triton", window=2)
     w.grad = torch.randn(8)

@@ -14,6 +14,7 @@ import torch
 import dgg_kernels as dgg
 from dgg_kernels.backends import auto, resolve_backend, triton_usable
 from dgg_kernels.backends import triton_fused as TF
+from dgg_kernels.backends import triton_launch as TL
 from dgg_kernels.backends.base import MaskPlan
 from contract import backends_for
 
@@ -186,8 +187,8 @@ class _FakeJit:
 
 @pytest.fixture
 def fake_triton(monkeypatch):
-    monkeypatch.setattr(TF, "_CompiledKernel", _FakeCompiled)
-    monkeypatch.setattr(TF, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(TL, "_CompiledKernel", _FakeCompiled)
+    monkeypatch.setattr(TL, "_FAST_LAUNCH", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return _FakeJit()
 
@@ -195,7 +196,7 @@ def fake_triton(monkeypatch):
 def test_direct_launch_only_for_identical_arguments(fake_triton, monkeypatch):
     """The direct path's key is derived from every argument: any change of value, type, address or dtype,
     grid, warps or current device goes through the JIT."""
-    launch = TF._Launch(fake_triton)
+    launch = TL._Launch(fake_triton)
     a, b = torch.zeros(2), torch.zeros(2)
     launch((4,), 8, x=a, n=1, FLAG=True)
     launch((4,), 8, FLAG=True, n=1, x=a)                  # same arguments (any keyword order): direct
@@ -215,7 +216,7 @@ def test_direct_launch_only_for_identical_arguments(fake_triton, monkeypatch):
 
 
 def test_a_launch_with_a_missing_or_unknown_argument_raises(fake_triton):
-    launch = TF._Launch(fake_triton)
+    launch = TL._Launch(fake_triton)
     with pytest.raises(TypeError, match=r"missing arguments \['FLAG'\]"):
         launch((1,), 4, x=torch.zeros(1), n=1)
     with pytest.raises(TypeError, match=r"unknown \['extra'\]"):
@@ -226,7 +227,7 @@ def test_a_launch_with_a_missing_or_unknown_argument_raises(fake_triton):
 
 
 def test_a_refused_direct_launch_falls_back_to_the_jit_for_good(fake_triton):
-    launch = TF._Launch(fake_triton)
+    launch = TL._Launch(fake_triton)
     launch((1,), 4, x=1, n=1, FLAG=True)
 
     def refuse(*args):
@@ -235,23 +236,24 @@ def test_a_refused_direct_launch_falls_back_to_the_jit_for_good(fake_triton):
     launch.runner = refuse
     with pytest.warns(UserWarning, match="direct kernel launch failed"):
         launch((1,), 4, x=1, n=1, FLAG=True)
-    assert [e[0] for e in fake_triton.log] == ["jit", "jit"] and TF._FAST_LAUNCH is False
+    assert [e[0] for e in fake_triton.log] == ["jit", "jit"] and TL._FAST_LAUNCH is False
     launch((1,), 4, x=1, n=1, FLAG=True)
     assert [e[0] for e in fake_triton.log] == ["jit", "jit", "jit"]
 
 
 def test_the_interpreter_always_takes_the_jit_path():
-    assert TF._runner_of(None, (4,)) is None
-    assert TF._runner_of(object(), (4,)) is None
+    assert TL._runner_of(None, (4,)) is None
+    assert TL._runner_of(object(), (4,)) is None
 
 
 @needs_triton
 def test_gate_step_direct_launch_arguments_match_the_jit_call(fake_triton, monkeypatch):
     """The gate's second step with the same grads launches directly, with the JIT call's arguments."""
-    step = _FakeJit(TF._gate_step_kernel.arg_names, fake_triton.log)
-    mask = _FakeJit(TF._gate_mask_kernel.arg_names, fake_triton.log)
-    monkeypatch.setattr(TF, "_gate_step_kernel", step)
-    monkeypatch.setattr(TF, "_gate_mask_kernel", mask)
+    step = _FakeJit(TL._gate_step_kernel.arg_names, fake_triton.log)
+    mask = _FakeJit(TL._gate_mask_kernel.arg_names, fake_triton.log)
+    # the launch layer launches the kernels it imported from triton_kernels: patched where it looks them up
+    monkeypatch.setattr(TL, "_gate_step_kernel", step)
+    monkeypatch.setattr(TL, "_gate_mask_kernel", mask)
     w = torch.nn.Parameter(torch.empty(100))
     gate = dgg.DynamicGradientGate(w, backend="triton")
     w.grad = torch.randn(100)
@@ -268,17 +270,23 @@ def test_gate_step_direct_launch_arguments_match_the_jit_call(fake_triton, monke
 
 # ----------------------------------------------------------------------------- launch configuration
 def test_per_dtype_launch_configs(monkeypatch):
-    monkeypatch.setattr(TF, "_sm_count", lambda device: 100)
-    b = TF.TritonBackend(configs={torch.bfloat16: TF.LaunchConfig(block=8192, programs_per_sm=2, num_warps=16)})
-    lay = TF._DeviceLayout(b, torch.device("cuda", 0))
+    monkeypatch.setattr(TL, "_sm_count", lambda device: 100)
+    b = TF.TritonBackend(configs={torch.bfloat16: TL.LaunchConfig(block=8192, programs_per_sm=2, num_warps=16)})
+    lay = b._layout(torch.device("cuda", 0))
     assert lay.configs[torch.bfloat16] == (8192, 200, 16)
     assert lay.configs[torch.float32] == (4096, 400, 8)  # today's values by default
     assert lay.slots == 400  # one partials stride for every dtype: the largest grid
     assert lay.mask_programs == 200
-    forced = TF._DeviceLayout(TF.TritonBackend(block=1024, num_warps=4), torch.device("cuda", 0))
+    forced = TF.TritonBackend(block=1024, num_warps=4)._layout(torch.device("cuda", 0))
     assert set(forced.configs.values()) == {(1024, 400, 4)}
-    cpu = TF._DeviceLayout(TF.TritonBackend(block=64, cpu_programs=3), torch.device("cpu"))
+    cpu = TF.TritonBackend(block=64, cpu_programs=3)._layout(torch.device("cpu"))
     assert set(cpu.configs.values()) == {(64, 3, 1)} and cpu.slots == 3
+    # without a backend: the module's tables
+    plain = TL._DeviceLayout(torch.device("cuda", 0))
+    assert plain.configs == {dt: (c.block, c.programs_per_sm * 100, c.num_warps) for dt, c in TL.CUDA_CONFIGS.items()}
+    plain_cpu = TL._DeviceLayout(torch.device("cpu"))
+    c = TL.CPU_CONFIG
+    assert set(plain_cpu.configs.values()) == {(c.block, c.programs_per_sm, c.num_warps)}
 
 
 def test_sm_count_is_read_once_per_device(monkeypatch):
@@ -287,9 +295,9 @@ def test_sm_count_is_read_once_per_device(monkeypatch):
     class Props:
         multi_processor_count = 132
 
-    monkeypatch.setattr(TF, "_SM_COUNT", {})
+    monkeypatch.setattr(TL, "_SM_COUNT", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: calls.append(i) or Props())
-    assert TF._sm_count(torch.device("cuda", 0)) == 132 and TF._sm_count(torch.device("cuda", 0)) == 132
+    assert TL._sm_count(torch.device("cuda", 0)) == 132 and TL._sm_count(torch.device("cuda", 0)) == 132
     assert calls == [0]
 
 
@@ -434,7 +442,7 @@ def test_load_extension_without_build_never_builds(monkeypatch):
 @pytest.mark.parametrize("fast", [True, False], ids=["direct", "jit-only"])
 def test_triton_direct_launches_match_the_torch_backend_gpu(fast, monkeypatch):
     """Same grads at the same addresses (direct launches after the first step) and new grads every step."""
-    monkeypatch.setattr(TF, "_FAST_LAUNCH", fast)
+    monkeypatch.setattr(TL, "_FAST_LAUNCH", fast)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.empty(s, device="cuda", dtype=torch.bfloat16))
               for s in [(4096, 512), (300,), (17, 3), (1,)] * 5]

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import dgg_kernels as dgg
+from dgg_kernels import state as S
 from dgg_kernels.backends import triton_usable
+from dgg_kernels.config import GateConfig
+from dgg_kernels.state import GateState
 from semantics_model import play
 from sequences import (
     GATE_CONFIGS, NEW_SETTINGS, assert_stats_match, bit_equal, config_id, make_sequence, run_gate, same_records,
@@ -21,18 +24,52 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _gates(shapes, dtype, device, cfg, block=None):
+def _gates(shapes, dtype, device, cfg):
     """A torch-backend gate and a triton-backend gate on separate but equal parameters."""
     out = []
     for backend in ("torch", "triton"):
         mon = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device)) for s in shapes]
-        gate = dgg.DynamicGradientGate(mon, backend=backend, **cfg)
-        if backend == "triton" and block is not None:
-            from dgg_kernels.backends.triton_fused import TritonBackend
-
-            gate._backend = TritonBackend(block=block)
-        out.append(gate)
+        out.append(dgg.DynamicGradientGate(mon, backend=backend, **cfg))
     return out
+
+
+class _Driven:
+    """A backend driven without a gate, in the shape sequences.run_gate plays a sequence through.
+
+    Its own GateConfig and GateState (made as the gate makes them) and monitor
+    tensors, which are also the params it masks.  ``step()`` is the backend's
+    ``step`` on the monitor grads, then its ``mask`` on the params grads;
+    ``new_batch``, ``new_pass``, ``stats`` and ``should_stop`` are the gate's own
+    methods, which touch nothing but ``self.state``.
+    """
+
+    new_batch = dgg.DynamicGradientGate.new_batch
+    new_pass = dgg.DynamicGradientGate.new_pass
+    stats = dgg.DynamicGradientGate.stats
+    should_stop = dgg.DynamicGradientGate.should_stop
+
+    def __init__(self, backend, shapes, dtype, device, cfg):
+        self.backend = backend
+        self.config = c = GateConfig(**cfg)
+        self.state = GateState.new(c.window, c.threshold, c.eps, torch.device(device), n_rings=c.n_rings,
+                                   window_mode=c.window_mode, kl_limit=c.kl_limit)
+        self.monitor = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device)) for s in shapes]
+        self.params = self.monitor
+
+    def step(self):
+        self.backend.step([t.grad for t in self.monitor], self.state, self.config)
+        self.backend.mask(self.state.decision, [p.grad for p in self.params if p.grad is not None])
+        return self.state.decision.clone()
+
+
+def _torch_gate_and_triton(shapes, dtype, device, cfg, block):
+    """A torch-backend gate, and a TritonBackend(block=block) driven without a gate (_Driven), on separate but
+    equal parameters.  A small block gives the interpreter's few programs several blocks each (the stride loop)."""
+    from dgg_kernels.backends.triton_fused import TritonBackend
+
+    ref = dgg.DynamicGradientGate([torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device)) for s in shapes],
+                                  backend="torch", **cfg)
+    return ref, _Driven(TritonBackend(block=block), shapes, dtype, device, cfg)
 
 
 def _assert_parity(ref, got, want):
@@ -55,7 +92,7 @@ def _assert_parity(ref, got, want):
 def test_parity_with_torch_backend_cpu(cfg, dtype):
     shapes = [(61, 7), (3,)]  # two monitor tensors, odd sizes
     seq = make_sequence(11 + cfg["window"], 120, shapes, dtype)
-    ga, gb = _gates(shapes, dtype, "cpu", cfg, block=64)
+    ga, gb = _torch_gate_and_triton(shapes, dtype, "cpu", cfg, block=64)
     _assert_parity(run_gate(ga, seq), run_gate(gb, seq), play(cfg, seq))
 
 
@@ -64,7 +101,7 @@ def test_parity_new_settings_cpu(cfg):
     """The paper's rule, the batch window and the observer change only the finalize: float32, one tensor."""
     shapes = [(61, 7)]
     seq = make_sequence(17 + cfg["window"], 120, shapes, torch.float32)
-    ga, gb = _gates(shapes, torch.float32, "cpu", cfg, block=64)
+    ga, gb = _torch_gate_and_triton(shapes, torch.float32, "cpu", cfg, block=64)
     _assert_parity(run_gate(ga, seq), run_gate(gb, seq), play(cfg, seq))
     assert bit_equal(ga.state.ints, gb.state.ints)
 
@@ -74,7 +111,7 @@ def test_odd_sizes_cpu(numel):
     """1 element, block -1/+0/+1, and more blocks than programs (the stride loop)."""
     cfg = dict(window=3, threshold=0.2)
     seq = make_sequence(numel, 60, [(numel,)], torch.float32, p_new_batch=0.1)
-    ga, gb = _gates([(numel,)], torch.float32, "cpu", cfg, block=64)
+    ga, gb = _torch_gate_and_triton([(numel,)], torch.float32, "cpu", cfg, block=64)
     ref, got = run_gate(ga, seq), run_gate(gb, seq)
     for i, (a, b) in enumerate(zip(ref, got)):
         assert a["closed"] == b["closed"], i
@@ -87,23 +124,132 @@ def test_split_reduce_then_finalize_equals_fused_cpu():
     """reduce() -> (a collective would go here) -> finalize() gives the fused step's state bit for bit."""
     from dgg_kernels.backends.triton_fused import TritonBackend
 
-    seq = make_sequence(5, 40, [(97,), (5, 5)], torch.float32)
-    fused, split = _gates([(97,), (5, 5)], torch.float32, "cpu", dict(window=4))[1], None
-    mon = [torch.nn.Parameter(torch.empty(s)) for s in [(97,), (5, 5)]]
-    split = dgg.DynamicGradientGate(mon, backend="triton", window=4)
-    fused._backend = TritonBackend(block=32)
-    split._backend = TritonBackend(block=32)
-
     class SplitStep(TritonBackend):
         def step(self, grads, state, config):
             self.reduce(grads, state, config)
             self.finalize(state, config)
 
-    split._backend = SplitStep(block=32)
+    shapes = [(97,), (5, 5)]
+    seq = make_sequence(5, 40, shapes, torch.float32)
+    fused = _Driven(TritonBackend(block=32), shapes, torch.float32, "cpu", dict(window=4))
+    split = _Driven(SplitStep(block=32), shapes, torch.float32, "cpu", dict(window=4))
     ra, rb = run_gate(fused, seq), run_gate(split, seq)
     assert same_records(ra, rb)
     for k, v in fused.state.state_dict().items():
         assert bit_equal(v, split.state.state_dict()[k]), k
+
+
+# ----------------------------------------------------------------------------- the launch functions alone
+class _LaunchFunctions:
+    """A step made of triton_launch's plain functions (fresh caches each call): sumsq, finalize, mask."""
+
+    def step(self, grads, state, config):
+        from dgg_kernels.backends import triton_launch as TL
+
+        energy = TL.sumsq(grads, state)
+        assert energy.dtype == torch.float64 and energy.dim() == 0
+        TL.finalize(state, config)
+
+    def mask(self, decision, grads):
+        from dgg_kernels.backends import triton_launch as TL
+
+        TL.mask(decision, grads)
+
+
+def test_launch_functions_equal_the_backends_step_cpu():
+    """sumsq -> finalize -> mask, each called alone, give the fused step's records and state bit for bit."""
+    from dgg_kernels.backends.triton_fused import TritonBackend
+
+    shapes = [(300,), (7, 9)]
+    cfg = dict(window=3, threshold=0.2, statistic="energy+increment")
+    seq = make_sequence(8, 40, shapes, torch.float32)
+    fused = _Driven(TritonBackend(), shapes, torch.float32, "cpu", cfg)  # the default layout, as the functions'
+    plain = _Driven(_LaunchFunctions(), shapes, torch.float32, "cpu", cfg)
+    ra, rb = run_gate(fused, seq), run_gate(plain, seq)
+    assert same_records(ra, rb)
+    assert 0 < sum(r["closed"] for r in rb) < len(rb) and all(r["zeroed"] for r in rb if r["closed"])
+    for k, v in fused.state.state_dict().items():
+        assert bit_equal(v, plain.state.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sumsq_alone_cpu(dtype):
+    from dgg_kernels.backends import triton_launch as TL
+
+    g = torch.Generator().manual_seed(3)
+    grads = [(torch.randn(s, generator=g) * 3).to(dtype) for s in [(1,), (255,), (256,), (4097,), (33, 70)]]
+    grads.append((torch.randn(40, 30, generator=g)).to(dtype).t())  # non-contiguous
+    want = sum(float(x.double().pow(2).sum()) for x in grads)
+    got = TL.sumsq(grads)
+    assert got.dtype == torch.float64 and got.dim() == 0 and got.device == grads[0].device
+    assert math.isclose(got.item(), want, rel_tol=2e-6), (got.item(), want)
+    assert bit_equal(TL.sumsq(grads), got)  # the same grads, the same bits
+    # into a given state: acc[ACC_ENERGY] only; nothing else of the state changes
+    state = GateState.new(4, 0.3, 1e-8, torch.device("cpu"))
+    before = {k: v.clone() for k, v in vars(state).items()}
+    assert bit_equal(TL.sumsq(grads, state), got) and bit_equal(state.acc[S.ACC_ENERGY], got)
+    for k, v in vars(state).items():
+        if k == "acc":
+            v, b = v.clone(), before[k].clone()
+            v[S.ACC_ENERGY] = b[S.ACC_ENERGY] = 0
+        else:
+            b = before[k]
+        assert bit_equal(v, b), k
+    # mixed dtypes, and what is not finite
+    assert math.isclose(TL.sumsq([grads[0].float(), grads[1].half()]).item(),
+                        float(grads[0].double().pow(2).sum() + grads[1].half().double().pow(2).sum()), rel_tol=2e-6)
+    bad = grads[3].clone()
+    bad[17] = math.nan
+    assert math.isnan(TL.sumsq([grads[0], bad]).item())
+    bad[17] = math.inf
+    assert TL.sumsq([bad, grads[0]]).item() == math.inf
+
+
+def test_finalize_alone_matches_the_torch_form_cpu():
+    """The finalize kernel on a GateState whose acc holds the energy, against torch_ref's tensor form."""
+    from dgg_kernels.backends import torch_ref
+    from dgg_kernels.backends import triton_launch as TL
+
+    for cfg in (GateConfig(window=3, threshold=0.1), GateConfig(window=4, threshold=0.2, statistic="energy+increment")):
+        states = [GateState.new(cfg.window, cfg.threshold, cfg.eps, torch.device("cpu"), n_rings=cfg.n_rings)
+                  for _ in range(2)]
+        for i, energy in enumerate([4.0, 4.2, 3.9, 4.1, 40.0, math.nan, 4.0, 5.0, math.inf, 4.05]):
+            if i == 6:  # a new batch: the reuse index starts again
+                for st in states:
+                    st.ints[S.REUSE : S.STOP + 1].zero_()
+            for st in states:
+                st.acc[S.ACC_ENERGY] = energy
+            TL.finalize(states[0], cfg)
+            torch_ref.finalize_reference(states[1], cfg)
+            assert bool(states[0].decision) == bool(states[1].decision), (cfg, i)
+            assert torch.equal(states[0].ints, states[1].ints), (cfg, i)
+            assert bit_equal(states[0].ring, states[1].ring) and bit_equal(states[0].prev, states[1].prev), (cfg, i)
+            assert torch.allclose(states[0].stats, states[1].stats, rtol=1e-6, equal_nan=True), (cfg, i)
+        assert 0 < int(states[0].ints[S.CLOSED_TOTAL]) < 10
+
+
+def test_mask_alone_cpu():
+    """Open: nothing touched; closed: every grad zeroed (dense as bytes in 4-, 2- and 1-byte units, a gapped
+    view by torch), and nothing beside them."""
+    from dgg_kernels.backends import triton_launch as TL
+
+    buf32 = torch.full((64,), 5.0)
+    buf16 = torch.full((16,), 3.0, dtype=torch.float16)
+    buf8 = torch.full((16,), 1.0).to(torch.float8_e4m3fn)
+    base = torch.full((4, 8), 7.0)
+
+    def grads():
+        return [buf32[:40], buf16[1:6], buf8[3:10], base[:, :4], torch.empty(0)]
+
+    snapshot = [t.clone() for t in (buf32, buf16, buf8, base)]
+    TL.mask(torch.tensor(False), grads())
+    assert all(bit_equal(a, b) for a, b in zip((buf32, buf16, buf8, base), snapshot))
+    TL.mask(torch.tensor(True), grads())
+    assert bool((buf32[:40] == 0).all()) and bool((buf32[40:] == 5).all())
+    assert bool((buf16[1:6] == 0).all()) and buf16[0].item() == 3 and bool((buf16[6:] == 3).all())
+    assert bool((buf8[3:10].float() == 0).all()) and bool((buf8[:3].float() == 1).all())
+    assert bool((buf8[10:].float() == 1).all())
+    assert bool((base[:, :4] == 0).all()) and bool((base[:, 4:] == 7).all())
 
 
 def test_deterministic_and_ticket_resets_cpu():
