@@ -1,4 +1,4 @@
-"""Sweep the Triton reduce launch (BLOCK, programs per SM, warps) per gradient dtype, to fill triton_fused.CUDA_CONFIGS.
+"""Sweep the Triton reduce launch (BLOCK, programs per SM, warps) per gradient dtype, to fill triton_launch.CUDA_CONFIGS.
 
     python benchmarks/sweep_triton.py                  # GPU: the full grid on lm_head shapes, bf16/fp16/fp32
     python benchmarks/sweep_triton.py --budget-s 150   # what run_gpu_suite.sh's "sweep" phase runs
@@ -12,7 +12,7 @@ rotating through buffers totalling > 256 MB, random data; % of the read
 bandwidth measured in the same run (tensor.sum over 4 GiB fp32).  The best
 configuration per dtype is the one with the highest worst-case % over the
 shapes (ties: the higher mean).  The Markdown ends with the CUDA_CONFIGS entry
-to paste into dgg_kernels/backends/triton_fused.py for each dtype whose best
+to paste into dgg_kernels/backends/triton_launch.py for each dtype whose best
 beats today's default (BLOCK 4096, 4 programs/SM, 8 warps) by more than
 --min-gain points on its worst shape.  On a CPU nothing can be tuned: the
 interpreter runs the kernels one program at a time; --quick only checks that

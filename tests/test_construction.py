@@ -19,6 +19,8 @@ from dgg_kernels.backends.base import DeviceTable
 # Optional packages a module may need; without them its import is skipped, not failed.
 _NEEDS = {
     "dgg_kernels.backends.triton_fused": "triton",
+    "dgg_kernels.backends.triton_kernels": "triton",
+    "dgg_kernels.backends.triton_launch": "triton",
     "dgg_kernels.integrations.trl": "trl",
     "dgg_kernels.integrations.deepspeed": "deepspeed",
     "dgg_kernels.integrations.verl": "verl",
