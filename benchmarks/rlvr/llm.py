@@ -174,12 +174,14 @@ def accuracy(model, tok, task, pairs, max_new: int, chunk: int = 64) -> float:
     return hits / len(pairs)
 
 
-def token_logps(model, ids, mask, width):
-    """log-probs of the reply tokens (columns width..), shape [n, reply_len]."""
+def token_logps(model, ids, mask, width, temperature: float = 1.0):
+    """log-probs of the reply tokens (columns width..) under the policy that sampled them, softmax(logits /
+    temperature), shape [n, reply_len]: the ratio, the loss and the KL are those of the sampling policy (as
+    TRL and verl compute them)."""
     # positions from the mask, as generate() numbers left-padded prompts (else the sampled policy and the
     # trained one would see other positions)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(2, ids[:, width:, None]).squeeze(2)
 
 
@@ -230,6 +232,8 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
     K = arm["K"]
     if (caps is None) != (arm["kind"] not in ("rep", "cap")):
         raise ValueError(f"{spec}: caps are given exactly for the rep:/cap: controls")
+    if caps is not None and len(caps) < st.batches:
+        raise ValueError(f"{spec}: its source ran {len(caps)} batches, this run asks for {st.batches}")
     torch.manual_seed(seed)
     model, tok = load_model()
     model.train()
@@ -261,6 +265,7 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
     probe0 = accuracy(model, tok, task, probe_pairs, st.max_new) if probe else None
     log(f"[{spec} s{seed}] start eval {curve[0]:.3f} probe {probe0}")
     batches = []
+    probe_prev = probe0  # pass 1's "before" is the previous batch's last applied pass
     for b in range(st.batches):
         pairs = [p for p in task.draw(st.prompts, prompt_gen) for _ in range(st.group)]
         model.eval()
@@ -271,15 +276,14 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)
         act = mask[:, width:].float()
         with torch.no_grad():
-            old = token_logps(model, ids, mask, width)
+            old = token_logps(model, ids, mask, width, st.temperature)
         model.train()
         gate.new_batch()
         passes = []
-        probe_prev = probe0
         for k in range(1, K + 1):
             head_before = lm_head.detach().clone()
             body_before = [p.detach().clone() for p in body]
-            logp = token_logps(model, ids, mask, width)
+            logp = token_logps(model, ids, mask, width, st.temperature)
             ratio = (logp - old).exp()
             obj = torch.minimum(ratio * adv, ratio.clamp(1 - st.clip, 1 + st.clip) * adv)
             loss = -(obj * act).sum() / act.sum()
@@ -334,8 +338,13 @@ def meta() -> dict:
     import subprocess
 
     try:  # the code that ran the unit (a unit that started before a commit still records the one it ran)
+        here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+                                cwd=here, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, check=True).stdout.strip()
+        if dirty:
+            commit += "+uncommitted"  # tracked files differed from HEAD: the record cannot name the code
     except Exception:
         commit = None
     return dict(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
