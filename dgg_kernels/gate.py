@@ -509,6 +509,12 @@ class DynamicGradientGate:
                 "gate state_dict was saved with other settings: "
                 + ", ".join(f"{k}={theirs.get(k)!r} (this gate: {mine.get(k)!r})" for k in differ)
             )
+        ints = sd["state"].get("ints")
+        if isinstance(ints, torch.Tensor) and ints.shape == self.state.ints.shape:
+            problem = S.ints_problem(ints, self.config.window)
+            if problem is not None:
+                raise ValueError(f"gate state_dict['state']['ints'] cannot be a gate's counters: {problem}. It was "
+                                 "changed after saving or made by hand; nothing was loaded")
         self.state.load_state_dict(sd["state"])
 
     def __repr__(self) -> str:

@@ -79,6 +79,26 @@ for _group, _names in SLOT_GROUPS.items():  # each group names its slots 0..n-1,
     assert [globals()[n] for n in _names] == list(range(_GROUP_SIZES[_group])), _group
 
 
+def ints_problem(ints: torch.Tensor, window: int) -> str | None:
+    """Why a saved ``ints`` (int64[N_INTS], today's layout) cannot be a gate's counters, or None.  The
+    kernels index the ring with POS and POS2 and bound the filled slots by COUNT and COUNT2: out of range, a
+    hand-made or damaged state would make them write outside the ring.  (A host read: for loading only.)"""
+    v = [int(x) for x in ints.tolist()]
+    for name in ("POS", "POS2"):
+        if not 0 <= v[globals()[name]] < window:
+            return f"{name} is {v[globals()[name]]}, outside [0, {window}) (the window)"
+    for name in ("COUNT", "COUNT2"):
+        if not 0 <= v[globals()[name]] <= window:
+            return f"{name} is {v[globals()[name]]}, outside [0, {window}] (the window)"
+    for name in ("STOP", "HAS_PREV", "PASS_MODE", "PASS_NEW", "BATCH_CLOSED"):
+        if v[globals()[name]] not in (0, 1):
+            return f"{name} is {v[globals()[name]]}, not 0 or 1"
+    for name in ("ACCEPTED", "CLOSED_TOTAL", "REUSE", "BATCHES"):
+        if v[globals()[name]] < 0:
+            return f"{name} is {v[globals()[name]]}, negative"
+    return None
+
+
 def slot_order() -> list[int]:
     """Every slot's index, group by group in SLOT_GROUPS order: the order of csrc's StateSlots fields."""
     return [globals()[n] for names in SLOT_GROUPS.values() for n in names]
@@ -278,9 +298,10 @@ def _upgrade_5(sd: dict) -> dict:
     """5 -> 6: int slot BATCHES appended, 0 (a version 5 gate did not count its new_batch() calls; only the
     count's changes mean anything, so counting from the upgrade is enough).
 
-    Also new in version 6 (no slot): with window_mode "batch" only the first step after new_batch() enters a
-    window.  A version 5 gate stepped several mini-batches per pass (new_pass()) let every step of pass 1 in;
-    its window keeps those entries until ``window`` new rollout batches have replaced them.
+    Changed with version 6 (no slot; the rule itself came in at commit fafcd88, still version 5): with
+    window_mode "batch" only the first step after new_batch() enters a window.  Before fafcd88 a gate that
+    stepped several mini-batches per pass (new_pass()) let every step of pass 1 in; its window keeps those
+    entries until ``window`` new rollout batches have replaced them.
     """
     state = sd["state"]
     ints = state["ints"]

@@ -91,8 +91,11 @@ class GateModel:
 
     def step(self, energy: float, kl: float = 0.0) -> dict:
         """One step on this energy, with the KL the trainer gave (0.0: none)."""
-        finite = math.isfinite(energy) and abs(kl) <= FLT_MAX  # a KL beyond float32 closes, as NaN/Inf do
-        norm = math.sqrt(energy) if not math.isnan(energy) else math.nan
+        if energy > FLT_MAX:  # beyond the float32 range the energy is +inf (energy_of gives it so too)
+            energy = math.inf
+        # a KL beyond float32 closes, as NaN/Inf do; so does a negative energy (no sum of squares gives one)
+        finite = math.isfinite(energy) and energy >= 0 and abs(kl) <= FLT_MAX
+        norm = math.sqrt(energy) if energy >= 0 else math.nan  # NaN (and a negative energy): NaN
         has_prev = self.prev_energy is not None
         # each watched test: its statistic, whether it may enter the window, and its magnitude
         values = {

@@ -227,3 +227,19 @@ def test_gate_state_alone_takes_only_todays_layout():
     with pytest.raises(ValueError, match=r"\['ints'\] has shape \(7,\).*DynamicGradientGate.load_state_dict, which upgrades"):
         gate.state.load_state_dict(v1)
     assert _equal_state(gate.state.state_dict(), before)
+
+
+@pytest.mark.parametrize("slot, value, what", [("POS", 1000, "POS is 1000, outside"), ("POS", -2, "POS is -2"),
+                                               ("COUNT2", 5, "COUNT2 is 5, outside"), ("STOP", 3, "STOP is 3"),
+                                               ("REUSE", -1, "REUSE is -1, negative")])
+def test_counters_out_of_range_are_refused_before_anything_loads(slot, value, what):
+    """A damaged or hand-made state whose ring index or fill count lies outside the window would make the
+    Triton and CUDA kernels write outside the ring: refused, naming the slot, with the gate unchanged."""
+    gate = _ran_gate()
+    sd = gate.state_dict()
+    bad = {**sd, "state": {**sd["state"], "ints": sd["state"]["ints"].clone()}}
+    bad["state"]["ints"][getattr(S, slot)] = value
+    before = gate.state_dict()
+    with pytest.raises(ValueError, match=what):
+        gate.load_state_dict(bad)
+    assert _equal_state(gate.state_dict()["state"], before["state"])

@@ -29,6 +29,18 @@ DGG_HD inline double add_rn(double a, double b) {
 #endif
 }
 
+// double -> float as torch's .to(float32) and numpy round it: to nearest, and past the largest float
+// (from FLT_MAX + half an ulp on, where the tie goes to the even neighbour, 2^128) to inf.  A plain cast of
+// a value beyond the float range is undefined behaviour in C++, and a z can lie there.
+DGG_HD inline float to_f32(double x) {
+  const double limit = 3.4028235677973366e38;  // FLT_MAX + half an ulp
+  if (x >= limit) return INFINITY;
+  if (x <= -limit) return -INFINITY;
+  if (x > static_cast<double>(FLT_MAX)) return FLT_MAX;
+  if (x < -static_cast<double>(FLT_MAX)) return -FLT_MAX;
+  return static_cast<float>(x);  // NaN stays NaN
+}
+
 DGG_HD inline double mul_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
@@ -70,7 +82,7 @@ DGG_HD inline void gate_finalize(double energy, const GateStateView& st) {
   // Above the float32 range is +inf (the float32 partials would overflow
   // there anyway); NaN fails both comparisons and stays NaN.
   if (energy > flt_max) energy = INFINITY;
-  const bool finite = energy <= flt_max;
+  const bool finite = energy >= 0.0 && energy <= flt_max;  // a negative energy (a damaged acc) closes
   // the KL stop: the KL observe_kl gave (0 when none); one not finite in float32 closes at any reuse index
   const double kl = st.acc[sl.acc_kl];
   const bool kl_finite = fabs(kl) <= flt_max;
@@ -151,17 +163,16 @@ DGG_HD inline void gate_finalize(double energy, const GateStateView& st) {
   ints[sl.pass_new] = 0;
   if (closed) ints[sl.batch_closed] = 1;
 
-  // double -> float rounds to nearest and overflows to inf, as torch's .to(float32) does.
-  st.stats[sl.energy] = static_cast<float>(energy);
-  st.stats[sl.norm] = static_cast<float>(norm);
-  st.stats[sl.statistic] = static_cast<float>(stat);
-  st.stats[sl.mean] = static_cast<float>(mean);
-  st.stats[sl.std] = static_cast<float>(stdev);
-  st.stats[sl.z] = static_cast<float>(z);
+  st.stats[sl.energy] = to_f32(energy);
+  st.stats[sl.norm] = to_f32(norm);
+  st.stats[sl.statistic] = to_f32(stat);
+  st.stats[sl.mean] = to_f32(mean);
+  st.stats[sl.std] = to_f32(stdev);
+  st.stats[sl.z] = to_f32(z);
   st.stats[sl.closed] = closed ? 1.0f : 0.0f;
-  st.stats[sl.z_energy] = static_cast<float>(z_energy);
-  st.stats[sl.z_increment] = static_cast<float>(z_increment);
-  st.stats[sl.kl] = static_cast<float>(kl);
+  st.stats[sl.z_energy] = to_f32(z_energy);
+  st.stats[sl.z_increment] = to_f32(z_increment);
+  st.stats[sl.kl] = to_f32(kl);
   st.acc[sl.acc_kl] = 0.0;  // consumed: a step without observe_kl judges no KL
   *st.decision = closed;
 }

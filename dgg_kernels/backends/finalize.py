@@ -104,7 +104,7 @@ class _Host:
 
     @staticmethod
     def sqrt(x):
-        return math.sqrt(x) if x == x else math.nan
+        return math.sqrt(x) if x >= 0.0 else math.nan  # NaN and negatives: NaN, as torch, Triton and C++ give
 
     @staticmethod
     def abs(x):
@@ -166,7 +166,9 @@ def judge(m, x: dict, config: GateConfig) -> dict:
     the finalize writes: the new int slots, prev, the stats, closed, and which ring slot each test pushes."""
     window = config.window
     energy = m.where(x["energy"] > FLT_MAX, math.inf, x["energy"])
-    finite = energy <= FLT_MAX  # false for NaN and inf; a sum of squares is never negative
+    # false for NaN and inf, and for a negative energy, which no sum of squares gives (only a damaged or
+    # hand-made acc): such a step closes rather than entering a window
+    finite = m.and_(energy >= 0.0, energy <= FLT_MAX)
     # the KL stop: the KL observe_kl gave (0 when none); one not finite in float32 closes at any reuse index
     kl = x["kl"]
     kl_finite = m.abs(kl) <= FLT_MAX

@@ -76,7 +76,7 @@ def _finalize(
     # Mirrors torch_ref.finalize_reference line for line; all float64.
     # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
     energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
-    finite = energy <= 3.4028234663852886e38
+    finite = (energy >= 0.0) & (energy <= 3.4028234663852886e38)  # a negative energy (a damaged acc) closes
     # the KL stop: the KL observe_kl gave (0 when none); one not finite in float32 closes at any reuse index
     kl = tl.load(acc_ptr + _ACC_KL)
     kl_finite = tl.abs(kl) <= 3.4028234663852886e38

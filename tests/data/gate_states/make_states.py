@@ -83,7 +83,7 @@ STATES = [
     StateFile("v3_unversioned_paper_batch.pt", "e7a07ae", 3,
               dict(window=4, threshold=0.3, statistic="energy+increment", window_mode="batch")),
     StateFile("v4_paper_step.pt", "70e0c8e", 4, dict(window=4, threshold=0.3, statistic="energy+increment")),
-    StateFile("v5_paper_kl.pt", "172a34d", 5,
+    StateFile("v5_paper_kl.pt", "f35126a", 5,
               dict(window=4, threshold=0.3, statistic="energy+increment", target_kl=0.005, kl_factor=1.5)),
     StateFile("v6_paper_batch.pt", None, 6,
               dict(window=4, threshold=0.3, statistic="energy+increment", window_mode="batch")),
