@@ -10,7 +10,7 @@ the launcher and the plain launch functions over tensors, and
   an atomic ticket; the program holding the last ticket adds all partials in a
   fixed order in float64 (deterministic: same gradient, same bits), and either
   writes that energy to ``acc[ACC_ENERGY]`` (``LAST`` 1: the reduce alone) or
-  runs the finalize of ``torch_ref.finalize_reference`` on the device state
+  runs the finalize of ``finalize.judge`` (dgg_kernels/backends/finalize.py) on the device state
   (``LAST`` 2), then resets the ticket to 0 so the next launch (or a
   CUDA-graph replay) needs no memset.  ``LAST`` 0: the partials only.
 - ``_gate_finalize_kernel``: the finalize alone, on the energy in
@@ -73,7 +73,7 @@ def _finalize(
     energy, acc_ptr, ring_ptr, prev_ptr, ints_ptr, stats_ptr, decision_ptr, hyper_ptr, max_reuse,
     WINDOW: tl.constexpr, STAT: tl.constexpr,
 ):
-    # Mirrors torch_ref.finalize_reference line for line; all float64.
+    # Mirrors finalize.judge (dgg_kernels/backends/finalize.py) line for line; all float64.
     # STAT: 0 norm, 1 energy, 2 increment, 3 energy+increment (two tests, two rings).
     energy = tl.where(energy > 3.4028234663852886e38, float("inf"), energy)
     finite = (energy >= 0.0) & (energy <= 3.4028234663852886e38)  # a negative energy (a damaged acc) closes
