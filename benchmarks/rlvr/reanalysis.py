@@ -100,7 +100,7 @@ def amount_adjusted(res) -> dict:
 
     arms = {}
     for name in res["arm_names"]:
-        if specs[name]["kind"] == "fixed":
+        if specs[name]["kind"] in ("fixed", "rep", "cap"):  # fixed reuse and the controls are no adaptive arm
             continue
         passes = [applied_passes_per_batch(by[(name, s)], batches) for s in seeds]
         final = list(an["arms"][name]["final_acc_per_seed"])
@@ -341,7 +341,9 @@ def eval_overlap(res) -> dict:
     out = {"task": a["task"], "eval_items": len(items), "eval_distinct": len(set(items)),
            "eval_items_in_warmup": sum(x in seen for x in items),
            "warmup_draws": res["sft"]["steps"] * a["sft_batch"], "warmup_distinct_problems": len(seen),
-           "pretraining_draws": pre * a["sft_batch"], "eval_prompts_in_pretraining": sum(x in seen_pre for x in items)}
+           "pretraining_draws": pre * a["sft_batch"], "eval_prompts_in_pretraining": sum(x in seen_pre for x in items),
+           # with several warm-up checkpoints (--warmups) only the first one's draws are replayed here
+           "for_sft_seed": a["sft_seed"]}
     if a["task"] == "addition":
         out["problem_space"] = (10 ** a["digits"]) ** 2
     return out
@@ -351,7 +353,7 @@ def eval_overlap(res) -> dict:
 
 def reanalyse_variant(res, overlap: bool = True) -> dict:
     out = {"batches": res["args"]["batches"], "seeds": _seeds(res), "eval_items": res["args"]["heldout"],
-           "warmup_checkpoints": 1, "sft_seed": res["args"]["sft_seed"],
+           "warmup_checkpoints": int(res["args"].get("warmups", 1) or 1), "sft_seed": res["args"]["sft_seed"],
            "amount_adjusted": amount_adjusted(res), "identical_curves": identical_curves(res),
            "cal_vs_coin": cal_vs_coin(res), "closes": closes(res), "premise": premise(res),
            "best_arm": best_arm_loso(res), "rollout_target": rollout_target(res), "final_acc_se": final_acc_se(res)}
@@ -528,7 +530,11 @@ def markdown(out: dict) -> str:
                          f"{rt['batches']}")
         parts.append(f"one evaluation of {se['items']} items has a binomial SE of "
                      + ", ".join(f"{x:.3f}" for x in se["per_fixed_arm"].values()) + " at the fixed arms' accuracies")
-        parts.append(f"all {len(v['seeds'])} seeds start from one warm-up checkpoint (sft seed {v['sft_seed']})")
+        n_warm = int(v.get("warmup_checkpoints", 1) or 1)
+        parts.append(f"all {len(v['seeds'])} seeds start from one warm-up checkpoint (sft seed {v['sft_seed']})"
+                     if n_warm == 1 else f"the {len(v['seeds'])} seeds start from {n_warm} warm-up checkpoints "
+                     f"(sft seeds {v['sft_seed']} to {v['sft_seed'] + n_warm - 1}; seed s from checkpoint s mod "
+                     f"{n_warm})")
         L.append(f"- {n}: " + "; ".join(parts) + ".")
     L += ["- The paper's setting, a gate at max reuse K=4, is not in the study (every adaptive arm runs at K=8); "
           "fixed K=4 is.", ""]
