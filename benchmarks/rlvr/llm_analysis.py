@@ -237,9 +237,14 @@ def verdict(res: dict) -> list[str]:
         lines.append("Does any signal know when a pass hurts? Not measured yet (no fixed-K pass >= 2 with a "
                      "probe measurement, or none hurt).")
     elif knowing:
+        mpi = t.get("minus_pass_index", {})
+        beyond = [s for s in knowing if mpi.get(s, {}).get("beyond")]
         lines.append(f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
-                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(knowing)}; "
-                     f"the pass index alone: {_f(t['signals']['pass_']['auroc'])}.")
+                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(knowing)} (the "
+                     f"plan's criterion); the pass index alone scores {_f(t['signals']['pass_']['auroc'])}"
+                     + (" (CI excludes 0.5 too)" if t["signals"]["pass_"]["knows"] else "")
+                     + (f", and {', '.join(beyond)} beat it (CI of the difference excludes 0)." if beyond else
+                        ", and none of them beats it (each one's AUROC minus the pass index's has a CI that includes 0)."))
     else:
         lines.append(f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
                      f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
