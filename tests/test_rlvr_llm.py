@@ -91,6 +91,8 @@ def test_a_signal_that_fires_exactly_on_hurt_passes_knows_and_the_pass_index_doe
     assert sig["z"]["auroc"] == 1.0 and sig["z"]["knows"]
     assert not sig["energy"]["knows"]  # a constant cannot know
     assert res["auroc"]["n_passes"] == 3 * 10 * 3  # passes 2..4 of 10 batches, 3 seeds
+    line = ana.verdict(res)[1]
+    assert "z" in line and "beat it" in line and "none of them" not in line
 
 
 def test_adaptive_arms_against_controls_and_leave_one_seed_out_best_fixed_k():
