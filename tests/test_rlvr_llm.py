@@ -103,6 +103,7 @@ def test_adaptive_arms_against_controls_and_leave_one_seed_out_best_fixed_k():
         units.append(_unit("k4", s, 4, [0.2, 0.5, 0.6] if s < 2 else [0.2, 0.3, 0.3]))
         units.append(_unit("dgg4", s, 4, [0.2, 0.4, 0.5], closes={(0, 2)}))
         units.append(_unit("rep:dgg4", s, 4, [0.2, 0.35, 0.45]))
+        units.append(_unit("kl4", s, 4, [0.2, 0.3, 0.3], closes={(0, 3)}))  # adaptive, not a fixed K
     res = ana.analyse(units)
     d = res["adaptive"]["dgg4"]
     # final accuracy = mean of the last 3 evaluations: dgg4 0.3667, its replay 0.3333 on every seed
@@ -111,6 +112,7 @@ def test_adaptive_arms_against_controls_and_leave_one_seed_out_best_fixed_k():
     # seed 2 held out: k4 is best on seeds 0-1 (0.433 vs k1's 0.3), though worst on seed 2 itself
     assert d["minus_best_fixed_loso"][2] == {"best_fixed": "k4", "diff": pytest.approx(1.1 / 3 - 0.8 / 3)}
     assert res["arms"]["dgg4"]["closed_batches"] == {0: 1, 1: 1, 2: 1}
+    assert res["fixed"] == ["k1", "k4"] and set(res["adaptive"]) == {"dgg4", "kl4"}
     assert res["arms"]["dgg4"]["mean_applied_passes"][0] == pytest.approx((1 + 4) / 2)
     md = ana.markdown(res)
     assert "dgg4: final accuracy minus its replay control" in md

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def analyse(units: list[dict]) -> dict:
             "closed_batches": {s: sum(any(p["closed"] for p in b["passes"]) for b in u["batches"])
                                for s, u in seeds.items()},
         }
-    fixed = sorted((a for a in arms if a.startswith("k")), key=lambda a: int(a[1:]))
+    fixed = sorted((a for a in arms if re.fullmatch(r"k\d+", a)), key=lambda a: int(a[1:]))  # not "kl4"
     out = {"arms": arms, "fixed": fixed}
     # 1. does reuse harm, from which K
     if "k1" in arms:
@@ -192,7 +193,7 @@ def analyse(units: list[dict]) -> dict:
         out[key] = {**auroc_table(rows), "dropped_non_finite": dropped}
     out["auroc"]["minus_pass_index"] = minus_pass_index(finite_rows(pass_rows(fixed_units))[0])
     # 3. adaptive arms against their controls and the best fixed K (chosen leave-one-seed-out)
-    adaptive = [a for a in arms if a.startswith(("dgg", "kl"))]
+    adaptive = [a for a in arms if re.fullmatch(r"(dgg|kl)\d+", a)]
     cmp = {}
     for a in adaptive:
         c = {}
@@ -267,14 +268,15 @@ def markdown(res: dict) -> str:
            "Read against benchmarks/rlvr/llm_plan.md. Every figure comes from the unit JSONs in "
            "benchmarks/results/llm_study/ (llm_study.json holds them all).", ""]
     out += [f"- {line}" for line in verdict(res)] + [""]
-    out += ["## Arms", "", "| arm | seeds | start | final (mean of last 3) | AUC | applied passes / batch | "
+    out += ["## Arms", "", "| arm | seeds | start | final (mean of last 3) | final per seed | AUC | applied passes / batch | "
             "closed batches | zero-gradient steps | lm_head / rest weight change, whole run | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, v in res["arms"].items():
         def m(d):
             return statistics.fmean(d.values()) if d else None
         ratio = m({s: v["head_rel_dw_total"][s] / v["body_rel_dw_total"][s] for s in v["seeds"]})
-        out.append(f"| {a} | {v['seeds']} | {_f(m(v['start']))} | {_f(m(v['final']))} | {_f(m(v['auc']))} | "
+        per_seed = ", ".join(_f(v["final"][t]) for t in v["seeds"])
+        out.append(f"| {a} | {v['seeds']} | {_f(m(v['start']))} | {_f(m(v['final']))} | {per_seed} | {_f(m(v['auc']))} | "
                    f"{_f(m(v['mean_applied_passes']), 2)} | {sum(v['closed_batches'].values())} | "
                    f"{sum(v['zero_grad_steps'].values())} | {_f(ratio, 2)} | {m(v['wall_s']):.0f} |")
     if res.get("reuse_vs_k1"):
