@@ -83,7 +83,7 @@ def ints_problem(ints: torch.Tensor, window: int) -> str | None:
     """Why a saved ``ints`` (int64[N_INTS], today's layout) cannot be a gate's counters, or None.  The
     kernels index the ring with POS and POS2 and bound the filled slots by COUNT and COUNT2: out of range, a
     hand-made or damaged state would make them write outside the ring.  (A host read: for loading only.)"""
-    v = [int(x) for x in ints.tolist()]
+    v = [int(x) for x in ints.tolist()]  # host-read-ok: load_state_dict only, never step()
     for name in ("POS", "POS2"):
         if not 0 <= v[globals()[name]] < window:
             return f"{name} is {v[globals()[name]]}, outside [0, {window}) (the window)"
