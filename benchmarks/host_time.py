@@ -123,11 +123,32 @@ def build_rows(device, args) -> list[dict]:
 
         return make
 
+    def ops_row(how):
+        """The gate's two ops on an open step, their implementations called directly (what eager step() does)
+        or through torch's dispatcher (what a compiled graph does): the dispatcher's boxing of the lists."""
+        def make():
+            from dgg_kernels import inputs, ops
+
+            gate = dgg.DynamicGradientGate(lm_head, params, backend="triton", threshold=threshold)
+            st, c, k = gate.state, gate.config, gate._kernels
+            grads = inputs.monitor_grads(gate.monitor, None, gate.device)
+            zero = [p.grad for p in params]
+            args = (grads, st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper, c.window,
+                    c.statistic_id, c.max_reuse, k)
+            run, mask = ((ops._step_impl, ops._mask_impl) if how == "called directly"
+                         else (torch.ops.dgg.gate_step.default, torch.ops.dgg.gate_mask.default))
+            return (lambda: (run(*args), mask(st.decision, zero, k))), gate
+
+        return make
+
     for backend in args.backends:
         rows.append({"row": f"dgg {backend} step() open", "kind": "dgg", "backend": backend, "make": gate_row(backend)})
     if args.stub_launches:
         rows.append({"row": "dgg triton step() open, launches stubbed", "kind": "dgg-python", "backend": "triton",
                      "make": stubbed(gate_row("triton"))})
+    if args.ops:
+        rows += [{"row": f"dgg ops {how}, launches stubbed", "kind": "dgg-python", "backend": "triton",
+                  "make": stubbed(ops_row(how))} for how in ("called directly", "through the dispatcher")]
     rows.append({"row": "clip_grad_norm_ foreach", "kind": "peer",
                  "make": lambda: (lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True), None)})
     if hasattr(torch.nn.utils, "get_total_norm"):
@@ -267,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=C.integer(0), default=None, help="untimed calls first (default 20 on a GPU, else 3)")
     ap.add_argument("--profile-calls", type=C.integer(1), default=20,
                     help="calls under torch.profiler for the device time (GPU only; default 20)")
+    ap.add_argument("--ops", action="store_true",
+                    help="add two rows (launches stubbed): the gate's ops called directly and through the dispatcher")
     ap.add_argument("--stub-launches", action="store_true",
                     help="CPU only: one more row, the triton gate with its kernels replaced by no-op launchers, "
                          "i.e. the package's own Python per step (run last: the real kernels stay replaced)")
@@ -277,8 +300,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = C.parse(ap, argv)  # every flag and --out checked before any work
     device = C.pick_device(args.device)
-    if device.type == "cuda" and args.stub_launches:
-        ap.error("--stub-launches is for CPU runs only")
+    if device.type == "cuda" and (args.stub_launches or args.ops):
+        ap.error("--stub-launches and --ops are for CPU runs only (they stub the Triton launches)")
     mode = "gpu" if device.type == "cuda" else ("quick" if args.quick else "cpu")
     if device.type != "cuda":
         torch.set_num_threads(1)

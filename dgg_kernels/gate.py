@@ -201,10 +201,8 @@ class DynamicGradientGate:
         self._sharding = sharding_for(self.monitor, process_group, self.device, decision_group)
         self._param_grads = inputs.ParamGrads(self.params, self.device)
         self._backend = resolve_backend(self.config.backend, self.device, self.monitor)
-        self._op_key = ops.register_backend(self._backend)
-        # the compiled path finds the combine by key, like the backend (0: no combine)
-        combines = self._sharding is not None and self._sharding.combines
-        self._combine_key = ops.register_backend(self._sharding) if combines else 0
+        # what the ops run with (an argument of every op, eager or compiled): the backend and the combine
+        self._kernels = ops.GateKernels.of(self._backend, self._sharding)
         self.state = GateState.new(
             self.config.window, self.config.threshold, self.config.eps, self.device,
             n_rings=self.config.n_rings, window_mode=self.config.window_mode, kl_limit=self.config.kl_limit,
@@ -306,7 +304,7 @@ class DynamicGradientGate:
         grads = inputs.monitor_grads(self.monitor, self._sharding, self.device)
         zero, key = self._param_grads()
         if self.overlap and self._consume_overlap(grads):
-            self._backend.finalize_partials(len(grads), self.state, self.config)
+            ops.finalize_partials(self._kernels, len(grads), self.state, self.config)
             self._kl_observed = False  # the finalize consumed it
             return self._mask(zero, key)
         return self._step_on(grads, zero, key)
@@ -326,27 +324,13 @@ class DynamicGradientGate:
         stop's KL is checked here (GatedLinear's backward comes in here, not through step()).
         """
         self._check_kl()
-        if torch.compiler.is_compiling():
-            # opaque custom ops: the compiler traces through step() without a graph break
-            st, c = self.state, self.config
-            ops.gate_step(list(grads), st.ring, st.prev, st.ints, st.stats, st.decision, st.acc, st.hyper,
-                          c.window, c.statistic_id, c.max_reuse, self._op_key, self._combine_key)
-            ops.gate_mask(st.decision, list(zero), self._op_key)
-            self._kl_observed = False
-            return _copy(st.decision)
-        if self._combine_key:
-            # sharded: this rank's partial energy -> the sum over the ranks sharing the tensor -> finalize
-            self._backend.reduce(grads, self.state, self.config)
-            self._sharding.combine(self.state.acc)
-            self._backend.finalize(self.state, self.config)
-        else:
-            self._backend.step(grads, self.state, self.config)
+        ops.step(self._kernels, grads, self.state, self.config)
         self._kl_observed = False  # the finalize consumed it (a step that raised before leaves it for a retry)
         return self._mask(zero, key)
 
     def _mask(self, zero: Sequence[torch.Tensor], key=None) -> torch.Tensor:
-        self._backend.mask(self.state.decision, zero, key)
-        return self.state.decision.clone()
+        ops.mask(self._kernels, self.state.decision, zero, key)
+        return _copy(self.state.decision)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Make a closed gate skip ``optimizer.step()`` on device; returns a handle with ``.remove()``.

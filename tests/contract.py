@@ -142,3 +142,34 @@ def break_input(kind: str, monitor: list, extra: list, index: int) -> str:
         row = torch.ones((1,) + tuple(p.shape[1:]), device=p.device, dtype=p.dtype)
         p.grad = row.expand(p.shape)
     return name
+
+
+# -- opcheck inside the parity runs -------------------------------------------------------------
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+_ARITHMETIC = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+               torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
+
+
+def _arithmetic(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in _ARITHMETIC else t.view({1: torch.int8, 2: torch.int16, 4: torch.int32,
+                                                     8: torch.int64}[t.element_size()])
+
+
+def opcheck_gate_ops(gate) -> None:
+    """torch.library.opcheck of every gate op (dgg::gate_step, dgg::gate_mask, dgg::snapshot) on this step's
+    real gradients and the gate's current state, all cloned, so the run itself is not touched.  The parity
+    runs call it at their first step; the overlap op has its own (tests/test_ops.py)."""
+    from dgg_kernels import inputs, ops
+
+    grads = [g.clone() for g in inputs.monitor_grads(gate.monitor, gate._sharding, gate.device)]
+    # torch's schema check compares tensors with arithmetic that float8 and the unsigned dtypes lack: those
+    # are checked as integers of their width (the mask writes bytes, whatever the dtype)
+    zero = [_arithmetic(p.grad.clone()) for p in gate.params if p.grad is not None]
+    s, c = gate.state, gate.config
+    state = [t.clone() for t in (s.ring, s.prev, s.ints, s.stats, s.decision, s.acc)]
+    torch.library.opcheck(ops.gate_step, (grads, *state, s.hyper, c.window, c.statistic_id, c.max_reuse,
+                                          gate._kernels), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(ops.gate_mask, (state[4], zero, gate._kernels), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(ops.snapshot, (state[3],), test_utils=OPCHECK_UTILS)

@@ -73,12 +73,14 @@ def make_sequence(seed, steps, shapes, dtype=torch.float32, p_new_batch=0.2, p_s
     return seq
 
 
-def run_gate(gate, seq, params_extra=()):
+def run_gate(gate, seq, params_extra=(), opcheck=True):
     """Play ``seq`` through ``gate`` (monitor tensors = gate.monitor, in order).
 
-    Returns one record per step: closed (bool), stats (dict of Python numbers),
+    The gate ops are opcheck-ed on the first step (contract.opcheck_gate_ops) unless ``opcheck`` is False.  Returns one record per step: closed (bool), stats (dict of Python numbers),
     should_stop, and whether every param grad was left untouched / zeroed.
     """
+    from contract import opcheck_gate_ops
+
     records = []
     for ev in seq.events:
         if ev[0] == "new_batch":
@@ -91,6 +93,8 @@ def run_gate(gate, seq, params_extra=()):
             t.grad = grad.to(t.device).clone()
         for p in params_extra:
             p.grad = torch.randn_like(p)
+        if opcheck and not records:  # the ops, on this run's first step: opcheck inside every parity run
+            opcheck_gate_ops(gate)
         before = [p.grad.clone() if p.grad is not None else None for p in gate.params]
         closed = gate.step()
         stats = {k: v.item() for k, v in gate.stats().items()}

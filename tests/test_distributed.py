@@ -106,7 +106,7 @@ def test_process_group_without_init_is_refused():
 def test_plain_gate_is_not_sharded():
     w = torch.nn.Parameter(torch.zeros(4, 3))
     gate = dgg.DynamicGradientGate(w)
-    assert not gate.sharded and gate._sharding is None and gate._combine_key == 0
+    assert not gate.sharded and gate._sharding is None and gate._kernels.sharding is None
 
 
 # -- CUDA + NCCL, world size 1 (runs where a GPU is lent; CI's gloo launches are the multi-rank proof) -----------

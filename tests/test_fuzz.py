@@ -43,7 +43,7 @@ from hypothesis import strategies as st  # noqa: E402
 import dgg_kernels as dgg  # noqa: E402
 from dgg_kernels.config import STATISTICS, WINDOW_MODES  # noqa: E402
 from contract import (  # noqa: E402
-    DEVICES, REFUSED, assert_unchanged, backends_for, break_input, snapshot, zeroed_in_place,
+    DEVICES, REFUSED, assert_unchanged, backends_for, break_input, opcheck_gate_ops, snapshot, zeroed_in_place,
 )
 from semantics_model import GateModel, energy_of  # noqa: E402
 from sequences import assert_stats_match, bit_equal  # noqa: E402
@@ -211,6 +211,8 @@ def play(sc, backend, device):
         grads = [p.grad for p in monitor + extra]
         bases = [None if g is None else (g if g._base is None else g._base).clone() for g in grads]
         _observe(sc, gate, ev, device)
+        if not records:
+            opcheck_gate_ops(gate)  # the ops on this scenario's first step, real gradients and layouts
         closed = bool(gate.step().item())
         ok = True
         for p, g, base in zip(monitor + extra, grads, bases):

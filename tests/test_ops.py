@@ -19,10 +19,10 @@ def test_opcheck(backend, statistic):
     torch.library.opcheck(
         torch.ops.dgg.gate_step.default,
         (grads, s.ring, s.prev, s.ints, s.stats, s.decision, s.acc, s.hyper, 3, gate.config.statistic_id, 4,
-         gate._op_key),
+         gate._kernels),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
-    torch.library.opcheck(torch.ops.dgg.gate_mask.default, (s.decision, grads, gate._op_key),
+    torch.library.opcheck(torch.ops.dgg.gate_mask.default, (s.decision, grads, gate._kernels),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     for t in (s.decision, s.stats, s.ints):
         torch.library.opcheck(torch.ops.dgg.snapshot.default, (t,),
@@ -63,9 +63,26 @@ def test_compiled_step_fullgraph_matches_eager(compiler, statistic, window_mode)
     assert any(outs) and not all(outs)
 
 
-def test_unknown_backend_key_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="no live gate backend"):
-        ops.gate_mask(torch.zeros((), dtype=torch.bool), [torch.randn(3)], 10**9)
+def test_ops_find_no_backend_by_hidden_state():
+    """What an op runs with is its argument: no module-level registry, and two gates on one compiled function
+    each keep their own backend (a graph compiled for one gate and called with the other's handle)."""
+    assert not any(hasattr(ops, name) for name in ("register_backend", "_backends", "_lookup"))
+    grads = [torch.ones(3)]
+    handle = ops.GateKernels.of(object())
+    with pytest.raises(AttributeError, match="mask"):  # a handle without a backend cannot mask anything
+        ops.gate_mask(torch.ones((), dtype=torch.bool), grads, handle)
+
+
+def test_a_wrong_mutation_annotation_fails_opcheck():
+    """opcheck's schema test sees a mutation the schema does not declare, through a GateKernels argument
+    (so a missing ``(a!)`` on a gate op would fail test_opcheck)."""
+    @torch.library.custom_op("dgg_test::undeclared_write", mutates_args=())
+    def undeclared(acc: torch.Tensor, kernels: ops.GateKernels) -> None:
+        acc.add_(1)
+
+    undeclared.register_fake(lambda acc, kernels: None)
+    with pytest.raises(Exception, match="not defined as mutable but was mutated"):
+        torch.library.opcheck(undeclared, (torch.zeros(2), ops.GateKernels.of(None)), test_utils=("test_schema",))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

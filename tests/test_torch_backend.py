@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 import dgg_kernels as dgg
 from dgg_kernels.backends import compiled_sumsq as CS
@@ -180,7 +181,7 @@ def test_overlap_reduction_uses_the_same_energy(small_chunks):
 def small_compiled(monkeypatch):
     """The compiled path on test-sized tensors (its graph has dynamic shapes: rows of 64 entries serve as well
     as 1024), with its module state restored afterwards and a spy: one entry per call, True when the compiled
-    pass returned the sum (False: it declined and the chunked path ran)."""
+    pass returned the sum (False: it declined and the chunked path ran; "mode": under a TorchDispatchMode)."""
     monkeypatch.setattr(CS, "MIN_ENTRIES", 3000)
     monkeypatch.setattr(CS, "ROW", 64)
     monkeypatch.setattr(CS, "_failure", None)
@@ -191,7 +192,8 @@ def small_compiled(monkeypatch):
 
     def spy(rows):
         out = real(rows)
-        calls.append(out is not None)
+        # "mode": called under a TorchDispatchMode (opcheck's schema check in run_gate), where it declines
+        calls.append("mode" if is_in_torch_dispatch_mode() else out is not None)
         return out
 
     monkeypatch.setattr(CS, "rows_sumsq", spy)
@@ -328,6 +330,24 @@ def test_the_overlap_path_uses_the_compiled_reduction(small_compiled):
     assert math.isclose(gate.stats()["energy"].item(), _reference(lin.weight.grad), rel_tol=2e-6)
 
 
+def test_a_dispatch_mode_does_not_turn_the_compiled_path_off(small_compiled):
+    """A step under a TorchDispatchMode (opcheck's schema check, a FlopCounterMode) uses the chunked path, and
+    the compiled path still runs afterwards: dynamo, called under such a mode, ran the function eagerly for
+    the rest of the process."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    w = torch.nn.Parameter(torch.zeros(61, 67, dtype=torch.bfloat16))
+    gate = dgg.DynamicGradientGate(w, backend="torch", window=4)
+    w.grad = torch.ones(61, 67, dtype=torch.bfloat16)
+    gate.step()
+    assert small_compiled == [True]
+    with FlopCounterMode(display=False):
+        gate.step()
+    assert small_compiled == [True, "mode"]  # declined under the mode (the chunked path ran)
+    gate.step()
+    assert small_compiled == [True, "mode", True] and float(gate.stats()["energy"]) == 61 * 67
+
+
 def test_a_gate_on_the_compiled_path_decides_as_on_the_chunked_path(monkeypatch, small_compiled):
     """The same bf16 sequence (spikes, NaN/Inf, new batches) through both reductions: decisions and counters
     exactly, statistics within float32 rounding of the energy."""
@@ -338,7 +358,9 @@ def test_a_gate_on_the_compiled_path_decides_as_on_the_chunked_path(monkeypatch,
             monkeypatch.setattr(CS, "MIN_ENTRIES", 1 << 40)
         mon = [torch.nn.Parameter(torch.zeros(61, 67, dtype=torch.bfloat16)),
                torch.nn.Parameter(torch.zeros(4001, dtype=torch.bfloat16))]
-        runs.append(run_gate(dgg.DynamicGradientGate(mon, backend="torch", window=4, threshold=0.3), seq))
+        # no opcheck: its compiled run of the op calls the reduction where dynamo does not nest (it declines)
+        runs.append(run_gate(dgg.DynamicGradientGate(mon, backend="torch", window=4, threshold=0.3), seq,
+                             opcheck=False))
     assert len(small_compiled) > 40 and all(small_compiled)  # both gradients, every step of the first run
     a_run, b_run = runs
     assert any(r["closed"] for r in a_run) and not all(r["closed"] for r in a_run)

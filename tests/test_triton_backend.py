@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dgg_kernels as dgg
-from dgg_kernels import state as S
+from dgg_kernels import ops, state as S
 from dgg_kernels.backends import triton_usable
 from dgg_kernels.config import GateConfig
 from dgg_kernels.state import GateState
@@ -55,6 +55,8 @@ class _Driven:
                                    window_mode=c.window_mode, kl_limit=c.kl_limit)
         self.monitor = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device)) for s in shapes]
         self.params = self.monitor
+        # what contract.opcheck_gate_ops reads: the ops run with this backend
+        self.device, self._sharding, self._kernels = torch.device(device), None, ops.GateKernels.of(backend)
 
     def step(self):
         self.backend.step([t.grad for t in self.monitor], self.state, self.config)
@@ -150,7 +152,7 @@ class _LaunchFunctions:
         assert energy.dtype == torch.float64 and energy.dim() == 0
         TL.finalize(state, config)
 
-    def mask(self, decision, grads):
+    def mask(self, decision, grads, key=None):
         from dgg_kernels.backends import triton_launch as TL
 
         TL.mask(decision, grads)

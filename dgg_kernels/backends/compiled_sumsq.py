@@ -16,6 +16,9 @@ When it is not used (TorchBackend falls back to the chunked path, same result wi
   torch.compiler.set_stance("force_eager"), or a new guard variant past dynamo's recompile limit): the
   function then runs eagerly, sees that it is not being traced and returns None instead of widening the
   whole gradient into a float32 temporary (not fullgraph=True, which would raise at the limit);
+- a TorchDispatchMode is active (torch's schema check, a FlopCounterMode, a debugging mode): dynamo does
+  not compile under one, and it then runs this function eagerly for good, also after the mode ends (seen
+  with torch 2.13), so the compiled path is not called at all there;
 - compiling failed once in this process (no C++ compiler, no Python headers, a read-only cache
   directory): one RuntimeWarning names the error, and the compiled path is not tried again.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 DTYPES = (torch.bfloat16, torch.float16)
 MIN_ENTRIES = 1 << 22  # 8 MiB of bfloat16
@@ -57,6 +61,8 @@ def rows_sumsq(rows: torch.Tensor) -> torch.Tensor | None:
     """sum(float32(rows)**2) of a contiguous (n, ROW) half-precision CPU tensor, float64 0-dim, or None
     when the compiled path is unavailable (the caller then sums the chunked way)."""
     global _compiled, _failure
+    if is_in_torch_dispatch_mode():
+        return None  # calling it here would turn the compiled path off for the rest of the process
     try:
         if _compiled is None:  # torch.compile itself refuses some Pythons: inside the try as well
             _compiled = torch.compile(_rows_sumsq, dynamic=True)
