@@ -1,6 +1,8 @@
-// Python binding of the dgg CUDA kernels (module dgg_kernels._C, or the JIT
-// build's name).  Validates tensors, maps torch dtypes to the kernels' tags,
-// and launches on the current CUDA stream; never synchronizes the host.
+// The dgg CUDA kernels as implementations of the dgg:: ops (their schemas are declared once, in
+// dgg_kernels/ops.py), registered for the CUDA dispatch key when this library is loaded.  The Python module
+// (dgg_kernels._C, or the just-in-time build's name) holds no function: importing it runs the registrations,
+// and its attributes tell the loader which tables it was built for.  Validates tensors, maps torch dtypes to
+// the kernels' tags, and launches on the current CUDA stream; never synchronizes the host.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -34,7 +36,7 @@ int32_t dtype_tag(at::ScalarType s) {
 // gradient the kernel cannot read in place (float64, or not one dense span)
 // is converted into `keep`, which the caller holds until the launch is queued;
 // the caching allocator keeps that memory stream-ordered after that.
-std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& grads, const at::Device& device,
+std::vector<dgg::StepTensorTable> make_tables(at::TensorList grads, const at::Device& device,
                                               std::vector<at::Tensor>& keep) {
   TORCH_CHECK(!grads.empty(), "dgg: no monitor gradients given");
   std::vector<dgg::StepTensorTable> tables;
@@ -66,7 +68,7 @@ std::vector<dgg::StepTensorTable> make_tables(const std::vector<at::Tensor>& gra
   return tables;
 }
 
-void reduce_impl(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+void reduce_impl(at::TensorList grads, const at::Tensor& partials, const at::Tensor& ticket,
                  const at::Tensor& acc, int64_t max_blocks, const dgg::GateStateView* state) {
   const at::Device device = acc.device();
   TORCH_CHECK(device.is_cuda(), "dgg: acc is on ", device, "; the cuda backend needs a CUDA device");
@@ -96,15 +98,15 @@ void reduce_impl(const std::vector<at::Tensor>& grads, const at::Tensor& partial
              "reduce");
 }
 
-void reduce(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+void reduce(at::TensorList grads, const at::Tensor& partials, const at::Tensor& ticket,
             const at::Tensor& acc, int64_t max_blocks) {
   reduce_impl(grads, partials, ticket, acc, max_blocks, nullptr);
 }
 
-void step(const std::vector<at::Tensor>& grads, const at::Tensor& partials, const at::Tensor& ticket,
+void step(at::TensorList grads, const at::Tensor& partials, const at::Tensor& ticket,
           int64_t max_blocks, const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints,
           const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper, const at::Tensor& acc,
-          int64_t window, int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots) {
+          int64_t window, int64_t max_reuse, int64_t statistic, c10::IntArrayRef slots) {
   const dgg::GateStateView v =
       dgg::make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots,
                       at::kCUDA);
@@ -113,7 +115,7 @@ void step(const std::vector<at::Tensor>& grads, const at::Tensor& partials, cons
 
 void finalize(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints, const at::Tensor& stats,
               const at::Tensor& decision, const at::Tensor& hyper, const at::Tensor& acc, int64_t window,
-              int64_t max_reuse, int64_t statistic, const std::vector<int64_t>& slots,
+              int64_t max_reuse, int64_t statistic, c10::IntArrayRef slots,
               const std::optional<at::Tensor>& sums) {
   const dgg::GateStateView v =
       dgg::make_view(ring, prev, ints, stats, decision, hyper, acc, window, max_reuse, statistic, slots,
@@ -150,23 +152,18 @@ void mask(const at::Tensor& decision, const at::Tensor& table, int64_t blocks) {
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(dgg, CUDA, m) {
+  m.impl("csrc_reduce", &reduce);
+  m.impl("csrc_step", &step);
+  m.impl("csrc_finalize", &finalize);
+  m.impl("csrc_mask", &mask);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "dgg-kernels CUDA backend: fused gate step and one-launch gradient mask";
-  m.def("reduce", &reduce, "sum of squares of the monitor grads -> acc[0] (float64)", py::arg("grads"),
-        py::arg("partials"), py::arg("ticket"), py::arg("acc"), py::arg("max_blocks"));
-  m.def("step", &step, "fused reduce + finalize in one launch", py::arg("grads"), py::arg("partials"),
-        py::arg("ticket"), py::arg("max_blocks"), py::arg("ring"), py::arg("prev"), py::arg("ints"),
-        py::arg("stats"), py::arg("decision"), py::arg("hyper"), py::arg("acc"), py::arg("window"),
-        py::arg("max_reuse"), py::arg("statistic"), py::arg("slots"));
-  m.def("finalize", &finalize, "finalize from acc, or from the sum of per-tensor sums (one thread)",
-        py::arg("ring"), py::arg("prev"), py::arg("ints"), py::arg("stats"), py::arg("decision"), py::arg("hyper"),
-        py::arg("acc"), py::arg("window"), py::arg("max_reuse"), py::arg("statistic"), py::arg("slots"),
-        py::arg("sums") = py::none());
-  m.def("mask", &mask, "zero every grad in the table when decision is 1", py::arg("decision"), py::arg("table"),
-        py::arg("blocks"));
-  m.def("mask_threads", &dgg::gate_mask_threads, "threads per block of the mask kernel");
+  m.doc() = "dgg-kernels CUDA backend: importing it registers the dgg::csrc_* ops for CUDA (dgg_kernels/ops.py)";
   m.attr("MAX_STEP_TENSORS") = dgg::kMaxStepTensors;
-  // (len(ints), len(stats), len(hyper)) this build expects; the loader compares it with state.py
+  m.attr("MASK_THREADS") = dgg::gate_mask_threads();
+  // (len(ints), len(stats), len(hyper), len(acc)) this build expects; the loader compares it with state.py
   m.attr("STATE_LAYOUT") =
       py::make_tuple(dgg::kNumIntSlots, dgg::kNumStatSlots, dgg::kNumHyperSlots, dgg::kNumAccSlots);
 }

@@ -357,6 +357,22 @@ def test_every_way_of_loading_the_extension_checks_its_state_layout(build, monke
     assert cuda_ext._ext is None
 
 
+class _PybindModule:
+    """An extension built before its kernels were registered as dgg:: ops: the right tables, no MASK_THREADS."""
+    MAX_STEP_TENSORS = cuda_ext.MAX_STEP_TENSORS
+    STATE_LAYOUT = (dgg.state.N_INTS, dgg.state.N_STATS, dgg.state.N_HYPER, dgg.state.N_ACC)
+    __file__ = "old/_C.so"
+
+
+def test_an_extension_without_the_op_registrations_is_refused(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_ext", None)
+    monkeypatch.setattr(cuda_ext, "_ext_error", None)
+    monkeypatch.setattr(cuda_ext, "_import_prebuilt", lambda: _PybindModule)
+    with pytest.raises(RuntimeError, match="no MASK_THREADS"):
+        cuda_ext.load_extension(build=False)
+    assert cuda_ext._ext is None
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backends_for("cuda") if torch.cuda.is_available() else ["triton"])

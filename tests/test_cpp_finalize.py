@@ -136,3 +136,29 @@ def test_cpp_finalize_refuses_a_state_of_another_layout():
                          "ints": torch.zeros(S.N_INTS - 1, dtype=torch.int64)})
     with pytest.raises(RuntimeError, match=f"state.ints must have {S.N_INTS} elements"):
         cpp_finalize.finalize(bad, cfg)
+
+
+def test_the_csrc_finalize_op_passes_opcheck_and_sums_overlaps_per_tensor_sums_in_order():
+    """dgg::csrc_finalize (the op the CUDA finalize also implements) through torch's dispatcher on its CPU
+    build: opcheck (its schema's mutations, its fake kernel), and with ``sums`` it judges their sum, added in
+    index order, exactly as a finalize on acc = that sum."""
+    from contract import OPCHECK_UTILS
+    from dgg_kernels import ops
+
+    cfg = GateConfig(window=3, statistic="energy+increment")
+    st = S.GateState.new(3, 0.3, 1e-8, torch.device("cpu"), n_rings=2)
+    for e in (1.0, 1.5, 0.75, 2.0):
+        st.acc[S.ACC_ENERGY] = e
+        cpp_finalize.finalize(st, cfg)
+    sums = torch.tensor([1e16, 1.0, -1e16, 3.0], dtype=torch.float64)  # left to right: 3.0 (the 1.0 is lost)
+    args = (st.ring, st.prev, st.ints, st.stats, st.decision, st.hyper, st.acc, 3, 4, cfg.statistic_id,
+            S.slot_order(), sums)
+    torch.library.opcheck(torch.ops.dgg.csrc_finalize.default, tuple(t.clone() if isinstance(t, torch.Tensor)
+                                                                    else t for t in args), test_utils=OPCHECK_UTILS)
+    with_sums, on_acc = _clone(st), _clone(st)
+    cpp_finalize.finalize(with_sums, cfg, sums)
+    on_acc.acc[S.ACC_ENERGY] = 3.0
+    cpp_finalize.finalize(on_acc, cfg)
+    assert float(with_sums.acc[S.ACC_ENERGY]) == 3.0
+    assert all(torch.equal(a, b) for a, b in zip(_bits(with_sums), _bits(on_acc)))
+    assert ops.CSRC_SCHEMAS["csrc_finalize"].startswith("csrc_finalize(")

@@ -475,3 +475,32 @@ def test_csrc_header_check_fails_on_a_stale_header(tmp_path, capsys):
     assert "differs from the slot table" in capsys.readouterr().out
     assert csrc_header.main(["--header", str(stale), "--write"]) == 0
     assert csrc_header.main(["--header", str(stale)]) == 0
+
+
+@pytest.mark.gpu
+def test_every_csrc_op_passes_opcheck_gpu():
+    """The dgg::csrc_* ops through torch's dispatcher on CUDA (their C++ kernels registered by loading the
+    extension): opcheck of each, on clones of a real gate's state and scratch."""
+    from contract import OPCHECK_UTILS
+
+    w = torch.nn.Parameter(torch.zeros(333, 7, device="cuda"))
+    gate = dgg.DynamicGradientGate(w, backend="cuda", window=3, statistic="energy+increment")
+    be, st, c = gate._backend, gate.state, gate.config
+    grads = [torch.randn(333, 7, device="cuda"), torch.randn(5, device="cuda", dtype=torch.bfloat16)]
+
+    def state():
+        return (st.ring.clone(), st.prev.clone(), st.ints.clone(), st.stats.clone(), st.decision.clone(),
+                st.hyper, st.acc.clone(), c.window, c.max_reuse, c.statistic_id, list(cuda_ext.SLOTS))
+
+    scratch = (be._scratch_for(2).clone(), torch.zeros(1, dtype=torch.int32, device="cuda"))
+    torch.library.opcheck(torch.ops.dgg.csrc_step.default, (grads, *scratch, be._max_blocks, *state()),
+                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.dgg.csrc_reduce.default,
+                          (grads, *scratch, st.acc.clone(), be._max_blocks), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.dgg.csrc_finalize.default, state(), test_utils=OPCHECK_UTILS)
+    sums = torch.tensor([1.0, 2.0], dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.dgg.csrc_finalize.default, (*state(), sums), test_utils=OPCHECK_UTILS)
+    g = torch.ones(64, device="cuda")
+    table = torch.tensor([[g.data_ptr(), g.nbytes]], dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.dgg.csrc_mask.default, (torch.zeros((), dtype=torch.bool, device="cuda"),
+                                                           table, 1), test_utils=OPCHECK_UTILS)

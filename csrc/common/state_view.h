@@ -18,7 +18,7 @@ inline void check_state_tensor(const at::Tensor& t, const char* name, at::Scalar
   TORCH_CHECK(t.is_contiguous(), "dgg: state.", name, " must be contiguous");
 }
 
-inline StateSlots make_slots(const std::vector<int64_t>& s) {
+inline StateSlots make_slots(c10::IntArrayRef s) {
   TORCH_CHECK(static_cast<int>(s.size()) == dgg::kNumSlots, "dgg: expected ", dgg::kNumSlots,
               " state slot indices, got ", s.size());
   // ints, stats, hyper and acc have kNumIntSlots, kNumStatSlots, kNumHyperSlots
@@ -43,7 +43,7 @@ inline StateSlots make_slots(const std::vector<int64_t>& s) {
 inline GateStateView make_view(const at::Tensor& ring, const at::Tensor& prev, const at::Tensor& ints,
                              const at::Tensor& stats, const at::Tensor& decision, const at::Tensor& hyper,
                              const at::Tensor& acc, int64_t window, int64_t max_reuse, int64_t statistic,
-                             const std::vector<int64_t>& slots, at::DeviceType want) {
+                             c10::IntArrayRef slots, at::DeviceType want) {
   const at::Device device = acc.device();
   TORCH_CHECK(device.type() == want, "dgg: the gate state is on ", device, "; this build of the finalize needs ",
               c10::DeviceTypeName(want), " tensors");

@@ -1,16 +1,19 @@
 """The C++ finalize (csrc/common/gate_finalize.h) built for the CPU: the same source nvcc compiles into the
 CUDA backend's kernels, so that it runs, and is tested against the plain-Python model, on machines with no GPU.
+Loading the build registers it as the CPU implementation of the ``dgg::csrc_finalize`` op (dgg_kernels/ops.py),
+the op whose CUDA implementation the cuda backend calls.
 
 Built just in time from a source checkout (csrc/ beside the package) with torch.utils.cpp_extension and a
 host C++ compiler, with -ffp-contract=off so that no product is fused into an addition (the CUDA kernels use
 the _rn intrinsics for the same reason).  Not a backend: ``finalize(state, config)`` runs one finalize of a
-CPU GateState on the energy in state.acc, as the CUDA backend's finalize launch does.
+CPU GateState on the energy in state.acc (or on the sum of overlap's per-tensor ``sums``), as the CUDA
+backend's finalize launch does.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import state as S
+from .. import ops, state as S
 from ..config import GateConfig
 from ..state import GateState
 
@@ -40,7 +43,8 @@ def load(verbose: bool = False):
     return mod
 
 
-def finalize(state: GateState, config: GateConfig) -> None:
-    """One finalize of a CPU ``state`` on its energy (state.acc[ACC_ENERGY]) and KL (state.acc[ACC_KL])."""
-    load().finalize(state.ring, state.prev, state.ints, state.stats, state.decision, state.hyper, state.acc,
-                    config.window, config.max_reuse, config.statistic_id, S.slot_order())
+def finalize(state: GateState, config: GateConfig, sums=None) -> None:
+    """One finalize of a CPU ``state`` on its energy (state.acc[ACC_ENERGY], or the float64 ``sums`` added in
+    index order) and KL (state.acc[ACC_KL]): the ``dgg::csrc_finalize`` op, on the CPU build."""
+    load()
+    ops.csrc_finalize(state, config, S.slot_order(), sums)

@@ -6,9 +6,10 @@ from csrc/ with torch.utils.cpp_extension.load (ninja) on first use and cached
 for the process.  Where neither works, constructing the backend raises a
 RuntimeError that names the reason.
 
-Per step: one launch reduces every monitor gradient and runs the finalize
-(csrc/gate_step), and one launch zeroes the params' gradients when the gate
-closed (csrc/gate_mask).  Neither synchronizes the host, and both can be
+Loading the extension registers the CUDA implementations of the ``dgg::csrc_*`` ops (schemas in
+dgg_kernels/ops.py), which this backend calls.  Per step: one launch reduces every monitor gradient and runs
+the finalize (csrc/gate_step), and one launch zeroes the params' gradients when the gate closed
+(csrc/gate_mask).  Neither synchronizes the host, and both can be
 captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import ops  # noqa: F401  (declares the dgg::csrc_* schemas the extension implements)
 from .. import state as S
 from ..config import GateConfig
 from ..state import GateState
@@ -133,6 +135,9 @@ def _check_module(mod) -> None:
                 f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale ({name} {have} != {value}); rebuild it "
                 "(`pip install --no-build-isolation -e .`, or delete it to build just in time)"
             )
+    if not isinstance(getattr(mod, "MASK_THREADS", None), int):
+        raise RuntimeError(f"dgg CUDA extension {getattr(mod, '__file__', mod)} is stale (no MASK_THREADS: built "
+                           "before its kernels were registered as dgg:: ops); rebuild it")
 
 
 def load_extension(build: bool = True):
@@ -207,7 +212,7 @@ class CudaBackend(Backend):
         # another (a graph-capture stream, say), so wait for it here, once,
         # rather than ever in step().
         torch.cuda.current_stream(self.device).synchronize()
-        self._mask_threads = int(self._ext.mask_threads())
+        self._mask_threads = int(self._ext.MASK_THREADS)
         self._mask = DeviceTable()
         self._mask_blocks = 1
         self._plan: Optional[MaskPlan] = None
@@ -240,18 +245,18 @@ class CudaBackend(Backend):
         grads = list(grads)
         partials = self._scratch_for(len(grads))
         self._pin_for_graph(partials)
-        self._ext.step(grads, partials, self._ticket, self._max_blocks, *self._state_args(state, config))
+        torch.ops.dgg.csrc_step(grads, partials, self._ticket, self._max_blocks, *self._state_args(state, config))
 
     def reduce(self, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
         """Write the energy (float64) to state.acc, for a collective to all-reduce before finalize()."""
         grads = list(grads)
         partials = self._scratch_for(len(grads))
         self._pin_for_graph(partials)
-        self._ext.reduce(grads, partials, self._ticket, state.acc, self._max_blocks)
+        torch.ops.dgg.csrc_reduce(grads, partials, self._ticket, state.acc, self._max_blocks)
 
     def finalize(self, state: GateState, config: GateConfig) -> None:
         """The finalize alone (one thread), on the energy in state.acc."""
-        self._ext.finalize(*self._state_args(state, config))
+        torch.ops.dgg.csrc_finalize(*self._state_args(state, config))
 
     # -- overlap=True: one launch per monitor grad during backward -------------------
     def _overlap_scratch_for(self, n_tensors: int):
@@ -269,13 +274,14 @@ class CudaBackend(Backend):
         """Sum of squares of monitor grad ``index`` into its own float64 slot (no finalize)."""
         partials, tickets, sums = self._overlap_scratch_for(n_tensors)
         self._pin_for_graph(partials, tickets, sums)
-        self._ext.reduce([grad], partials[index], tickets[index : index + 1], sums[index : index + 1], self._max_blocks)
+        torch.ops.dgg.csrc_reduce([grad], partials[index], tickets[index : index + 1], sums[index : index + 1],
+                                  self._max_blocks)
 
     def finalize_partials(self, n_tensors: int, state: GateState, config: GateConfig) -> None:
         """acc = the per-tensor sums added in index order (float64), then the finalize; one launch."""
         _, _, sums = self._overlap_scratch_for(n_tensors)
         self._pin_for_graph(sums)
-        self._ext.finalize(*self._state_args(state, config), sums=sums)
+        torch.ops.dgg.csrc_finalize(*self._state_args(state, config), sums=sums)
 
     def mask(self, decision: torch.Tensor, grads: Sequence[torch.Tensor], key: Optional[tuple] = None) -> None:
         """One launch over a cached (address, nbytes) table; no per-grad Python work while the grads keep
@@ -286,7 +292,7 @@ class CudaBackend(Backend):
         if plan is None or plan.key != key:
             plan = self._new_plan(key, grads)
         if plan.spans:
-            self._ext.mask(decision, self._mask.table, self._mask_blocks)
+            torch.ops.dgg.csrc_mask(decision, self._mask.table, self._mask_blocks)
         # Gapped views cannot be zeroed as one byte span; they
         # are rare (a grad is normally its own dense tensor), so torch does them.
         for i in plan.strided:
