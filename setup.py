@@ -1,4 +1,10 @@
-"""Builds the optional CUDA extension dgg_kernels._C from csrc/; everything else is in pyproject.toml.
+"""Builds the optional extensions from csrc/; everything else is in pyproject.toml.
+
+dgg_kernels._host (CPU C++, csrc/host/): the step's read of the params' gradients and its cache keys in one
+C++ pass (dgg_kernels/inputs.py uses the Python form where it is missing).  Built whenever torch is
+importable in the build environment.
+
+dgg_kernels._C (CUDA, the backend="cuda" kernels):
 
 The extension is built only when torch is importable, is a CUDA build, and
 nvcc is found.  Otherwise the pure-Python package is installed, and the
@@ -70,34 +76,51 @@ def _not_built_reason():
     return None
 
 
+def _torch_missing():
+    try:
+        import torch  # noqa: F401
+    except Exception as e:  # pip's isolated build env, or a broken torch
+        return f"torch is not importable in the build environment ({type(e).__name__}: {e})"
+    return None
+
+
 def _extension_kwargs():
+    missing = _torch_missing()
+    if missing is not None:
+        _say(f"no extension built: {missing}; use `pip install --no-build-isolation -e .` with torch installed. "
+             "The pure-Python package works (backends triton and torch; the host key reads in Python)")
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    csrc = os.path.join(HERE, "csrc")
+    exts = [CppExtension(name="dgg_kernels._host", sources=["csrc/host/grad_keys.cpp"],
+                         extra_compile_args={"cxx": ["-O3", "-std=c++17"]})]
+    said = ["building dgg_kernels._host (CPU C++: the step's gradient reads and cache keys) from csrc/host/"]
     reason = _not_built_reason()
     if reason is not None:
-        _say(f"CUDA backend (dgg_kernels._C) NOT built: {reason}. Only the pure-Python package is built: "
+        said.append(f"CUDA backend (dgg_kernels._C) NOT built: {reason}. The other backends need no build: "
              'backend="triton" (needs the triton package) and backend="torch" work; backend="cuda" '
              "can only be built just in time from csrc/ in a source checkout or editable install, "
              "with a CUDA build of torch, nvcc and ninja; in any other install it is unavailable.")
-        return {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    csrc = os.path.join(HERE, "csrc")
-    # Relative paths: setuptools rejects absolute source paths in some versions.
-    sources = ["csrc/binding.cpp"] + sorted(
-        os.path.relpath(p, HERE) for p in glob.glob(os.path.join(csrc, "*", "*.cu"))
-    )
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        nvcc_flags += GENCODE  # an explicit arch flag also stops torch adding its own
-    _say("building the CUDA backend dgg_kernels._C from " + ", ".join(sources)
-         + '; backends "triton" and "torch" are pure Python and need no build')
-    ext = CUDAExtension(
-        name="dgg_kernels._C",
-        sources=sources,
-        include_dirs=[csrc],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
-    )
+    else:
+        # Relative paths: setuptools rejects absolute source paths in some versions.
+        sources = ["csrc/binding.cpp"] + sorted(
+            os.path.relpath(p, HERE) for p in glob.glob(os.path.join(csrc, "*", "*.cu"))
+        )
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc_flags += GENCODE  # an explicit arch flag also stops torch adding its own
+        said.append("building the CUDA backend dgg_kernels._C from " + ", ".join(sources)
+                    + '; backends "triton" and "torch" are pure Python and need no build')
+        exts.append(CUDAExtension(
+            name="dgg_kernels._C",
+            sources=sources,
+            include_dirs=[csrc],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        ))
+    _say("; ".join(said))
     use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}}
+    return {"ext_modules": exts, "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}}
 
 
 def _has_ninja_module():

@@ -34,6 +34,22 @@ from .backends.base import NO_ZERO_DTYPES, GradFields, MaskPlan
 from .backends.torch_ref import FLT_MAX as _FLT_MAX
 from .distributed import is_dtensor, local_tensor
 
+# The C++ form of ParamGrads' per-step read (csrc/host/grad_keys.cpp, built by setup.py), or None: then the
+# Python form runs (the same fields, read one attribute at a time).  KEY_FORMAT: the layout of its key this
+# file expects (a build from another checkout is not used).
+HOST_KEY_FORMAT = 2
+try:
+    from . import _host as _host_module
+except ImportError:  # not built (no compiler, pip's isolated build, a wheel without it): the Python form
+    _host_module = None
+if _host_module is not None and getattr(_host_module, "KEY_FORMAT", None) != HOST_KEY_FORMAT:
+    import warnings
+
+    warnings.warn(f"dgg_kernels._host ({_host_module.__file__}) was built from another checkout (KEY_FORMAT "
+                  f"{getattr(_host_module, 'KEY_FORMAT', None)} != {HOST_KEY_FORMAT}); the gradient reads run in "
+                  "Python. Rebuild it: pip install --no-build-isolation -e .", RuntimeWarning, stacklevel=1)
+    _host_module = None
+
 # float64 is read as the spec reads every dtype: each entry rounded to float32, then squared.
 MONITOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
@@ -150,7 +166,9 @@ class ParamGrads:
         self.params = list(params)
         self.device = device
         self.dtensor = any(is_dtensor(p) for p in self.params)
-        self.key: Optional[tuple] = None  # the check_key the last full check accepted
+        self.key: Optional[tuple | bytes] = None  # the key the last full check accepted
+        # the C++ form reads plain tensors' grads (DTensor params: the Python form, which takes local shards)
+        self.host = None if self.dtensor else _host_module
 
     @staticmethod
     def check_key(present: tuple, types: tuple, fields: GradFields) -> tuple:
@@ -168,7 +186,9 @@ class ParamGrads:
             if problem is not None:
                 raise problem
 
-    def __call__(self) -> tuple[list[torch.Tensor], Optional[tuple]]:
+    def __call__(self) -> tuple[list[torch.Tensor], Optional[tuple | bytes]]:
+        if self.host is not None and not torch.compiler.is_compiling():
+            return self._call_host()
         raw = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
         present = tuple(map(operator.is_not, raw, repeat(None)))
         grads = list(compress(raw, present))
@@ -178,6 +198,25 @@ class ParamGrads:
         if torch.compiler.is_compiling():
             self._check_all()
             return grads, None
+        return self._keyed(grads, present, types)
+
+    def _call_host(self) -> tuple[list[torch.Tensor], Optional[tuple | bytes]]:
+        """The C++ form: every .grad, and as bytes the fields check_key and MaskPlan.key_for hold (the check's:
+        presence per param, per grad its dtype, device, layout, contiguity, and the shape and strides of a
+        non-contiguous one; the plan's: per grad its address, byte size, contiguity, shape and strides).  A
+        grad that is not a plain strided tensor (sparse, a tensor subclass such as a DTensor) sends the step
+        through the Python form, whose check names it."""
+        grads, check_key, plan_key, plain = self.host.read(self.params)
+        if not plain:
+            present = tuple(p.grad is not None for p in self.params)
+            return self._keyed(grads, present, tuple(map(type, grads)))
+        if check_key != self.key:
+            self.key = None  # stays None if the check raises
+            self._check_all()
+            self.key = check_key
+        return grads, plan_key
+
+    def _keyed(self, grads, present: tuple, types: tuple) -> tuple[list[torch.Tensor], Optional[tuple]]:
         fields = GradFields(grads)
         try:
             key = self.check_key(present, types, fields)

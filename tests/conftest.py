@@ -31,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def key_form(request):
+    """(indirect param, see contract.KEY_FORMS) "python" hides the C++ form from gates built in the test; "cpp" uses it."""
+    from contract import key_form_of
+
+    with key_form_of(request.param):
+        yield request.param

@@ -2,6 +2,7 @@
 script as a module, snapshots that show nothing was modified, and the bad inputs the gate must refuse."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dgg_kernels import inputs
 from dgg_kernels.backends import cuda_ext, triton_usable
 from sequences import bit_equal
 
@@ -173,3 +175,23 @@ def opcheck_gate_ops(gate) -> None:
                                           gate._kernels), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(ops.gate_mask, (state[4], zero, gate._kernels), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(ops.snapshot, (state[3],), test_utils=OPCHECK_UTILS)
+
+
+# -- the two forms of the params-grad read -------------------------------------------------------
+# The params-grad read and its keys exist in two forms (dgg_kernels/inputs.py): C++ (dgg_kernels._host, built by
+# setup.py; CI builds it) and Python.  The invalidation tests run each form with the real operations.
+KEY_FORMS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
+    inputs._host_module is None, reason="dgg_kernels._host is not built here (pip install --no-build-isolation -e .)"))]
+
+
+@contextlib.contextmanager
+def key_form_of(name: str):
+    """Gates built inside use the C++ form ("cpp") or the Python form ("python") of the params-grad read."""
+    saved = inputs._host_module
+    if name == "python":
+        inputs._host_module = None
+    try:
+        yield
+    finally:
+        inputs._host_module = saved
+

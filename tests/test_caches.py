@@ -19,6 +19,7 @@ tensor.  The mutation tests weaken a key and show the same checks then fail.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -44,6 +45,53 @@ ARENA_BYTES = 1024
 
 
 # ----------------------------------------------------------------------------- the checker
+from contract import KEY_FORMS, key_form_of  # noqa: E402
+
+
+def test_ci_builds_the_cpp_key_form():
+    """Where CI runs, the C++ form is built (else its invalidation tests would skip unseen)."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("not CI")
+    assert inputs._host_module is not None
+
+
+def test_the_cpp_form_returns_the_grads_and_keys_that_hold_every_field():
+    """The C++ read gives the same grad objects as .grad, in params order; its check key changes with each
+    field the input check reads (presence, dtype, contiguity, strides) and not with the address, its plan key
+    with each field the mask plan reads (address, byte size, contiguity, strides)."""
+    if inputs._host_module is None:
+        pytest.skip("dgg_kernels._host is not built here")
+    read = inputs._host_module.read
+    buf = torch.zeros(64)
+    ps = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(3)]
+    ps[0].grad, ps[2].grad = buf[:16].view(4, 4), buf[16:32].view(4, 4)
+    grads, check, plan, plain = read(ps)
+    assert plain and len(grads) == 2 and grads[0] is ps[0].grad and grads[1] is ps[2].grad
+    # variant -> (changes the check key, changes the plan key)
+    variants = {
+        "moved": (lambda: buf[32:48].view(4, 4), False, True),
+        "dtype": (lambda: buf[:16].view(torch.float16).view(4, 8), True, False),  # the same address and bytes
+        "transposed": (lambda: buf[:16].view(4, 4).t(), True, True),
+        "gapped": (lambda: buf[:20].view(4, 5)[:, :4], True, True),
+        "smaller": (lambda: buf[:8].view(2, 4), False, True),
+    }
+    for name, (make, check_changes, plan_changes) in variants.items():
+        ps[0].grad = None
+        g = make()
+        ps[0].data = torch.zeros(g.shape, dtype=g.dtype)  # a grad of another dtype needs a param of it
+        ps[0].grad = g
+        _, c, p_, _ = read(ps)
+        assert (c != check, p_ != plan) == (check_changes, plan_changes), name
+        ps[0].grad = None
+        ps[0].data = torch.zeros(4, 4)
+        ps[0].grad = buf[:16].view(4, 4)
+        assert read(ps)[1:3] == (check, plan), name
+    ps[0].grad, ps[1].grad = None, buf[:16].view(4, 4)  # the same grads, another param has one
+    assert read(ps)[1] != check
+    ps[1].grad = buf[:16].view(4, 4).to_sparse()
+    assert read(ps)[3] is False  # not plain: the Python form runs and names it
+
+
 def _gate(params, backend, device="cpu"):
     """A gate that closes exactly when its monitor gradient is NaN (no finite z reaches 1e9)."""
     mon = torch.nn.Parameter(torch.empty(16, device=device))
@@ -171,8 +219,10 @@ def layout_sequences(draw, refusals: bool = True):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @_examples(30)
 @given(steps=layout_sequences())
-def test_layout_sequences_zero_exactly_the_grads(backend, steps):
-    play_layouts(backend, steps)
+@pytest.mark.parametrize("key_form", KEY_FORMS)  # not a fixture: hypothesis runs many examples per call
+def test_layout_sequences_zero_exactly_the_grads(key_form, backend, steps):
+    with key_form_of(key_form):
+        play_layouts(backend, steps)
 
 
 # The two layouts a plan keyed on (address, byte size, contiguity) confuses: a dense transposed view and a
@@ -183,21 +233,24 @@ assert GAPPED["rows"] * GAPPED["cols"] == TRANSPOSED["rows"] * TRANSPOSED["cols"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_transposed_then_gapped_view_at_the_same_address(backend):
+@pytest.mark.parametrize("key_form", KEY_FORMS, indirect=True)
+def test_transposed_then_gapped_view_at_the_same_address(key_form, backend):
     """A dense transposed grad replaced by a gapped view at the same address with the same byte size."""
     play_layouts(backend, [dict(close=True, grads=[TRANSPOSED]), dict(close=True, grads=[GAPPED])])
 
 
 @pytest.mark.skipif(E8M0 is None, reason="torch without float8_e8m0fnu")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_a_refused_dtype_at_an_accepted_grads_address_is_refused(backend):
+@pytest.mark.parametrize("key_form", KEY_FORMS, indirect=True)
+def test_a_refused_dtype_at_an_accepted_grads_address_is_refused(key_form, backend):
     """float8_e8m0fnu (no zero) at the address and byte size of an accepted float8_e4m3fn grad."""
     ok = dict(kind="contiguous", dtype=torch.float8_e4m3fn, offset=0, rows=3, cols=5, gap=1)
     play_layouts(backend, [dict(close=True, grads=[ok]), dict(close=True, grads=[dict(ok, dtype=E8M0)])])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_the_error_names_the_param_whose_grad_is_refused(backend):
+@pytest.mark.parametrize("key_form", KEY_FORMS, indirect=True)
+def test_the_error_names_the_param_whose_grad_is_refused(key_form, backend):
     """The set of present grads changes while the addresses stay: the error names params[2], not params[1]."""
     a, b = torch.nn.Parameter(torch.empty(4, 3)), torch.nn.Parameter(torch.empty(4, 3))
     gate, mon = _gate([a, b], backend)
@@ -224,9 +277,10 @@ def _weak_check_key(present, types, fields):
 
 @needs_triton
 def test_a_plan_key_without_shape_and_strides_fails_the_checks(monkeypatch):
+    monkeypatch.setattr(inputs, "_host_module", None)  # the Python form's keys, weakened
     monkeypatch.setattr(MaskPlan, "key_for", staticmethod(_weak_plan_key))
     with pytest.raises(AssertionError, match="differ from the reference"):
-        test_transposed_then_gapped_view_at_the_same_address("triton")
+        test_transposed_then_gapped_view_at_the_same_address("python", "triton")
 
     # no shrinking: finding the failing example is the point, making it small would cost minutes
     @settings(test_layout_sequences_zero_exactly_the_grads._hypothesis_internal_use_settings, max_examples=300,
@@ -242,9 +296,10 @@ def test_a_plan_key_without_shape_and_strides_fails_the_checks(monkeypatch):
 @pytest.mark.skipif(E8M0 is None, reason="torch without float8_e8m0fnu")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_check_key_without_dtype_fails_the_checks(backend, monkeypatch):
+    monkeypatch.setattr(inputs, "_host_module", None)  # the Python form's keys, weakened
     monkeypatch.setattr(inputs.ParamGrads, "check_key", staticmethod(_weak_check_key))
     with pytest.raises((AssertionError, pytest.fail.Exception)):
-        test_a_refused_dtype_at_an_accepted_grads_address_is_refused(backend)
+        test_a_refused_dtype_at_an_accepted_grads_address_is_refused("python", backend)
 
 
 # ----------------------------------------------------------------------------- overlap

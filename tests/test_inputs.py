@@ -14,7 +14,7 @@ import torch
 
 import dgg_kernels as dgg
 from dgg_kernels import inputs
-from contract import DEVICES, REFUSED, assert_unchanged, backends_for, break_input, snapshot
+from contract import DEVICES, KEY_FORMS, REFUSED, assert_unchanged, backends_for, break_input, snapshot
 from semantics_model import energy_of, play
 from sequences import GATE_CONFIGS, assert_stats_match, config_id, make_sequence, run_gate
 
@@ -143,7 +143,8 @@ def test_overlap_hook_skips_a_refused_grad_and_step_names_it(backend):
 
 
 # ----------------------------------------------------------------------------- the params check cache
-def test_params_grads_are_checked_once_per_layout(monkeypatch):
+@pytest.mark.parametrize("key_form", KEY_FORMS, indirect=True)
+def test_params_grads_are_checked_once_per_layout(key_form, monkeypatch):
     """The full check runs when anything it reads changes (which grads are present, their dtype, device, layout,
     shape and strides), and only then: a new grad tensor of the same layout each step is not rechecked."""
     calls = []
