@@ -33,6 +33,28 @@ def test_arm_specs():
         llm.parse_arm("rnd4@0.5")
 
 
+def test_a_cap_control_at_its_sources_k_is_the_fixed_k_unit_and_others_run(tmp_path, monkeypatch):
+    """cap:A whose cap is A's K on every batch takes the fixed-K unit of its seed (marked same_as); a cap
+    below K, or a missing fixed unit, runs (here: reaches run_unit, stubbed)."""
+    ran = []
+    monkeypatch.setattr(llm, "available", lambda: None)
+    monkeypatch.setattr(llm, "Addition", lambda: None)
+    monkeypatch.setattr(llm, "run_unit", lambda spec, seed, st, task, caps=None: ran.append((spec, seed, caps))
+                        or {"arm": spec, "caps": caps})
+    monkeypatch.setattr(llm, "meta", lambda: {"commit": "x"})
+    src = {"batches": [{"applied_passes": p} for p in (4, 4, 3, 4)]}  # mean 3.75 -> cap 4 = K
+    (tmp_path / "dgg4_s0.json").write_text(llm.json.dumps(src))
+    (tmp_path / "k4_s0.json").write_text(llm.json.dumps({"arm": "k4", "curve": [0.1, 0.2], "meta": {"commit": "y"}}))
+    llm.main(["--arms", "cap:dgg4", "--seeds", "0", "--batches", "4", "--out", str(tmp_path)])
+    twin = llm.json.loads((tmp_path / "cap-dgg4_s0.json").read_text())
+    assert ran == [] and twin["curve"] == [0.1, 0.2] and twin["arm"] == "cap:dgg4" and twin["same_as"] == "k4_s0.json"
+    assert twin["caps"] == [4, 4, 4, 4]
+    src["batches"][0]["applied_passes"] = 1  # mean 3.0 -> cap 3 < K: it runs
+    (tmp_path / "dgg4_s1.json").write_text(llm.json.dumps(src))
+    llm.main(["--arms", "cap:dgg4", "--seeds", "1", "--batches", "4", "--out", str(tmp_path)])
+    assert [(spec, seed) for spec, seed, _ in ran] == [("cap:dgg4", 1)] and ran[0][2] == [3, 3, 3, 3]
+
+
 @pytest.mark.skipif(llm.available() is not None, reason=str(llm.available()))
 def test_one_smollm2_unit_runs_through_the_gate():
     torch.set_num_threads(min(2, torch.get_num_threads()))
