@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 import warnings
 from typing import NamedTuple, Sequence
@@ -156,12 +157,16 @@ def _runner_of(kernel, grid: tuple):
         return None
 
 
-def _arg_key(a):
-    """What the JIT's choice of compiled kernel can depend on in one argument: a tensor's dtype and exact
-    address (alignment is part of the specialization), any other value with its type (True is not 1)."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr())
-    return (type(a), a)
+_DATA_PTR = torch.Tensor.data_ptr
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _getter(positions: list[int]):
+    """A C-level ``args -> tuple of args[i] for i in positions`` (itemgetter returns a bare item for one)."""
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions) if positions else (lambda args: ())
 
 
 class _Launch:
@@ -175,9 +180,11 @@ class _Launch:
     16-byte alignment of pointers, integers equal to 1 or divisible by 16),
     looks the kernel up, and calls the compiled kernel's launcher with every
     argument in signature order.  The kernel it returns is remembered with a
-    key derived from the whole argument list (``_arg_key`` of each: a tensor's
-    dtype and address, any other value with its type), the grid, the warps
-    and the current device: everything the JIT's choice depends on, and
+    key derived from the whole argument list: every argument's type, every
+    tensor's dtype and exact address (alignment is part of the
+    specialization), every other argument's value (True is not 1: the types
+    differ), plus the grid, the warps and the current device: everything the
+    JIT's choice depends on, and
     more.  A later call with an equal key passes arguments the JIT would
     specialize identically, so it goes straight to that kernel's launcher
     (``CompiledKernel[grid](*args)``, the same call the JIT ends with in Triton
@@ -186,14 +193,28 @@ class _Launch:
     path.  ``DGG_TRITON_FAST_LAUNCH=0`` turns the direct path off.
     """
 
-    __slots__ = ("fn", "names", "key", "runner", "hits")
+    __slots__ = ("fn", "names", "pick", "key", "runner", "hits", "split")
 
     def __init__(self, fn) -> None:
         self.fn = fn
         self.names = tuple(fn.arg_names)
+        self.pick = operator.itemgetter(*self.names) if len(self.names) > 1 else (lambda kw: (kw[self.names[0]],))
         self.key = None
         self.runner = None
         self.hits = 0  # direct launches so far (tests and benchmarks read it)
+        # (argument types, tensors getter, others getter) of the last JIT call: how a key is read (C-level maps)
+        self.split = None
+
+    def _key(self, grid: tuple, num_warps: int, args: tuple):
+        """The direct-launch key of ``args`` (see the class docstring), or None when the arguments' types are
+        not those the last JIT call split them by (then the JIT runs, and splits again)."""
+        types = tuple(map(type, args))
+        split = self.split
+        if split is None or split[0] != types:
+            return None
+        tensors = split[1](args)
+        return (grid, num_warps, torch.cuda.current_device(), types, tuple(map(_DATA_PTR, tensors)),
+                tuple(map(_DTYPE, tensors)), split[2](args))
 
     def __call__(self, grid: tuple, num_warps: int, **kwargs) -> None:
         global _FAST_LAUNCH
@@ -201,11 +222,11 @@ class _Launch:
             extra = sorted(set(kwargs) - set(self.names))
             missing = [n for n in self.names if n not in kwargs]
             raise TypeError(f"{getattr(self.fn, '__name__', self.fn)}: missing arguments {missing}, unknown {extra}")
-        args = tuple(kwargs[n] for n in self.names)  # KeyError names a misspelt argument
+        args = self.pick(kwargs)  # KeyError names a misspelt argument
         runner = self.runner
         if runner is not None:
-            key = (grid, num_warps, torch.cuda.current_device(), *map(_arg_key, args))
-            if key == self.key:
+            key = self._key(grid, num_warps, args)
+            if key is not None and key == self.key:
                 try:
                     runner(*args)
                     self.hits += 1
@@ -218,7 +239,10 @@ class _Launch:
         kernel = self.fn[grid](*args, num_warps=num_warps, enable_fp_fusion=False)
         self.runner = _runner_of(kernel, grid)
         if self.runner is not None:
-            self.key = (grid, num_warps, torch.cuda.current_device(), *map(_arg_key, args))
+            is_tensor = [isinstance(a, torch.Tensor) for a in args]
+            self.split = (tuple(map(type, args)), _getter([i for i, t in enumerate(is_tensor) if t]),
+                          _getter([i for i, t in enumerate(is_tensor) if not t]))
+            self.key = self._key(grid, num_warps, args)
 
 
 class _MaskCall(NamedTuple):
