@@ -449,21 +449,11 @@ class DynamicGradientGate:
         """
         f = _copy(self.state.stats)
         i = _copy(self.state.ints)
-        return {
-            "energy": f[S.ENERGY],
-            "norm": f[S.NORM],
-            "statistic": f[S.STATISTIC],
-            "mean": f[S.MEAN],
-            "std": f[S.STD],
-            "z": f[S.Z],
-            "closed": f[S.CLOSED] != 0,
-            "reuse_index": i[S.REUSE],
-            "accepted": i[S.ACCEPTED],
-            "closed_total": i[S.CLOSED_TOTAL],
-            "z_energy": f[S.Z_ENERGY],
-            "z_increment": f[S.Z_INCREMENT],
-            "kl": f[S.KL],
-        }
+        # every stats slot under its name (the slot table, state.SLOT_GROUPS), then three counters
+        out = {name.lower(): f[getattr(S, name)] for name in S.SLOT_GROUPS["stats"]}
+        out["closed"] = out["closed"] != 0
+        out.update(reuse_index=i[S.REUSE], accepted=i[S.ACCEPTED], closed_total=i[S.CLOSED_TOTAL])
+        return out
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: the layout's version, the settings and the device state.
