@@ -167,8 +167,10 @@ class ParamGrads:
         self.device = device
         self.dtensor = any(is_dtensor(p) for p in self.params)
         self.key: Optional[tuple | bytes] = None  # the key the last full check accepted
-        # the C++ form reads plain tensors' grads (DTensor params: the Python form, which takes local shards)
-        self.host = None if self.dtensor else _host_module
+        # the C++ form reads plain tensors' grads (DTensor params: the Python form, which takes local shards);
+        # the module is looked up per step, not held: a gate (and a model holding a GatedLinear) must stay
+        # copyable and picklable, which a module attribute is not
+        self.host = not self.dtensor
 
     @staticmethod
     def check_key(present: tuple, types: tuple, fields: GradFields) -> tuple:
@@ -187,8 +189,8 @@ class ParamGrads:
                 raise problem
 
     def __call__(self) -> tuple[list[torch.Tensor], Optional[tuple | bytes]]:
-        if self.host is not None and not torch.compiler.is_compiling():
-            return self._call_host()
+        if self.host and _host_module is not None and not torch.compiler.is_compiling():
+            return self._call_host(_host_module)
         raw = [p.grad for p in self.params]  # each .grad read once: this list is rebuilt every step
         present = tuple(map(operator.is_not, raw, repeat(None)))
         grads = list(compress(raw, present))
@@ -200,13 +202,13 @@ class ParamGrads:
             return grads, None
         return self._keyed(grads, present, types)
 
-    def _call_host(self) -> tuple[list[torch.Tensor], Optional[tuple | bytes]]:
+    def _call_host(self, host) -> tuple[list[torch.Tensor], Optional[tuple | bytes]]:
         """The C++ form: every .grad, and as bytes the fields check_key and MaskPlan.key_for hold (the check's:
         presence per param, per grad its dtype, device, layout, contiguity, and the shape and strides of a
         non-contiguous one; the plan's: per grad its address, byte size, contiguity, shape and strides).  A
         grad that is not a plain strided tensor (sparse, a tensor subclass such as a DTensor) sends the step
         through the Python form, whose check names it."""
-        grads, check_key, plan_key, plain = self.host.read(self.params)
+        grads, check_key, plan_key, plain = host.read(self.params)
         if not plain:
             present = tuple(p.grad is not None for p in self.params)
             return self._keyed(grads, present, tuple(map(type, grads)))

@@ -162,7 +162,7 @@ def _arithmetic(t: torch.Tensor) -> torch.Tensor:
 def opcheck_gate_ops(gate) -> None:
     """torch.library.opcheck of every gate op (dgg::gate_step, dgg::gate_mask, dgg::snapshot) on this step's
     real gradients and the gate's current state, all cloned, so the run itself is not touched.  The parity
-    runs call it at their first step; the overlap op has its own (tests/test_ops.py)."""
+    runs call it at their first step; dgg::gate_finalize_partials has its own (tests/test_ops.py)."""
     from dgg_kernels import inputs, ops
 
     grads = [g.clone() for g in inputs.monitor_grads(gate.monitor, gate._sharding, gate.device)]
@@ -173,7 +173,10 @@ def opcheck_gate_ops(gate) -> None:
     state = [t.clone() for t in (s.ring, s.prev, s.ints, s.stats, s.decision, s.acc)]
     torch.library.opcheck(ops.gate_step, (grads, *state, s.hyper, c.window, c.statistic_id, c.max_reuse,
                                           gate._kernels), test_utils=OPCHECK_UTILS)
-    torch.library.opcheck(ops.gate_mask, (state[4], zero, gate._kernels), test_utils=OPCHECK_UTILS)
+    # a closed decision too: the schema check only sees a mutation that happens
+    for closed in (state[4], torch.ones((), dtype=torch.bool, device=gate.device)):
+        torch.library.opcheck(ops.gate_mask, (closed, [g.clone() for g in zero], gate._kernels),
+                              test_utils=OPCHECK_UTILS)
     torch.library.opcheck(ops.snapshot, (state[3],), test_utils=OPCHECK_UTILS)
 
 
@@ -184,14 +187,28 @@ KEY_FORMS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
     inputs._host_module is None, reason="dgg_kernels._host is not built here (pip install --no-build-isolation -e .)"))]
 
 
+class _CountingHost:
+    """The C++ form, counting its reads (a "cpp" case that never reached it would re-test the Python form)."""
+
+    def __init__(self, module) -> None:
+        self.module, self.reads = module, 0
+
+    def read(self, params):
+        self.reads += 1
+        return self.module.read(params)
+
+
 @contextlib.contextmanager
 def key_form_of(name: str):
-    """Gates built inside use the C++ form ("cpp") or the Python form ("python") of the params-grad read."""
+    """Steps inside use the C++ form ("cpp": at least one step must read through it) or the Python form
+    ("python") of the params-grad read."""
     saved = inputs._host_module
-    if name == "python":
-        inputs._host_module = None
+    counting = _CountingHost(saved) if name == "cpp" else None
+    inputs._host_module = counting
     try:
         yield
     finally:
         inputs._host_module = saved
+    if counting is not None:
+        assert counting.reads > 0, "the C++ form was never used"
 

@@ -224,3 +224,21 @@ def test_public_names():
     assert set(dgg.__all__) >= {"DynamicGradientGate", "GateConfig", "__version__"}
     with pytest.raises(Exception):
         dgg.GateConfig().window = 3  # frozen
+
+
+def test_a_gate_and_a_model_holding_a_gated_linear_can_be_copied_and_saved(tmp_path):
+    """copy.deepcopy and torch.save of a gate and of a model holding a GatedLinear (a reference policy copied
+    from the trained one is common in RL); the copy steps on its own state."""
+    import copy
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    gate = dgg.DynamicGradientGate(m[1].weight, window=2, backend="torch")
+    m[1] = dgg.GatedLinear(m[1], gate)
+    m2 = copy.deepcopy(m)
+    torch.save(m, tmp_path / "m.pt")
+    g2 = copy.deepcopy(gate)
+    assert g2._kernels.backend is g2._backend and g2._kernels.backend is not gate._backend
+    gate.monitor[0].grad = torch.ones(3, 4)
+    gate.step()
+    assert int(gate.stats()["accepted"]) == 1 and int(g2.stats()["accepted"]) == 0
+    assert m2 is not m

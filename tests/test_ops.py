@@ -22,8 +22,10 @@ def test_opcheck(backend, statistic):
          gate._kernels),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
-    torch.library.opcheck(torch.ops.dgg.gate_mask.default, (s.decision, grads, gate._kernels),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for closed in (False, True):  # the schema check sees the mask's writes only when it writes
+        torch.library.opcheck(torch.ops.dgg.gate_mask.default,
+                              (torch.tensor(closed), [g.clone() for g in grads], gate._kernels),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     for t in (s.decision, s.stats, s.ints):
         torch.library.opcheck(torch.ops.dgg.snapshot.default, (t,),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -64,13 +66,52 @@ def test_compiled_step_fullgraph_matches_eager(compiler, statistic, window_mode)
 
 
 def test_ops_find_no_backend_by_hidden_state():
-    """What an op runs with is its argument: no module-level registry, and two gates on one compiled function
-    each keep their own backend (a graph compiled for one gate and called with the other's handle)."""
+    """What an op runs with is its argument: no module-level registry; a handle whose backend cannot mask
+    fails on its own, whatever other gates exist."""
     assert not any(hasattr(ops, name) for name in ("register_backend", "_backends", "_lookup"))
     grads = [torch.ones(3)]
     handle = ops.GateKernels.of(object())
-    with pytest.raises(AttributeError, match="mask"):  # a handle without a backend cannot mask anything
+    with pytest.raises(AttributeError, match="mask"):
         ops.gate_mask(torch.ones((), dtype=torch.bool), grads, handle)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_one_compiled_function_serves_two_gates_each_with_its_own_backend(compiler):
+    """One compiled function stepping whichever gate it is given: each gate's handle reaches the op, so each
+    decides on its own window and settings, as its eager twin does (the graph is not specialized on the
+    first gate's backend)."""
+    def make(threshold):
+        w = torch.nn.Parameter(torch.empty(6, 5))
+        return w, dgg.DynamicGradientGate(w, window=2, threshold=threshold, backend="torch")
+
+    (wa, a), (wb, b), (wa2, a2), (wb2, b2) = make(0.5), make(50.0), make(0.5), make(50.0)
+
+    def step(gate):
+        return gate.step()
+
+    compiled = torch.compile(step, backend=compiler)
+    for i in range(8):
+        g = torch.full((6, 5), 1.0 + (30.0 if i == 6 else 0.01 * i))
+        for w, gate, w2, twin in ((wa, a, wa2, a2), (wb, b, wb2, b2)):
+            w.grad, w2.grad = g.clone(), g.clone()
+            assert bool(compiled(gate)) == bool(twin.step()), (i, gate.config.threshold)
+            assert torch.equal(gate.state.ring, twin.state.ring) and torch.equal(gate.state.ints, twin.state.ints)
+    # the thresholds make the two gates decide differently on the same gradients: a mixed-up backend shows
+    assert a.stats()["closed_total"].item() > b.stats()["closed_total"].item()
+
+
+def test_finalize_partials_op_passes_opcheck():
+    """dgg::gate_finalize_partials (overlap's finalize), on a real overlap gate's per-tensor reductions."""
+    from contract import OPCHECK_UTILS
+
+    w = torch.nn.Parameter(torch.randn(9, 4))
+    b = torch.nn.Parameter(torch.randn(4))
+    gate = dgg.DynamicGradientGate([w, b], window=3, backend="torch", overlap=True)
+    (w.sum() * 2 + b.sum()).backward()  # the hooks reduce each gradient
+    s, c = gate.state, gate.config
+    state = [t.clone() for t in (s.ring, s.prev, s.ints, s.stats, s.decision, s.acc)]
+    torch.library.opcheck(ops.gate_finalize_partials, (*state, s.hyper, c.window, c.statistic_id, c.max_reuse, 2,
+                                                       gate._kernels), test_utils=OPCHECK_UTILS)
 
 
 def test_a_wrong_mutation_annotation_fails_opcheck():
