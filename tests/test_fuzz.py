@@ -320,6 +320,55 @@ def test_fuzz_every_backend_matches_the_model_step_for_step(device, sc):
     check_scenario(sc, device)
 
 
+def _cpp_finalize():
+    """The CPU build of the C++ finalize, or None with the reason it could not be built here."""
+    try:
+        from dgg_kernels.backends import cpp_finalize
+
+        cpp_finalize.load()
+        return cpp_finalize, None
+    except Exception as e:  # no compiler, no ninja, no csrc: say why
+        return None, f"the C++ finalize could not be built here: {type(e).__name__}: {str(e)[:200]}"
+
+
+@_examples(30)
+@given(sc=scenarios())
+def test_fuzz_the_cpp_finalize_follows_the_torch_backend_step_for_step(sc):
+    """The fuzz suite's scenarios through the C++ finalize (csrc/common/gate_finalize.h, CPU build): before every
+    step of a torch-backend gate, a copy of its state gets the same energy (the torch reduce) and KL, and the
+    C++ finalize must leave it as the torch backend's step leaves the gate's, bit for bit (a NaN is a NaN)."""
+    cpp, why = _cpp_finalize()
+    if cpp is None:
+        pytest.skip(why)
+    from dgg_kernels import inputs
+    from dgg_kernels.backends.torch_ref import TorchBackend
+
+    monitor, extra = _params(sc, "cpu")
+    gate = _new_gate(sc, "torch", monitor, extra)
+    reduce = TorchBackend()
+    for t, ev in enumerate(sc["events"]):
+        if ev[0] in ("new_batch", "new_pass"):
+            getattr(gate, ev[0])()
+            continue
+        if ev[0] == "roundtrip":
+            gate = _roundtrip(sc, gate, "torch", monitor, extra)
+            continue
+        laid, _, extra_grads = _grads_for_step(sc, t, ev[1], ev[2], "cpu")
+        for p, g in zip(monitor + extra, list(laid) + list(extra_grads)):
+            p.grad = g
+        _observe(sc, gate, ev, "cpu")
+        st = dgg.state.GateState(**{k: getattr(gate.state, k).clone() for k in
+                                    ("ring", "prev", "ints", "stats", "decision", "hyper", "acc")})
+        reduce.reduce(inputs.monitor_grads(gate.monitor, None, gate.device), st, gate.config)
+        cpp.finalize(st, gate.config)
+        gate.step()
+        for name in ("ring", "prev", "ints", "stats", "decision", "acc"):
+            a, b = getattr(st, name), getattr(gate.state, name)
+            same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(
+                torch.nan_to_num(a.double(), nan=7.0), torch.nan_to_num(b.double(), nan=7.0)))
+            assert same, (t, name, a, b)
+
+
 @st.composite
 def bad_cases(draw):
     sc = draw(scenarios(min_events=1, max_events=6))
