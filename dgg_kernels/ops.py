@@ -78,11 +78,16 @@ def _step_impl(
     between the reduce and the finalize.
     """
     state = GateState(ring=ring, prev=prev, ints=ints, stats=stats, decision=decision, hyper=hyper, acc=acc)
-    config = GateConfig(window=window, statistic=STATISTICS[statistic], max_reuse=max_reuse)
+    _run_step(kernels, grads, state, GateConfig(window=window, statistic=STATISTICS[statistic], max_reuse=max_reuse))
+
+
+def _run_step(kernels: GateKernels, grads, state: GateState, config: GateConfig) -> None:
+    """The body of ``dgg::gate_step`` on a GateState and GateConfig (the eager path calls it with the gate's
+    own, which saves building them from the op's arguments)."""
     backend = kernels.backend
     if kernels.sharding is not None:
         backend.reduce(grads, state, config)
-        kernels.sharding.combine(acc)
+        kernels.sharding.combine(state.acc)
         backend.finalize(state, config)
     else:
         backend.step(grads, state, config)
@@ -156,14 +161,19 @@ def _state_args(state: GateState) -> tuple:
 
 def step(kernels: GateKernels, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
     """Reduce ``grads``, combine (a sharded gate), finalize: ``dgg::gate_step``."""
-    args = (list(grads), *_state_args(state), config.window, config.statistic_id, config.max_reuse, kernels)
-    (gate_step if torch.compiler.is_compiling() else _step_impl)(*args)
+    if torch.compiler.is_compiling():
+        gate_step(list(grads), *_state_args(state), config.window, config.statistic_id, config.max_reuse, kernels)
+    else:
+        _run_step(kernels, grads, state, config)
 
 
 def finalize_partials(kernels: GateKernels, n_tensors: int, state: GateState, config: GateConfig) -> None:
     """Finalize on overlap's per-tensor reductions: ``dgg::gate_finalize_partials``."""
-    args = (*_state_args(state), config.window, config.statistic_id, config.max_reuse, n_tensors, kernels)
-    (gate_finalize_partials if torch.compiler.is_compiling() else _finalize_partials_impl)(*args)
+    if torch.compiler.is_compiling():
+        gate_finalize_partials(*_state_args(state), config.window, config.statistic_id, config.max_reuse,
+                               n_tensors, kernels)
+    else:
+        kernels.backend.finalize_partials(n_tensors, state, config)
 
 
 def mask(kernels: GateKernels, decision: torch.Tensor, grads: Sequence[torch.Tensor], key=None) -> None:
