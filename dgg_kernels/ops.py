@@ -29,13 +29,22 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-# Opaque reference objects (torch >= 2.13, private modules): an ImportError here means this torch is too old
-# or moved them, and the package says so at import rather than at the first compiled step.
-from torch._library.opaque_object import register_opaque_type
-from torch._opaque_base import OpaqueBase
 
 from .config import STATISTICS, GateConfig
 from .state import GateState
+
+# Opaque reference objects as op arguments: torch's private modules, as torch 2.13 has them (the tested
+# version).  A torch without them (the GPU machines' image had 2.11) still runs every eager step, which
+# calls the ops' implementations directly; only torch.compile of a step needs the ops, and it raises
+# COMPILE_UNAVAILABLE, which says why, instead of the package failing to import.
+COMPILE_UNAVAILABLE: Optional[str] = None
+try:
+    from torch._library.opaque_object import register_opaque_type
+    from torch._opaque_base import OpaqueBase
+except ImportError as e:
+    register_opaque_type, OpaqueBase = None, object
+    COMPILE_UNAVAILABLE = (f"torch {torch.__version__} has no opaque op arguments ({e}); torch.compile of a "
+                           "gate step needs them (tested with torch 2.13). Eager steps are unaffected")
 
 
 class GateKernels(OpaqueBase):
@@ -62,7 +71,13 @@ class GateKernels(OpaqueBase):
         return kernels
 
 
-register_opaque_type(GateKernels, typ="reference")
+if register_opaque_type is not None:
+    try:
+        register_opaque_type(GateKernels, typ="reference")
+    except (TypeError, ValueError) as e:  # another version of the private API
+        COMPILE_UNAVAILABLE = (f"torch {torch.__version__} did not take GateKernels as an opaque reference type "
+                               f"({type(e).__name__}: {e}); torch.compile of a gate step needs it (tested with "
+                               "torch 2.13). Eager steps are unaffected")
 
 
 # -- the gate's ops --------------------------------------------------------------
@@ -111,31 +126,29 @@ def _mask_impl(decision: torch.Tensor, grads: List[torch.Tensor], kernels: GateK
     kernels.backend.mask(decision, grads, key)
 
 
-_STATE_MUTATED = ("ring", "prev", "ints", "stats", "decision", "acc")
-gate_step = torch.library.custom_op("dgg::gate_step", mutates_args=_STATE_MUTATED)(_step_impl)
-gate_finalize_partials = torch.library.custom_op("dgg::gate_finalize_partials", mutates_args=_STATE_MUTATED)(
-    _finalize_partials_impl)
+gate_step = gate_finalize_partials = gate_mask = None  # the ops, where this torch takes a GateKernels argument
+if COMPILE_UNAVAILABLE is None:
+    _STATE_MUTATED = ("ring", "prev", "ints", "stats", "decision", "acc")
+    gate_step = torch.library.custom_op("dgg::gate_step", mutates_args=_STATE_MUTATED)(_step_impl)
+    gate_finalize_partials = torch.library.custom_op("dgg::gate_finalize_partials", mutates_args=_STATE_MUTATED)(
+        _finalize_partials_impl)
 
+    @torch.library.custom_op("dgg::gate_mask", mutates_args=("grads",))
+    def gate_mask(decision: torch.Tensor, grads: List[torch.Tensor], kernels: GateKernels) -> None:
+        """Zero every tensor of ``grads`` in place when ``decision`` (bool[]) is True."""
+        _mask_impl(decision, grads, kernels)
 
-@torch.library.custom_op("dgg::gate_mask", mutates_args=("grads",))
-def gate_mask(decision: torch.Tensor, grads: List[torch.Tensor], kernels: GateKernels) -> None:
-    """Zero every tensor of ``grads`` in place when ``decision`` (bool[]) is True."""
-    _mask_impl(decision, grads, kernels)
+    @gate_step.register_fake
+    def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, kernels):
+        return None
 
+    @gate_finalize_partials.register_fake
+    def _(ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, n_tensors, kernels):
+        return None
 
-@gate_step.register_fake
-def _(grads, ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, kernels):
-    return None
-
-
-@gate_finalize_partials.register_fake
-def _(ring, prev, ints, stats, decision, acc, hyper, window, statistic, max_reuse, n_tensors, kernels):
-    return None
-
-
-@gate_mask.register_fake
-def _(decision, grads, kernels):
-    return None
+    @gate_mask.register_fake
+    def _(decision, grads, kernels):
+        return None
 
 
 @torch.library.custom_op("dgg::snapshot", mutates_args=())
@@ -159,10 +172,17 @@ def _state_args(state: GateState) -> tuple:
     return state.ring, state.prev, state.ints, state.stats, state.decision, state.acc, state.hyper
 
 
+def _compiled_op(op):
+    """``op`` for a step being compiled, or the reason this torch cannot compile it."""
+    if op is None:
+        raise RuntimeError(COMPILE_UNAVAILABLE)
+    return op
+
+
 def step(kernels: GateKernels, grads: Sequence[torch.Tensor], state: GateState, config: GateConfig) -> None:
     """Reduce ``grads``, combine (a sharded gate), finalize: ``dgg::gate_step``."""
     if torch.compiler.is_compiling():
-        gate_step(list(grads), *_state_args(state), config.window, config.statistic_id, config.max_reuse, kernels)
+        _compiled_op(gate_step)(list(grads), *_state_args(state), config.window, config.statistic_id, config.max_reuse, kernels)
     else:
         _run_step(kernels, grads, state, config)
 
@@ -170,7 +190,7 @@ def step(kernels: GateKernels, grads: Sequence[torch.Tensor], state: GateState, 
 def finalize_partials(kernels: GateKernels, n_tensors: int, state: GateState, config: GateConfig) -> None:
     """Finalize on overlap's per-tensor reductions: ``dgg::gate_finalize_partials``."""
     if torch.compiler.is_compiling():
-        gate_finalize_partials(*_state_args(state), config.window, config.statistic_id, config.max_reuse,
+        _compiled_op(gate_finalize_partials)(*_state_args(state), config.window, config.statistic_id, config.max_reuse,
                                n_tensors, kernels)
     else:
         kernels.backend.finalize_partials(n_tensors, state, config)
@@ -179,7 +199,7 @@ def finalize_partials(kernels: GateKernels, n_tensors: int, state: GateState, co
 def mask(kernels: GateKernels, decision: torch.Tensor, grads: Sequence[torch.Tensor], key=None) -> None:
     """Zero ``grads`` when ``decision`` is True: ``dgg::gate_mask``."""
     if torch.compiler.is_compiling():
-        gate_mask(decision, list(grads), kernels)
+        _compiled_op(gate_mask)(decision, list(grads), kernels)
     else:
         _mask_impl(decision, grads, kernels, key)
 

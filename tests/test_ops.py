@@ -181,3 +181,41 @@ def test_observe_kl_of_a_number_under_fullgraph_compile(compiler):
             gate.new_batch()
             assert bool(compiled(0.001 * (i + 1))) is False
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= 1
+
+
+def test_a_torch_without_opaque_op_arguments_still_steps_eagerly_and_says_why_it_cannot_compile():
+    """In a process whose torch does not take GateKernels as an opaque op argument (another version of the
+    private API, as the GPU machines' torch 2.11 may have): the package imports, eager steps work, the csrc
+    op schemas exist, and compiling a step raises the reason."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+import torch._library.opaque_object as opaque
+real = opaque.register_opaque_type
+
+def older(cls, *args, **kwargs):  # a version of the private API that does not take our class
+    if cls.__name__ == "GateKernels":
+        raise TypeError("register_opaque_type() got an unexpected keyword argument 'typ'")
+    return real(cls, *args, **kwargs)
+
+opaque.register_opaque_type = older
+import dgg_kernels as dgg
+from dgg_kernels import ops
+assert ops.COMPILE_UNAVAILABLE and ops.gate_step is None
+assert hasattr(torch.ops.dgg, "csrc_finalize")
+w = torch.nn.Parameter(torch.zeros(4, 3))
+gate = dgg.DynamicGradientGate(w, window=2, backend="torch")
+for i in range(4):
+    w.grad = torch.full((4, 3), 1.0 + i)
+    gate.step()
+assert int(gate.stats()["accepted"]) + int(gate.stats()["closed_total"]) == 4
+try:
+    torch.compile(gate.step, fullgraph=True, backend="aot_eager")()
+except Exception as e:
+    assert "did not take GateKernels as an opaque reference type" in str(e), e
+    print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
