@@ -68,6 +68,53 @@ def test_one_smollm2_unit_runs_through_the_gate():
     assert out["recorder_n_batches"] == 1
 
 
+@pytest.mark.skipif(llm.gpu_available() is not None, reason=str(llm.gpu_available()))
+def test_the_gpu_configuration_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch, capsys):
+    """--config gpu's whole path (carried tokenizer, model from a config, supervised warm-up saved once, units
+    starting from it, the configuration recorded) with a tiny Llama on CPU; no GGUF package needed."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    tiny = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5)
+    monkeypatch.setattr(llm, "GPU_MODEL", tiny)
+    monkeypatch.setattr(llm, "GPU_TASK", dict(n_eval=2, n_probe=2))
+    monkeypatch.setattr(llm, "GPU_SETTINGS", llm.GpuSettings(prompts=2, group=2, max_new=4, batches=1, n_probe=2))
+    monkeypatch.setattr(llm, "GPU_WARMUP", llm.Warmup(steps=3, batch=4, ramp=2))
+    monkeypatch.setattr(llm, "meta", lambda model="": {"commit": "x", "model": model})
+    monkeypatch.setattr(llm, "model_folder", lambda: None)  # no GGUF: the tokenizer comes from the carried files
+    monkeypatch.setattr(llm, "load_model", lambda *a, **k: pytest.fail("the GPU configuration loaded SmolLM2"))
+    llm.main(["--config", "gpu", "--arms", "k1", "--seeds", "0", "--out", str(tmp_path)])
+    warm = tmp_path / "warmup.pt"
+    made = warm.stat().st_mtime_ns
+    unit = llm.json.loads((tmp_path / "k1_s0.json").read_text())
+    assert len(unit["curve"]) == 2 and [p["pass_"] for p in unit["batches"][0]["passes"]] == [1]
+    assert unit["config"] == "gpu" and unit["device"] == llm.device_name(llm.default_device())
+    assert unit["settings"]["eval_chunk"] == 256 and unit["settings"]["prompts"] == 2
+    model = unit["model"]
+    assert model["hidden_size"] == 16 and model["vocab_size"] == 49152 and model["tied_lm_head"]
+    assert model["params"] == 49152 * 16 + 16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 32 + 3 * 16  # embedding tied
+    w = unit["warmup"]
+    assert w["settings"]["steps"] == 3 and w["path"] == str(warm) and len(w["losses"]) == 2
+    assert 0.0 <= w["heldout_greedy_accuracy"] <= 1.0 and w["heldout_pairs"] == 2
+    assert w["heldout_greedy_accuracy"] == unit["curve"][0]  # the unit starts from the warmed-up weights
+    assert "LlamaForCausalLM" in unit["meta"]["model"]
+    # a second run reads the saved warm-up (not trained again): its unit starts from the same weights
+    capsys.readouterr()
+    llm.main(["--config", "gpu", "--arms", "k2", "--seeds", "0", "--out", str(tmp_path)])
+    assert "[warm-up] read" in capsys.readouterr().out and warm.stat().st_mtime_ns == made
+    k2 = llm.json.loads((tmp_path / "k2_s0.json").read_text())
+    assert k2["curve"][0] == unit["curve"][0] and len(k2["batches"][0]["passes"]) == 2
+    # other warm-up settings refuse the saved file instead of reusing it
+    with pytest.raises(RuntimeError, match="was made with"):
+        llm.main(["--config", "gpu", "--arms", "k4", "--seeds", "0", "--warmup-steps", "4", "--out", str(tmp_path)])
+
+
+def test_the_cpu_configurations_settings_are_unchanged():
+    """The running CPU study's JSON records vars(Settings()): the GPU configuration adds no field to it."""
+    assert vars(llm.Settings()) == dict(prompts=4, group=8, max_new=12, temperature=0.5, clip=0.2, lr=2e-5,
+                                        window=4, threshold=0.3, target_kl=0.01, kl_factor=1.5, batches=12,
+                                        probe=True, n_probe=64)
+
+
 ana = load_module(Path(__file__).resolve().parents[1] / "benchmarks" / "rlvr" / "llm_analysis.py", "rlvr_llm_analysis")
 
 
@@ -132,9 +179,37 @@ def test_adaptive_arms_against_controls_and_leave_one_seed_out_best_fixed_k():
     assert d["minus_rep"]["final"]["diffs"] == pytest.approx([0.1 / 3] * 3)
     assert d["minus_rep"]["final"]["ci95"] is not None
     # seed 2 held out: k4 is best on seeds 0-1 (0.433 vs k1's 0.3), though worst on seed 2 itself
-    assert d["minus_best_fixed_loso"][2] == {"best_fixed": "k4", "diff": pytest.approx(1.1 / 3 - 0.8 / 3)}
+    assert d["minus_best_fixed_loso"]["per_seed"][2] == {"best_fixed": "k4", "chosen_on": [0, 1],
+                                                        "diff": pytest.approx(1.1 / 3 - 0.8 / 3)}
+    assert d["minus_best_fixed_loso"]["paired"]["ci95"] is not None
     assert res["arms"]["dgg4"]["closed_batches"] == {0: 1, 1: 1, 2: 1}
     assert res["fixed"] == ["k1", "k4"] and set(res["adaptive"]) == {"dgg4", "kl4"}
     assert res["arms"]["dgg4"]["mean_applied_passes"][0] == pytest.approx((1 + 4) / 2)
     md = ana.markdown(res)
     assert "dgg4: final accuracy minus its replay control" in md
+
+
+def test_a_signal_lower_before_hurt_passes_is_named_so_and_never_beats_the_pass_index():
+    """A signal that is smaller before the passes that hurt has an AUROC below 0.5: it "knows" by the plan's
+    two-sided criterion, but the verdict says which side, and it cannot "beat" the pass index."""
+    hurt = lambda k, b: (k + b) % 3 == 0  # noqa: E731
+    units = [_unit("k4", s, 4, [0.2] * 11, hurt_when=hurt) for s in range(3)]
+    for u in units:
+        for b in u["batches"]:
+            for p in b["passes"]:
+                p["z"] = -p["z"]
+    res = ana.analyse(units)
+    sig = res["auroc"]["signals"]["z"]
+    assert sig["auroc"] == 0.0 and sig["knows"] and sig["direction"] == "lower"
+    assert not res["auroc"]["minus_pass_index"]["z"]["beyond"]
+    line = ana.verdict(res)[1]
+    assert "z (LOWER before a hurt pass)" in line and "none of them beats it" in line
+
+
+def test_the_best_fixed_k_is_chosen_over_the_same_seeds():
+    """Held out seed 1: k4 has seed 0 only and k1 seeds 0 and 2; both are compared on seed 0 alone, so k1's
+    good seed 2 does not win it the choice."""
+    fixed = {"k1": {0: 0.1, 1: 0.1, 2: 0.9}, "k4": {0: 0.3, 1: 0.2}}
+    out = ana.loso_best_fixed({0: 0.5, 1: 0.5, 2: 0.5}, fixed)["per_seed"]
+    assert out[1]["best_fixed"] == "k4" and out[1]["chosen_on"] == [0]
+    assert out[2]["best_fixed"] == "k1" and out[2]["chosen_on"] == [0, 1]  # only k1 measured seed 2

