@@ -348,13 +348,15 @@ def main(argv=None) -> None:
           "study); docs/semantics.md (one step).")
 
 
-# What the 5-seed study supports (benchmarks/results/rlvr_reanalysis.md), said after every run of the demo
+# What the studies support (benchmarks/results/rlvr_reanalysis.md, llm_study.md), said after every run of the demo
 STUDY = ("In the 5-seed study over three small from-scratch tasks (benchmarks/results/rlvr_study.md, re-analysed in "
          "rlvr_reanalysis.md) no signal was shown to know when a pass hurts: every adaptive arm ended within 0.08 "
          "of fixed K at its own mean updates per batch (amount of reuse, not signal); the best KL stops matched the "
          "best fixed K by applying 1.0-1.3 updates per batch; no arm beat the best fixed K; the lm_head gradient surge "
-         "the gate looks for was absent. The paper's setting (a gate at max reuse K=4) and a study on a real LLM are "
-         "in progress.")
+         "the gate looks for was absent. On a real pretrained LLM (SmolLM2-135M, GRPO on CPU, 3 seeds so far, "
+         "benchmarks/results/llm_study.md) no signal beat the pass index at predicting a harmful pass, and neither "
+         "the paper's rule nor the KL stop at max reuse K=4 beat its replay control or the best fixed K; that study "
+         "continues.")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
