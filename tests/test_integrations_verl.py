@@ -120,10 +120,18 @@ def test_untested_verl_version_warns(tmp_path):
         "import dgg_kernels.integrations.verl as dv\n"
         "dv.register_trainers()\n"
     )),
+    ("TrainingWorker.train_mini_batch no longer calls train_batch", (
+        "from verl.workers.engine_workers import TrainingWorker\n"
+        "def train_mini_batch(self, data):\n"
+        "    return self.engine.forward_backward_batch(data)\n"
+        "TrainingWorker.train_mini_batch = train_mini_batch\n"
+        "import dgg_kernels.integrations.verl\n"
+    )),
 ])
 def test_missing_hook_point_fails_at_import_or_registration(tmp_path, renamed, script):
-    """A verl that renamed a method the integration overrides: importing the integration (or registering its
-    trainers) fails, naming it, instead of verl calling its own renamed method and training ungated."""
+    """A verl that renamed a method the integration overrides, or whose loop no longer calls one: importing the
+    integration (or registering its trainers) fails, naming it, instead of verl training ungated (or running a
+    closed batch's remaining mini-batches)."""
     if "trainer" in script and importlib.util.find_spec("transfer_queue") is None:
         pytest.skip("verl's v1 trainer needs transfer_queue (.ci/verl.sh installs it)")
     run = _python(["-c", script + "print('NOT REFUSED')\n"], tmp_path)

@@ -73,11 +73,12 @@ checked by ``gate_config_from_actor``, which both the entry point (before
 and verl's ``validate_config`` and exits without starting Ray.
 
 verl's private methods: the overrides above only work while verl calls them.
-Importing this module checks that every method it overrides exists (a
-RuntimeError names the missing ones) and warns under a verl version other
-than the tested one; a gated worker whose gate was not built, or whose
-mini-batches did not run through its loop, raises instead of training as
-plain verl.
+Importing this module checks that every method it overrides exists and that
+verl's ``TrainingWorker.train_mini_batch`` still calls ``train_batch``, where
+the gate decides which mini-batches run (a RuntimeError names what is
+missing), and warns under a verl version other than the tested one; a gated
+worker whose gate was not built, or whose mini-batches did not run through
+its loop, raises instead of training as plain verl.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ if __name__ == "__main__":
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -175,8 +177,38 @@ def _missing_hooks(hooks) -> None:
         )
 
 
+# What verl's own code must call for an override to take effect: the gate decides, mini-batch by mini-batch, in
+# DGGTrainingWorker.train_batch, which verl's TrainingWorker.train_mini_batch calls for each mini-batch.  A verl
+# whose loop stops calling it would run every mini-batch of a closed batch; this is checked at import (the names
+# its code refers to), before any step, and again after each batch (the count of mini-batches seen).
+_CALLS = ((TrainingWorker, "train_mini_batch", "train_batch"),)
+
+
+def _names(code) -> set[str]:
+    """Every global and attribute name ``code`` and the functions nested in it refer to."""
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            out |= _names(c)
+    return out
+
+
+def _missing_calls(calls) -> None:
+    """Raise RuntimeError naming each ``(verl class, method, callee)`` of ``calls`` whose method no longer refers
+    to the callee."""
+    missing = [f"{cls.__name__}.{meth} no longer calls {callee}" for cls, meth, callee in calls
+               if callee not in _names(inspect.unwrap(getattr(cls, meth)).__code__)]
+    if missing:
+        raise RuntimeError(
+            f"dgg_kernels.integrations.verl: {'; '.join(missing)} ({_verl_versions()}), so the gate's override "
+            f"would never run and a closed batch's remaining mini-batches would train. Install "
+            f"verl=={TESTED_VERL_VERSIONS[-1]}, or port the integration to this verl's loop."
+        )
+
+
 def _check_verl() -> None:
-    """At import: warn under an untested verl version; raise when a method this module overrides is missing."""
+    """At import: warn under an untested verl version; raise when a method this module overrides is missing, or
+    when verl's loop no longer calls one."""
     if _verl_version() not in TESTED_VERL_VERSIONS:
         warnings.warn(
             f"dgg_kernels.integrations.verl runs under {_verl_versions()}. The verl methods it overrides exist, but if "
@@ -185,6 +217,7 @@ def _check_verl() -> None:
             stacklevel=3,
         )
     _missing_hooks(_HOOKS)
+    _missing_calls(_CALLS)
 
 
 _check_verl()  # before the classes below, which read some of these hook points
