@@ -126,7 +126,19 @@ class Recorder:
     def _rows(self) -> list[list[float]]:
         if self._n == 0:
             raise ValueError("nothing recorded yet: call record(gate) after each gate.step()")
-        return self._buf[: self._n].cpu().tolist()  # host-read-ok: a report, after the run, never in step()
+        rows = self._buf[: self._n].cpu().tolist()  # host-read-ok: a report, after the run, never in step()
+        # One gate's steps, ever (accepted + closed), rise with every step, across a resume into a fresh gate too.
+        # A second gate with the same config passes record()'s check (which reads nothing back), and its rows
+        # would merge into the first's batches: this is where that shows.
+        steps = [r[S.N_STATS + S.ACCEPTED] + r[S.N_STATS + S.CLOSED_TOTAL] for r in rows]
+        back = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+        if back is not None:
+            raise ValueError(
+                f"recorded row {back} is the gate's step {steps[back]:.0f}, after row {back - 1}'s step "
+                f"{steps[back - 1]:.0f}: its rows come from more than one gate (or a gate loaded from an older "
+                "state, or recorded twice after one step); use one Recorder per gate"
+            )
+        return rows
 
     @staticmethod
     def _score(row: list[float], test) -> float:

@@ -112,14 +112,43 @@ def test_reports_validate_their_arguments():
 
 
 def test_one_recorder_per_gate():
-    rec, _, _ = _observed()
+    """A second gate is refused, also one with the same config (its rows and new_batch() counts would merge
+    with the first gate's batches); nothing is recorded."""
+    rec, gate, _ = _observed()
     w = torch.nn.Parameter(torch.empty(1))
     other = dgg.DynamicGradientGate(w, window=3, threshold=math.inf, backend="torch")
     w.grad = torch.ones(1)
     other.step()
     with pytest.raises(ValueError, match="one Recorder per gate"):
         rec.record(other)
-    assert len(rec) == 10
+    assert len(rec) == 10 and rec.n_batches == 5
+
+
+@pytest.mark.parametrize("how", ["interleaved", "after"])
+def test_a_second_gate_with_the_same_config_is_refused_at_the_report(how):
+    """Two gates with the same config pass record()'s check (it reads nothing back), but their rows would merge
+    into each other's batches: the report refuses them, naming the row; one gate recorded twice after a step too."""
+    kw = dict(window=2, threshold=math.inf, statistic="norm", backend="torch")
+    w1, w2 = torch.nn.Parameter(torch.empty(1)), torch.nn.Parameter(torch.empty(1))
+    g1, g2 = dgg.DynamicGradientGate(w1, **kw), dgg.DynamicGradientGate(w2, **kw)
+    assert g1.config == g2.config
+    rec = Recorder()
+    order = [g1, g2] * 3 if how == "interleaved" else [g1] * 3 + [g2] * 3
+    for g in order:
+        g.new_batch()
+        (w1 if g is g1 else w2).grad = torch.ones(1)
+        g.step()
+        rec.record(g)
+    assert len(rec) == 6
+    with pytest.raises(ValueError, match="more than one gate.*one Recorder per gate"):
+        rec.close_rates([1.0])
+    once = Recorder()
+    g1.step()
+    once.record(g1)
+    assert once.n_batches == 1
+    once.record(g1)  # recorded twice after one step
+    with pytest.raises(ValueError, match="recorded twice"):
+        once.n_batches
 
 
 def test_record_grows_its_buffer_and_keeps_every_row():
