@@ -135,8 +135,9 @@ class Recorder:
         if back is not None:
             raise ValueError(
                 f"recorded row {back} is the gate's step {steps[back]:.0f}, after row {back - 1}'s step "
-                f"{steps[back - 1]:.0f}: its rows come from more than one gate (or a gate loaded from an older "
-                "state, or recorded twice after one step); use one Recorder per gate"
+                f"{steps[back - 1]:.0f}: its rows come from more than one gate, a gate loaded from an older "
+                "state, or two records after one step. Use one Recorder per gate, record once after each "
+                "gate.step(), and start a new Recorder after loading an older state"
             )
         return rows
 

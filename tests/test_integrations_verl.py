@@ -120,10 +120,17 @@ def test_untested_verl_version_warns(tmp_path):
         "import dgg_kernels.integrations.verl as dv\n"
         "dv.register_trainers()\n"
     )),
-    ("TrainingWorker.train_mini_batch no longer calls train_batch", (
+    ("TrainingWorker.train_mini_batch no longer calls self.train_batch", (
         "from verl.workers.engine_workers import TrainingWorker\n"
         "def train_mini_batch(self, data):\n"
         "    return self.engine.forward_backward_batch(data)\n"
+        "TrainingWorker.train_mini_batch = train_mini_batch\n"
+        "import dgg_kernels.integrations.verl\n"
+    )),
+    ("TrainingWorker.train_mini_batch no longer calls self.train_batch", (  # the engine's, not the worker's
+        "from verl.workers.engine_workers import TrainingWorker\n"
+        "def train_mini_batch(self, data):\n"
+        "    return [self.engine.train_batch(mb) for mb in data]\n"
         "TrainingWorker.train_mini_batch = train_mini_batch\n"
         "import dgg_kernels.integrations.verl\n"
     )),

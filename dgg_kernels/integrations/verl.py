@@ -91,6 +91,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 import dataclasses
+import dis
 import functools
 import inspect
 import logging
@@ -184,24 +185,32 @@ def _missing_hooks(hooks) -> None:
 _CALLS = ((TrainingWorker, "train_mini_batch", "train_batch"),)
 
 
-def _names(code) -> set[str]:
-    """Every global and attribute name ``code`` and the functions nested in it refer to."""
-    out = set(code.co_names)
-    for c in code.co_consts:
-        if hasattr(c, "co_names"):
-            out |= _names(c)
-    return out
+def _self_calls(fn, callee: str) -> bool:
+    """Whether ``fn``'s code (or a function nested in it) reads ``self.<callee>``: the instruction loading ``self``
+    directly followed by the attribute load (``self.engine.<callee>`` or a helper that calls it do not count)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    todo = [code] if code is not None else []
+    while todo:
+        c = todo.pop()
+        todo += [x for x in c.co_consts if inspect.iscode(x)]
+        ins = list(dis.get_instructions(c))
+        for a, b in zip(ins, ins[1:]):
+            if a.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and a.argval == "self" \
+                    and b.opname in ("LOAD_ATTR", "LOAD_METHOD") \
+                    and b.argval == callee:
+                return True
+    return False
 
 
 def _missing_calls(calls) -> None:
-    """Raise RuntimeError naming each ``(verl class, method, callee)`` of ``calls`` whose method no longer refers
-    to the callee."""
-    missing = [f"{cls.__name__}.{meth} no longer calls {callee}" for cls, meth, callee in calls
-               if callee not in _names(inspect.unwrap(getattr(cls, meth)).__code__)]
+    """Raise RuntimeError naming each ``(verl class, method, callee)`` of ``calls`` whose method no longer calls
+    ``self.<callee>`` itself."""
+    missing = [f"{cls.__name__}.{meth} no longer calls self.{callee}" for cls, meth, callee in calls
+               if not _self_calls(getattr(cls, meth), callee)]
     if missing:
         raise RuntimeError(
             f"dgg_kernels.integrations.verl: {'; '.join(missing)} ({_verl_versions()}), so the gate's override "
-            f"would never run and a closed batch's remaining mini-batches would train. Install "
+            f"may never run and a closed batch's remaining mini-batches would train. Install "
             f"verl=={TESTED_VERL_VERSIONS[-1]}, or port the integration to this verl's loop."
         )
 
