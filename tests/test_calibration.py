@@ -147,7 +147,7 @@ def test_a_second_gate_with_the_same_config_is_refused_at_the_report(how):
     once.record(g1)
     assert once.n_batches == 1
     once.record(g1)  # recorded twice after one step
-    with pytest.raises(ValueError, match="recorded twice"):
+    with pytest.raises(ValueError, match="two records after one step"):
         once.n_batches
 
 
