@@ -213,3 +213,25 @@ def test_the_best_fixed_k_is_chosen_over_the_same_seeds():
     out = ana.loso_best_fixed({0: 0.5, 1: 0.5, 2: 0.5}, fixed)["per_seed"]
     assert out[1]["best_fixed"] == "k4" and out[1]["chosen_on"] == [0]
     assert out[2]["best_fixed"] == "k1" and out[2]["chosen_on"] == [0, 1]  # only k1 measured seed 2
+
+
+def test_paired_t_interval_uses_students_t_for_every_seed_count():
+    """The paired CI's half-width is t(0.975, n-1) * sd / sqrt(n): 2.571 at 6 seeds (a flat 2.0 beyond 5 seeds
+    made the small tasks' 6-seed intervals 22% too narrow)."""
+    import statistics
+    for n, t in ((2, 12.706), (3, 4.303), (6, 2.571), (11, 2.228), (31, 2.042)):
+        d = [0.01 * i * i for i in range(n)]
+        p = ana.paired({i: x for i, x in enumerate(d)}, {i: 0.0 for i in range(n)})
+        half = (p["ci95"][1] - p["ci95"][0]) / 2
+        assert half == pytest.approx(t * statistics.stdev(d) / n ** 0.5, rel=1e-9), n
+    assert 1.96 < ana.t975(1000) < ana.t975(100) < ana.t975(31) < ana.t975(30) == 2.042
+
+
+def test_stopping_line_names_the_arms_that_beat_both_and_none_otherwise():
+    up, flat, down = {"mean": 0.1, "ci95": [0.02, 0.2]}, {"mean": 0.0, "ci95": [-0.1, 0.1]}, \
+        {"mean": -0.1, "ci95": [-0.2, -0.01]}
+    line = ana.stopping_line({"a": (up, up), "b": (up, flat), "c": (flat, down)})
+    assert line.startswith("Does any stop rule beat its replay control and the best fixed K? Yes: a (")
+    assert "above its replay control: a, b" in line and "below the best fixed K: c" in line
+    line = ana.stopping_line({"b": (up, flat), "c": (flat, None)})
+    assert "? No:" in line and "above the best fixed K: none" in line

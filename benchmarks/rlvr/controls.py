@@ -218,24 +218,9 @@ def _ci(p: dict | None) -> str:
 
 
 def verdict(an: dict) -> list[str]:
-    lines = []
-    t = an["auroc"]
-    knowing = [s for s, v in t["signals"].items() if v["knows"] and s != "pass_"]
-    base = t["signals"]["pass_"]["auroc"]
-    if t["n_passes"] == 0 or t["n_hurt"] == 0:
-        lines.append("Does any signal know when a pass hurts? Not measured (no fixed-K pass >= 2 with a validation "
-                     "measurement, or none hurt).")
-    elif knowing:
-        beyond = [s for s in knowing if t.get("minus_pass_index", {}).get(s, {}).get("beyond")]
-        lines.append(f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
-                     f"({t['n_hurt']} hurt, {t['n_batches']} batches), the AUROC's 95% CI excludes 0.5 for: "
-                     f"{', '.join(knowing)}; the pass index alone: {_f(base, 2)}; of those, with the CI of the "
-                     f"difference from the pass index's AUROC excluding 0: {', '.join(beyond) or 'none'}.")
-    else:
-        lines.append(f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed arms "
-                     f"({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
-    if not an["adaptive"]:
-        lines.append("Does any stop rule beat its replay control and the best fixed K? No adaptive arm in this run.")
+    lines = [LA.knowing_line(an["auroc"], "validation"), LA.stopping_line({
+        a: (c.get("minus_rep", {}).get("final"), c.get("minus_best_fixed_loso", {}).get("final", {}).get("paired"))
+        for a, c in an["adaptive"].items()})]
     for a, c in an["adaptive"].items():
         lo = c.get("minus_best_fixed_loso", {}).get("final", {}).get("paired")
         lines.append(f"`{a}`: final accuracy minus its replay control {_ci(c.get('minus_rep', {}).get('final'))}; "

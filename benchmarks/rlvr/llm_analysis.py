@@ -145,14 +145,27 @@ def minus_pass_index(rows: list[tuple], seed: int = 1) -> dict:
     return out
 
 
+# Student's t, 0.975 quantile, by degrees of freedom (standard tables, 3 decimals)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` >= 1 degrees of freedom: the table to 30, then the
+    Cornish-Fisher expansion around the normal's 1.96 (within 1e-3 from df 30 on)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 def paired(xs: dict, ys: dict) -> dict:
     """x - y over the seeds both have: per seed, mean, and a t-interval (95%) when there are >= 2 seeds."""
     seeds = sorted(set(xs) & set(ys))
     d = [xs[s] - ys[s] for s in seeds]
     out = {"seeds": seeds, "diffs": d, "mean": statistics.fmean(d) if d else None, "ci95": None}
     if len(d) >= 2:
-        t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(d), 2.0)
-        half = t * statistics.stdev(d) / math.sqrt(len(d))
+        half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
     return out
 
@@ -244,34 +257,64 @@ def _paired_text(p: dict | None) -> str:
     return f"{_f(p['mean'])} (seeds {p['seeds']}{ci})"
 
 
+def knowing_line(t: dict, measure: str) -> str:
+    """The verdict's answer to "does any signal know when a pass hurts?" from an auroc_table ``t`` with its
+    minus_pass_index: which signals' CIs exclude 0.5, on which side, and which of them beat the pass index.
+    ``measure``: the word for the before/after measurement ("probe", "validation")."""
+    knowing = [s for s, v in t["signals"].items() if v["knows"] and s != "pass_"]
+    if t["n_passes"] == 0 or t["n_hurt"] == 0:
+        return ("Does any signal know when a pass hurts? Not measured (no fixed-K pass >= 2 with a "
+                f"{measure} measurement, or none hurt).")
+    if not knowing:
+        return (f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
+                f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
+    mpi = t.get("minus_pass_index", {})
+    beyond = [s for s in knowing if t["signals"][s]["direction"] == "higher" and mpi.get(s, {}).get("beyond")]
+    named = [f"{s} ({'higher' if t['signals'][s]['direction'] == 'higher' else 'LOWER'} before a hurt pass)"
+             for s in knowing]
+    return (f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
+            f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(named)} (the "
+            f"plan's criterion); the pass index alone scores {_f(t['signals']['pass_']['auroc'])}"
+            + (" (CI excludes 0.5 too)" if t["signals"]["pass_"]["knows"] else "")
+            + (f", and {', '.join(beyond)} beat it (the CI of the difference lies above 0)." if beyond else
+               ", and none of them beats it (no signal's AUROC minus the pass index's has a CI above 0)."))
+
+
+def stopping_line(arms: dict[str, tuple[dict | None, dict | None]]) -> str:
+    """The verdict's answer to "does any stop rule beat its replay control and the best fixed K?" from, per
+    adaptive arm, its final accuracy minus its replay control and minus the best fixed K chosen leave-one-seed-out
+    (paired() results): an arm beats one where the difference's 95% CI lies above 0."""
+    def above(p):
+        return bool(p and p.get("ci95") and p["ci95"][0] > 0)
+
+    def below(p):
+        return bool(p and p.get("ci95") and p["ci95"][1] < 0)
+
+    if not arms:
+        return "Does any stop rule beat its replay control and the best fixed K? Not measured (no adaptive arm)."
+    both = [a for a, (r, b) in arms.items() if above(r) and above(b)]
+    rep = [a for a, (r, _) in arms.items() if above(r)]
+    best = [a for a, (_, b) in arms.items() if above(b)]
+    worse = [a for a, (_, b) in arms.items() if below(b)]
+    head = (f"Yes: {', '.join(both)}" if both else "No: no stop rule's final accuracy minus its replay control and "
+            "minus the best fixed K both have a 95% CI above 0")
+    parts = [f"above its replay control: {', '.join(rep) or 'none'}",
+             f"above the best fixed K: {', '.join(best) or 'none'}"]
+    if worse:
+        parts.append(f"below the best fixed K: {', '.join(worse)}")
+    return f"Does any stop rule beat its replay control and the best fixed K? {head} ({'; '.join(parts)})."
+
+
 def verdict(res: dict) -> list[str]:
     lines = []
     seeds = sorted({s for a in res["arms"].values() for s in a["seeds"]})
     lines.append(f"Units read: {sum(len(a['seeds']) for a in res['arms'].values())} "
                  f"({', '.join(sorted(res['arms']))}), seeds {seeds}. The plan asks for 3 seeds of every arm "
                  "and its controls; whatever is missing below is not yet measured.")
-    t = res["auroc"]
-    knowing = [s for s, v in t["signals"].items() if v["knows"] and s != "pass_"]
-    if t["n_passes"] == 0 or t["n_hurt"] == 0:
-        lines.append("Does any signal know when a pass hurts? Not measured yet (no fixed-K pass >= 2 with a "
-                     "probe measurement, or none hurt).")
-    elif knowing:
-        mpi = t.get("minus_pass_index", {})
-        beyond = [s for s in knowing if t["signals"][s]["direction"] == "higher" and mpi.get(s, {}).get("beyond")]
-        named = [f"{s} ({'higher' if t['signals'][s]['direction'] == 'higher' else 'LOWER'} before a hurt pass)"
-                 for s in knowing]
-        lines.append(f"Does any signal know when a pass hurts? On {t['n_passes']} passes >= 2 of the fixed arms "
-                     f"({t['n_hurt']} hurt), the AUROC's 95% CI excludes 0.5 for: {', '.join(named)} (the "
-                     f"plan's criterion); the pass index alone scores {_f(t['signals']['pass_']['auroc'])}"
-                     + (" (CI excludes 0.5 too)" if t["signals"]["pass_"]["knows"] else "")
-                     + (f", and {', '.join(beyond)} beat it (the CI of the difference lies above 0)." if beyond else
-                        ", and none of them beats it (no signal's AUROC minus the pass index's has a CI above 0)."))
-    else:
-        lines.append(f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
-                     f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
+    lines.append(knowing_line(res["auroc"], "probe"))
     ad = res["adaptive"]
-    if not ad:
-        lines.append("Does any stop rule beat its replay control and the best fixed K? Not measured yet.")
+    lines.append(stopping_line({a: (c.get("minus_rep", {}).get("final"), c["minus_best_fixed_loso"]["paired"])
+                                for a, c in ad.items()}))
     for a, c in ad.items():
         parts = []
         for key, what in (("minus_rep", "its replay control"), ("minus_cap", "its fixed cap")):
