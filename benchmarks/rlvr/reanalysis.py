@@ -382,8 +382,14 @@ def reanalyse(results_dir: str = RESULTS, overlap: bool = True) -> dict:
             n: v["amount_adjusted"]["arms"][v["best_arm"]["families"]["kl"]["in_sample_best"]]["applied_passes_mean"]
             for n, v in variants.items() if "kl" in v["best_arm"]["families"]},
     }
-    return {"generated_by": "python benchmarks/rlvr/reanalysis.py", "date": datetime.date.today().isoformat(),
-            "inputs": {n: f"benchmarks/results/{VARIANT_FILES[n]}" for n in variants},
+    summary["adaptive_max_reuse"] = sorted({AN.k_of(a) for v in variants.values()
+                                            for a in v["amount_adjusted"]["arms"]})
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    rel = os.path.relpath(os.path.abspath(results_dir), os.path.abspath(repo))
+    cmd = "python benchmarks/rlvr/reanalysis.py" + ("" if os.path.samefile(results_dir, RESULTS) else
+                                                     f" --results {rel} --out {rel}")
+    return {"generated_by": cmd, "date": datetime.date.today().isoformat(),
+            "inputs": {n: f"{rel}/{VARIANT_FILES[n]}" for n in variants},
             "summary": summary, "variants": variants}
 
 
@@ -536,8 +542,11 @@ def markdown(out: dict) -> str:
                      f"(sft seeds {v['sft_seed']} to {v['sft_seed'] + n_warm - 1}; seed s from checkpoint s mod "
                      f"{n_warm})")
         L.append(f"- {n}: " + "; ".join(parts) + ".")
-    L += ["- The paper's setting, a gate at max reuse K=4, is not in the study (every adaptive arm runs at K=8); "
-          "fixed K=4 is.", ""]
+    ks = S.get("adaptive_max_reuse", [])
+    L += ["- The paper's setting, a gate at max reuse K=4, is in the study (adaptive arms at max reuse "
+          + ", ".join(f"K={k}" for k in ks) + ")." if 4 in ks else
+          "- The paper's setting, a gate at max reuse K=4, is not in the study (every adaptive arm runs at "
+          + ", ".join(f"K={k}" for k in ks) + "); fixed K=4 is.", ""]
     return "\n".join(L) + "\n"
 
 

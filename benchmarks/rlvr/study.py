@@ -23,7 +23,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from benchmarks.rlvr import analysis as AN  # noqa: E402
 from benchmarks.rlvr import arms as A  # noqa: E402
 from benchmarks.rlvr import cli, report  # noqa: E402
 
@@ -60,13 +59,18 @@ def variant_stem(name: str, quick: bool) -> str:
     return cli.stem_name(a)
 
 
-# A status line the results cannot know: what is being run beside this study (update it when that lands).
-IN_PROGRESS = "a study on a real LLM, no figures yet"
+# What the committed study's summary cannot know from its own JSONs: the studies that followed it, and where their
+# results are (update it when they change).
+FOLLOW_UPS = ("the controls design on these tasks (6 seeds over 3 warm-ups, the paper's K=4 arms, a replay and a "
+              "cap control of every adaptive arm, AUROCs for a harmful pass: [controls/rlvr_study.md]"
+              "(controls/rlvr_study.md)) and a study on a real pretrained LLM, SmolLM2-135M-Instruct "
+              "([llm_study.md](llm_study.md))")
 
 
-def support_paragraph(data: dict, ras: dict) -> str:
+def support_paragraph(data: dict, ras: dict, design: str | None = None) -> str:
     """The study's "What these data support", from each variant's re-analysis (report.reanalysis_of): each claim
-    is made only where it holds in every variant."""
+    is made only where it holds in every variant.  ``design``: a design's summary (its own folder, where the
+    committed study's rlvr_reanalysis.md and follow-ups do not apply)."""
     ras = {n: ra for n, ra in ras.items() if ra and ra["amount_adjusted"]["arms"]}
     if not ras:
         return "No re-analysis (a variant without a fixed arm or without its analysis)."
@@ -85,13 +89,12 @@ def support_paragraph(data: dict, ras: dict) -> str:
     lead = ("In these small from-scratch tasks no signal in this package was shown to know when a reuse pass hurts"
             if amount else "In these small from-scratch tasks some adaptive arm ends above fixed K at its own applied "
             "passes per batch on every seed (see the first line of its verdict)")
-    ks = sorted({AN.k_of(a) for n, d in data.items() if n in ras
-                 for a, s in d["analysis"]["arms"].items() if s["kind"] != "fixed"})
-    paper = ("the paper's setting (a gate at max reuse K=4; every adaptive arm here runs at "
-             f"K={ks[0]}) and " if ks and 4 not in ks and len(ks) == 1 else "")
+    if design:
+        return (lead + (": " + "; ".join(clauses) if clauses else "") + ". Figures: each variant's verdict below "
+                "(the re-analysis's functions over this design's JSONs).")
     return (lead + (": " + "; ".join(clauses) if clauses else "") + ". Figures: "
-            "[rlvr_reanalysis.md](rlvr_reanalysis.md) (`python benchmarks/rlvr/reanalysis.py`). In progress: "
-            f"{paper}{IN_PROGRESS}.")
+            "[rlvr_reanalysis.md](rlvr_reanalysis.md) (`python benchmarks/rlvr/reanalysis.py`). Followed by: "
+            f"{FOLLOW_UPS}.")
 
 
 def eval_sets_text(data: dict, ras: dict) -> str:
@@ -117,7 +120,8 @@ def eval_sets_text(data: dict, ras: dict) -> str:
     return text[0].upper() + text[1:]
 
 
-def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None) -> str:
+def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None,
+              design: str | None = None) -> str:
     """rlvr_study.md from the variants' results JSONs in ``out``; each verdict's re-analysed figures come from
     benchmarks/rlvr/reanalysis.py's functions over the same JSON (report.reanalysis_of)."""
     data, ras = {}, {}
@@ -138,8 +142,21 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
           + (f" Study command: `{extra['command']}`, {extra['wall']:.0f} s wall in all." if extra else ""), "",
           "Per variant: " + "; ".join(f"`{d['env']['command']}` -> `{variant_stem(n, quick)}_results.md`"
                                        for n, d in data.items()) + ".", ""]
+    ctl = {n: os.path.join(out, f"{variant_stem(n, quick)}_controls.json") for n in data}
+    ctl = {n: p for n, p in ctl.items() if os.path.exists(p)}
+    cans = {}
+    for n, p in ctl.items():
+        with open(p) as f:
+            cans[n] = json.load(f)
+    if cans:
+        from benchmarks.rlvr import controls
     if data:
-        L += ["## What these data support", "", support_paragraph(data, ras), ""]
+        L += ["## What these data support", ""]
+        if cans:  # the design's two questions first, per variant (controls.verdict's first two lines)
+            L += ["Replay and cap controls and the AUROC test, per variant (definitions: "
+                  "[llm_plan.md](../../rlvr/llm_plan.md)):", ""]
+            L += [f"- **{n}**: " + " ".join(controls.verdict(can)[:2]) for n, can in cans.items()] + [""]
+        L += [support_paragraph(data, ras, design), ""]
     for n, d in data.items():
         an = d.get("analysis")
         if not an:
@@ -181,16 +198,10 @@ def summarize(out: str, names: list[str], quick: bool, extra: dict | None = None
             seen = report.findings(an, report.eval_label(ras[n]))
             L += [f"### {n}", ""] + [f"- {x}" for x in seen
                                      if x.startswith(("**DWD", "**Does the lm_head", "**Does reuse", "**Does z"))] + [""]
-    ctl = {n: os.path.join(out, f"{variant_stem(n, quick)}_controls.json") for n in data}
-    ctl = {n: p for n, p in ctl.items() if os.path.exists(p)}
-    if ctl:  # the controls design (controls.py): its verdict per variant, from <stem>_controls.json
-        from benchmarks.rlvr import controls
-
+    if cans:  # the controls design (controls.py): its verdict per variant, from <stem>_controls.json
         L += ["## The controls design: replay and cap controls, AUROCs for \"this pass hurt\"", ""]
-        for n, p in ctl.items():
-            with open(p) as f:
-                can = json.load(f)
-            L += [f"### {n} ([{os.path.basename(p)[:-5]}.md]({os.path.basename(p)[:-5]}.md))", ""]
+        for n, can in cans.items():
+            L += [f"### {n} ([{os.path.basename(ctl[n])[:-5]}.md]({os.path.basename(ctl[n])[:-5]}.md))", ""]
             L += [f"- {x}" for x in controls.verdict(can)] + [""]
     path = os.path.join(out, "rlvr_study_quick.md" if quick else "rlvr_study.md")
     with open(path, "w") as f:
@@ -242,7 +253,7 @@ def main(argv=None) -> None:
                  "finished": datetime.datetime.now().isoformat(timespec="seconds")}
         with open(stamp, "w") as f:
             json.dump(extra, f)
-    print("wrote", summarize(args.out, names, args.quick, extra))
+    print("wrote", summarize(args.out, names, args.quick, extra, args.design))
 
 
 if __name__ == "__main__":
