@@ -33,15 +33,21 @@ def test_arm_specs():
         llm.parse_arm("rnd4@0.5")
 
 
-def test_a_cap_control_at_its_sources_k_is_the_fixed_k_unit_and_others_run(tmp_path, monkeypatch):
-    """cap:A whose cap is A's K on every batch takes the fixed-K unit of its seed (marked same_as); a cap
-    below K, or a missing fixed unit, runs (here: reaches run_unit, stubbed)."""
+@pytest.fixture
+def ran(monkeypatch):
+    """llm.main with run_unit stubbed: the (spec, seed, caps) of each unit that would have run."""
     ran = []
     monkeypatch.setattr(llm, "available", lambda: None)
     monkeypatch.setattr(llm, "Addition", lambda: None)
     monkeypatch.setattr(llm, "run_unit", lambda spec, seed, st, task, caps=None: ran.append((spec, seed, caps))
                         or {"arm": spec, "caps": caps})
     monkeypatch.setattr(llm, "meta", lambda: {"commit": "x"})
+    return ran
+
+
+def test_a_cap_control_at_its_sources_k_is_the_fixed_k_unit_and_others_run(tmp_path, ran):
+    """cap:A whose cap is A's K on every batch takes the fixed-K unit of its seed (marked same_as); a cap
+    below K, or a missing fixed unit, runs (here: reaches run_unit, stubbed)."""
     src = {"batches": [{"applied_passes": p} for p in (4, 4, 3, 4)]}  # mean 3.75 -> cap 4 = K
     (tmp_path / "dgg4_s0.json").write_text(llm.json.dumps(src))
     (tmp_path / "k4_s0.json").write_text(llm.json.dumps({"arm": "k4", "curve": [0.1, 0.2], "meta": {"commit": "y"}}))
@@ -53,6 +59,33 @@ def test_a_cap_control_at_its_sources_k_is_the_fixed_k_unit_and_others_run(tmp_p
     (tmp_path / "dgg4_s1.json").write_text(llm.json.dumps(src))
     llm.main(["--arms", "cap:dgg4", "--seeds", "1", "--batches", "4", "--out", str(tmp_path)])
     assert [(spec, seed) for spec, seed, _ in ran] == [("cap:dgg4", 1)] and ran[0][2] == [3, 3, 3, 3]
+
+
+def test_a_unit_that_never_reaches_a_lower_max_reuse_is_that_unit(tmp_path, ran):
+    """kl8 whose kl4 twin closed every batch (before or at pass 4) is kl4's unit (same_as); its controls whose caps
+    equal the kl4 controls' (all <= 4) are theirs; a twin with one batch that ran to pass 4 open runs."""
+
+    def unit(arm, ends, caps=None):
+        return {"arm": arm, "caps": caps, "curve": [0.1, 0.3], "batches": [
+            {"applied_passes": n - c, "passes": [{"closed": False}] * (n - 1) + [{"closed": bool(c)}]}
+            for n, c in ends]}
+
+    closed_all = [(2, 1), (4, 1), (3, 1), (2, 1)]  # every batch ends with a close, one at pass 4
+    (tmp_path / "kl4_s0.json").write_text(llm.json.dumps(unit("kl4", closed_all)))
+    src = llm.json.loads((tmp_path / "kl4_s0.json").read_text())
+    for kind in ("rep", "cap"):
+        caps = llm.control_caps(kind, src, 0)
+        (tmp_path / f"{kind}-kl4_s0.json").write_text(llm.json.dumps(unit(f"{kind}:kl4", [(2, 0)] * 4, caps)))
+    llm.main(["--arms", "kl8,rep:kl8,cap:kl8", "--seeds", "0", "--batches", "4", "--out", str(tmp_path)])
+    assert ran == []
+    for spec, twin in (("kl8", "kl4_s0.json"), ("rep:kl8", "rep-kl4_s0.json"), ("cap:kl8", "cap-kl4_s0.json")):
+        got = llm.json.loads((tmp_path / f"{spec.replace(':', '-')}_s0.json").read_text())
+        assert got["same_as"] == twin and got["arm"] == spec and got["curve"] == [0.1, 0.3]
+    # seed 1: one batch ran its 4 passes open, so kl8 would go on to pass 5: it runs, and so do its controls
+    (tmp_path / "kl4_s1.json").write_text(llm.json.dumps(unit("kl4", [(2, 1), (4, 0), (3, 1), (2, 1)])))
+    llm.main(["--arms", "kl8", "--seeds", "1", "--batches", "4", "--out", str(tmp_path)])
+    assert ran == [("kl8", 1, None)]
+    assert llm.lower_k_twin("k8", 0, None, tmp_path) is None  # fixed K never repeats a lower K
 
 
 @pytest.mark.skipif(llm.available() is not None, reason=str(llm.available()))

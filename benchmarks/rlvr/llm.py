@@ -694,6 +694,11 @@ def _run_units(a, st: Settings, task: Addition, outdir: Path, source: GpuSource 
                     _write(path, twin_of(spec, caps, json.loads(twin.read_text()), twin.name))
                     print(f"{spec} s{seed}: caps all {arm['K']}: the fixed K={arm['K']} unit, {twin.name}")
                     continue
+            low = lower_k_twin(spec, seed, caps, outdir)
+            if low is not None:
+                _write(path, twin_of(spec, caps, json.loads(low.read_text()), low.name))
+                print(f"{spec} s{seed}: never reaches a lower max reuse's last pass: the unit {low.name}")
+                continue
             if source is None:  # the CPU configuration: exactly as before the GPU one existed
                 started = meta()
                 res = run_unit(spec, seed, st, task, caps=caps)
@@ -709,6 +714,31 @@ def _write(path: Path, res: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(path)
+
+
+def lower_k_twin(spec: str, seed: int, caps: list[int] | None, outdir: Path) -> Path | None:
+    """The unit of the same rule (or control) and seed at a lower max reuse K' that this one repeats exactly, or
+    None.  A gate at max reuse K runs what the gate at K' < K ran (same seeds, same steps, the same window and
+    statistics; max_reuse only ends a batch after its K'-th pass) as long as no batch reaches pass K' open:
+    so a dgg/kl unit whose K' twin ended every batch with a close is that twin, and a rep:/cap: control whose
+    caps equal its K' twin's, all <= K', is that twin.  Measured: kl8 on seed 0, run in full, gave kl4's
+    unit on seed 0 exactly (llm_plan.md, Changes)."""
+    arm = parse_arm(spec)
+    if arm["kind"] == "k":
+        return None
+    base = arm["source"] if arm["kind"] in ("rep", "cap") else spec
+    name = re.fullmatch(r"(dgg|kl)(\d+)", base).group(1)
+    for low in range(1, arm["K"]):
+        twin_spec = name + str(low) if caps is None else f"{arm['kind']}:{name}{low}"
+        path = outdir / f"{twin_spec.replace(':', '-')}_s{seed}.json"
+        if not path.exists():
+            continue
+        twin = json.loads(path.read_text())
+        if caps is None and all(b["passes"] and b["passes"][-1]["closed"] for b in twin["batches"]):
+            return path
+        if caps is not None and twin.get("caps") == caps and max(caps) <= low:
+            return path
+    return None
 
 
 def twin_of(spec: str, caps: list[int], fixed: dict, name: str) -> dict:
