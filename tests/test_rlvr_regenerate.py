@@ -69,3 +69,45 @@ def test_plot_files_are_what_make_plots_writes(tmp_path):
     stem = str(tmp_path / "rlvr_vocab")
     assert report.make_plots(res, res["analysis"], stem) == report.plot_files(res, stem)
     assert all(os.path.exists(p) for p in report.plot_files(res, stem))
+
+
+# -- the controls design (benchmarks/results/controls/): the same, from its committed JSONs --------------------------
+
+CONTROLS = RESULTS / "controls"
+
+
+@pytest.fixture(scope="module")
+def regenerated_controls(tmp_path_factory):
+    """The controls design's md files rewritten from its committed JSONs by the entry points a reader would run:
+    ``rlvr_reuse.py --from-json`` per variant (results md, and the controls analysis: AUROCs with their
+    bootstraps, replay/cap/leave-one-seed-out comparisons), ``study.py --design controls --summary-only`` and
+    ``reanalysis.py --results``.  About a minute per variant on a 2-core CPU (the bootstraps)."""
+    root = tmp_path_factory.mktemp("regen_controls")
+    out = root / "benchmarks" / "results"
+    (out / "controls").mkdir(parents=True)
+    for s in STEMS:
+        shutil.copy(CONTROLS / f"{s}_results.json", out / "controls")
+    shutil.copy(CONTROLS / "rlvr_study.json", out / "controls")
+    from benchmarks.rlvr import reanalysis as R
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(report, "make_plots", lambda res, an, stem: report.plot_files(res, stem))
+        for s in STEMS:
+            cli.main(["--from-json", f"benchmarks/results/controls/{s}_results.json", "--out",
+                      "benchmarks/results/controls"])
+        study.main(["--design", "controls", "--summary-only", "--out", "benchmarks/results"])
+        R.main(["--results", "benchmarks/results/controls", "--out", "benchmarks/results/controls"])
+    return out / "controls"
+
+
+@pytest.mark.parametrize("name", [f"{s}_results.md" for s in STEMS] + [f"{s}_controls.md" for s in STEMS]
+                         + ["rlvr_study.md", "rlvr_reanalysis.md"])
+def test_the_controls_designs_md_is_what_the_generators_write(regenerated_controls, name):
+    assert (regenerated_controls / name).read_bytes() == (CONTROLS / name).read_bytes()
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_the_controls_analysis_json_is_what_the_generators_write(regenerated_controls, stem):
+    name = f"{stem}_controls.json"
+    assert (regenerated_controls / name).read_bytes() == (CONTROLS / name).read_bytes()

@@ -385,7 +385,9 @@ def reanalyse(results_dir: str = RESULTS, overlap: bool = True) -> dict:
     summary["adaptive_max_reuse"] = sorted({AN.k_of(a) for v in variants.values()
                                             for a in v["amount_adjusted"]["arms"]})
     repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-    rel = os.path.relpath(os.path.abspath(results_dir), os.path.abspath(repo))
+    # the folder as the reader gave it (relative to where they run it), or the default's path in the repository
+    rel = (os.path.normpath(results_dir) if not os.path.isabs(results_dir)
+           else os.path.relpath(results_dir, os.path.abspath(repo)))
     cmd = "python benchmarks/rlvr/reanalysis.py" + ("" if os.path.samefile(results_dir, RESULTS) else
                                                      f" --results {rel} --out {rel}")
     return {"generated_by": cmd, "date": datetime.date.today().isoformat(),

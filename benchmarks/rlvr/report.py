@@ -132,7 +132,8 @@ def support_line(an: dict, ra: dict) -> str:
              + ", ".join(f"`{a}` ({RA._s(arms_aa[a]['diff_mean'])})" for a in above)
              + f" (a one-sided sign test at p = 0.03 each, before any correction for the {len(arms_aa)} arms)."]
     else:
-        S = ["no signal here was shown to know when a pass hurts. " + head + ": amount of reuse, not signal."]
+        S = ["no stop rule here did better than the amount of reuse it applies. " + head
+             + ": amount of reuse, not signal."]
     best_fixed = an["best_fixed"]
     kl = an.get("by_signal", {}).get("kl", {}).get("best")
     ident = ", ".join(f"`{x['arm']}` = `{x['fixed']}`" for x in ra["identical_curves"]

@@ -86,7 +86,8 @@ def support_paragraph(data: dict, ras: dict, design: str | None = None) -> str:
     if any(math.isfinite(x["loso_recovered"]) for ra in ras.values() for x in ra["best_arm"]["families"].values()):
         clauses.append("the best-arm figures below were chosen on the test seeds (leave-one-seed-out figures are in "
                        "each verdict)")
-    lead = ("In these small from-scratch tasks no signal in this package was shown to know when a reuse pass hurts"
+    lead = ("In these small from-scratch tasks no stop rule in this package did better than the amount of reuse it "
+            "applies"
             if amount else "In these small from-scratch tasks some adaptive arm ends above fixed K at its own applied "
             "passes per batch on every seed (see the first line of its verdict)")
     if design:
