@@ -5,8 +5,8 @@ then one summary (rlvr_study.md) across the three from their results JSONs.
                                                                         # 61 min measured (2 cores, shared)
     python benchmarks/rlvr/study.py --config gpu --out benchmarks/results/gpu   # not run: no GPU here
     python benchmarks/rlvr/study.py --summary-only --out benchmarks/results   # rewrite the summary only
-    python benchmarks/rlvr/study.py --design controls --out benchmarks/results   # the controls design (not run
-                                                    # yet; estimated 1.5 h here): into benchmarks/results/controls/
+    python benchmarks/rlvr/study.py --design controls --out benchmarks/results   # the controls design (69 min
+                                                    # here, 2026-12-05): into benchmarks/results/controls/
 
 Each variant is one run of benchmarks/rlvr_reuse.py (the same flags); its own md/json/png go to --out (a design's
 into --out/<design>/, so the committed results are never overwritten).
@@ -39,18 +39,11 @@ DESIGNS = {"controls": dict(arms=A.with_controls(DESIGN_BASE_ARMS), probe=256, w
 # --quick: the same arms at the quick sizes; 2 seeds over 2 warm-ups, 16 validation prompts (1-digit addition
 # has ~28 prompts outside its quick evaluation set)
 DESIGNS_QUICK = {"controls": dict(probe=16, warmups=2, seeds=2)}
-# Estimated, not measured (the design has not run).  A --quick smoke of it (python benchmarks/rlvr/study.py
-# --design controls --quick --jobs 2 --no-plots, 2026-12-05, on the 2-core CPU shared with other work): 25 arms x 2
-# seeds per variant, 0.1-0.9 s per unit; addition 14 s, reverse 35 s, reverse tied 26 s, 83 s wall in all.  The quick
-# sizes say little about the full ones, so the full estimate scales the committed 2026-12-01 runs (same machine,
-# --jobs 2): per unit a + b x (passes run), fitted per variant (addition a 3.3 s, b 0.124 s; reverse 4.7 s, 0.110 s;
-# reverse tied 5.6 s, 0.131 s); each arm's passes per batch from those runs (a K=4 arm: its K=8 twin's, at most 4; a
-# control: its source's applied passes); plus, per fixed-arm pass, one greedy pass over the 256 validation prompts
-# (measured: 15 ms addition, 61 ms reverse); 6 seeds, 3 warm-ups, 2 workers; plus the controls analysis's bootstraps
-# (measured on constructed runs of the full size: 154 s for addition's 3,300 passes >= 2, ~90 s for each reverse).
-# That gives addition ~34 min, reverse ~27 min, reverse tied ~31 min: about 1.5 h wall.
-DESIGN_TIME_NOTE = ("estimated, not run: about 1.5 h wall at --jobs 2 on the 2-core CPU that ran the committed "
-                    "study (addition ~34 min, reverse ~27, reverse tied ~31)")
+# Measured (2026-12-05, --jobs 2 on the 2-core CPU, beside one or two SmolLM2 study processes): 4133 s wall in all;
+# addition 877 s, reverse 1580 s, reverse tied 1523 s (benchmarks/results/controls/rlvr_study.md).  The --quick
+# smoke of it (--design controls --quick --jobs 2 --no-plots): 83 s.
+DESIGN_TIME_NOTE = ("69 min wall at --jobs 2 on a 2-core CPU (2026-12-05; addition 15 min, reverse 26, reverse tied "
+                    "25)")
 
 
 def variant_stem(name: str, quick: bool) -> str:
