@@ -33,6 +33,9 @@ def test_arm_specs():
         llm.parse_arm("rnd4@0.5")
 
 
+SETTINGS_4 = llm.json.loads(llm.json.dumps(vars(llm.Settings(batches=4))))  # a unit's settings, as run by --batches 4
+
+
 @pytest.fixture
 def ran(monkeypatch):
     """llm.main with run_unit stubbed: the (spec, seed, caps) of each unit that would have run."""
@@ -50,7 +53,8 @@ def test_a_cap_control_at_its_sources_k_is_the_fixed_k_unit_and_others_run(tmp_p
     below K, or a missing fixed unit, runs (here: reaches run_unit, stubbed)."""
     src = {"batches": [{"applied_passes": p} for p in (4, 4, 3, 4)]}  # mean 3.75 -> cap 4 = K
     (tmp_path / "dgg4_s0.json").write_text(llm.json.dumps(src))
-    (tmp_path / "k4_s0.json").write_text(llm.json.dumps({"arm": "k4", "curve": [0.1, 0.2], "meta": {"commit": "y"}}))
+    (tmp_path / "k4_s0.json").write_text(llm.json.dumps({"arm": "k4", "curve": [0.1, 0.2], "meta": {"commit": "y"},
+                                                          "settings": SETTINGS_4}))
     llm.main(["--arms", "cap:dgg4", "--seeds", "0", "--batches", "4", "--out", str(tmp_path)])
     twin = llm.json.loads((tmp_path / "cap-dgg4_s0.json").read_text())
     assert ran == [] and twin["curve"] == [0.1, 0.2] and twin["arm"] == "cap:dgg4" and twin["same_as"] == "k4_s0.json"
@@ -65,8 +69,8 @@ def test_a_unit_that_never_reaches_a_lower_max_reuse_is_that_unit(tmp_path, ran)
     """kl8 whose kl4 twin closed every batch (before or at pass 4) is kl4's unit (same_as); its controls whose caps
     equal the kl4 controls' (all <= 4) are theirs; a twin with one batch that ran to pass 4 open runs."""
 
-    def unit(arm, ends, caps=None):
-        return {"arm": arm, "caps": caps, "curve": [0.1, 0.3], "batches": [
+    def unit(arm, ends, caps=None, settings=SETTINGS_4):
+        return {"arm": arm, "caps": caps, "curve": [0.1, 0.3], "settings": settings, "batches": [
             {"applied_passes": n - c, "passes": [{"closed": False}] * (n - 1) + [{"closed": bool(c)}]}
             for n, c in ends]}
 
@@ -85,7 +89,16 @@ def test_a_unit_that_never_reaches_a_lower_max_reuse_is_that_unit(tmp_path, ran)
     (tmp_path / "kl4_s1.json").write_text(llm.json.dumps(unit("kl4", [(2, 1), (4, 0), (3, 1), (2, 1)])))
     llm.main(["--arms", "kl8", "--seeds", "1", "--batches", "4", "--out", str(tmp_path)])
     assert ran == [("kl8", 1, None)]
-    assert llm.lower_k_twin("k8", 0, None, tmp_path) is None  # fixed K never repeats a lower K
+    st = llm.Settings(batches=4)
+    assert llm.lower_k_twin("k8", 0, None, tmp_path, st) is None  # fixed K never repeats a lower K
+    # the paper's rule alike, a close at exactly pass 4 included; but not a twin of other settings
+    (tmp_path / "dgg4_s0.json").write_text(llm.json.dumps(unit("dgg4", closed_all)))
+    assert llm.lower_k_twin("dgg8", 0, None, tmp_path, st) == tmp_path / "dgg4_s0.json"
+    assert llm.lower_k_twin("dgg8", 0, None, tmp_path, llm.Settings(batches=5)) is None
+    (tmp_path / "dgg4_s1.json").write_text(llm.json.dumps(unit("dgg4", closed_all, settings={**SETTINGS_4,
+                                                                                            "lr": 1e-5})))
+    llm.main(["--arms", "dgg8", "--seeds", "1", "--batches", "4", "--out", str(tmp_path)])
+    assert ran[-1] == ("dgg8", 1, None)
 
 
 @pytest.mark.skipif(llm.available() is not None, reason=str(llm.available()))
@@ -268,3 +281,12 @@ def test_stopping_line_names_the_arms_that_beat_both_and_none_otherwise():
     assert "above its replay control: a, b" in line and "below the best fixed K: c" in line
     line = ana.stopping_line({"b": (up, flat), "c": (flat, None)})
     assert "? No:" in line and "above the best fixed K: none" in line
+
+
+def test_a_fixed_k_measured_on_the_held_out_seed_alone_is_not_a_candidate():
+    """k8 ran on seed 0 only: holding out seed 0, it cannot be chosen (nothing but seed 0 to choose it on), and
+    seed 0 is not dropped for it."""
+    fixed = {"k1": {0: 0.5, 1: 0.1, 2: 0.3}, "k2": {0: 0.4, 1: 0.5, 2: 0.4}, "k8": {0: 0.2}}
+    out = ana.loso_best_fixed({0: 0.45, 1: 0.45, 2: 0.45}, fixed)
+    assert sorted(out["per_seed"]) == [0, 1, 2]
+    assert out["per_seed"][0] == {"best_fixed": "k2", "chosen_on": [1, 2], "diff": pytest.approx(0.05)}

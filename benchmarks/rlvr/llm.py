@@ -690,11 +690,12 @@ def _run_units(a, st: Settings, task: Addition, outdir: Path, source: GpuSource 
                     continue
                 caps = control_caps(arm["kind"], json.loads(src.read_text()), seed)
                 twin = outdir / f"k{arm['K']}_s{seed}.json"
-                if arm["kind"] == "cap" and set(caps) == {arm["K"]} and twin.exists():
+                if arm["kind"] == "cap" and set(caps) == {arm["K"]} and twin.exists() \
+                        and same_setup(json.loads(twin.read_text()), st, source):
                     _write(path, twin_of(spec, caps, json.loads(twin.read_text()), twin.name))
                     print(f"{spec} s{seed}: caps all {arm['K']}: the fixed K={arm['K']} unit, {twin.name}")
                     continue
-            low = lower_k_twin(spec, seed, caps, outdir)
+            low = lower_k_twin(spec, seed, caps, outdir, st, source)
             if low is not None:
                 _write(path, twin_of(spec, caps, json.loads(low.read_text()), low.name))
                 print(f"{spec} s{seed}: never reaches a lower max reuse's last pass: the unit {low.name}")
@@ -716,13 +717,22 @@ def _write(path: Path, res: dict) -> None:
     tmp.replace(path)
 
 
-def lower_k_twin(spec: str, seed: int, caps: list[int] | None, outdir: Path) -> Path | None:
+def same_setup(unit: dict, st: Settings, source: GpuSource | None = None) -> bool:
+    """Whether a unit's JSON ran with these settings and configuration (the CPU one, or the GPU one: the units of
+    one --out folder share its warmup.pt), so that a shortcut may take its results."""
+    return (unit.get("settings") == json.loads(json.dumps(vars(st)))
+            and unit.get("config") == (None if source is None else "gpu"))
+
+
+def lower_k_twin(spec: str, seed: int, caps: list[int] | None, outdir: Path, st: Settings,
+                 source: GpuSource | None = None) -> Path | None:
     """The unit of the same rule (or control) and seed at a lower max reuse K' that this one repeats exactly, or
     None.  A gate at max reuse K runs what the gate at K' < K ran (same seeds, same steps, the same window and
     statistics; max_reuse only ends a batch after its K'-th pass) as long as no batch reaches pass K' open:
     so a dgg/kl unit whose K' twin ended every batch with a close is that twin, and a rep:/cap: control whose
-    caps equal its K' twin's, all <= K', is that twin.  Measured: kl8 on seed 0, run in full, gave kl4's
-    unit on seed 0 exactly (llm_plan.md, Changes)."""
+    caps equal its K' twin's, all <= K', is that twin; only a twin of the same settings and configuration
+    (same_setup).  Measured: kl8 on seed 0, run in full, gave kl4's unit on seed 0 exactly (llm_plan.md,
+    Changes).  Its JSON keeps the twin's wall times."""
     arm = parse_arm(spec)
     if arm["kind"] == "k":
         return None
@@ -734,6 +744,8 @@ def lower_k_twin(spec: str, seed: int, caps: list[int] | None, outdir: Path) -> 
         if not path.exists():
             continue
         twin = json.loads(path.read_text())
+        if not same_setup(twin, st, source):
+            continue
         if caps is None and all(b["passes"] and b["passes"][-1]["closed"] for b in twin["batches"]):
             return path
         if caps is not None and twin.get("caps") == caps and max(caps) <= low:

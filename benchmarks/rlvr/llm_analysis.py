@@ -234,9 +234,10 @@ def loso_best_fixed(arm_final: dict, fixed_final: dict[str, dict]) -> dict:
     rule), and the arm minus that K on s; ``paired``: llm_analysis.paired of the arm against the chosen Ks."""
     per = {}
     for s in sorted(arm_final):
-        # the candidates: the fixed Ks measured on s; they are compared over the same other seeds (those on
-        # which every candidate was measured), so no K wins for lack of a bad seed
-        cands = [k for k, v in fixed_final.items() if s in v]
+        # the candidates: the fixed Ks measured on s and on some other seed (a K measured on s alone cannot be
+        # chosen without looking at s); they are compared over the same other seeds (those on which every
+        # candidate was measured), so no K wins for lack of a bad seed
+        cands = [k for k, v in fixed_final.items() if s in v and set(v) - {s}]
         pool = sorted(set.intersection(*(set(fixed_final[k]) for k in cands)) - {s}) if cands else []
         if pool:
             best = max(cands, key=lambda k: statistics.fmean(fixed_final[k][t] for t in pool))
