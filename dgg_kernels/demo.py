@@ -352,11 +352,11 @@ def main(argv=None) -> None:
 # (benchmarks/rlvr/claims.py; tests/test_claims.py checks them)
 STUDY = ("With controls fixed before the runs, on three small from-scratch tasks (6 seeds over 3 warm-ups, "
          "benchmarks/results/controls/rlvr_study.md) and on a real pretrained LLM (SmolLM2-135M, GRPO on CPU, 3 "
-         "seeds, benchmarks/results/llm_study.md), none of the 24 stop-rule arms tested (18 distinct runs: the "
+         "seeds, benchmarks/results/llm_study.md), none of the 25 stop-rule arms tested (19 distinct runs: the "
          "paper's rule and the KL stop, at max reuse 4 and 8) beat its own replay control (its stopping passes on "
          "random batches) or the best fixed K; the paper's z ranked harmful passes above chance in 3 of 4 settings "
          "(AUROC 0.57-0.59) but is not shown better than the pass index alone in any. On SmolLM2, fixed K=8 and "
-         "the paper's rule at K=8 are still running.")
+         "the paper's rule at K=8 have run on one seed; the other seeds and the rule's controls are still running.")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
