@@ -290,3 +290,11 @@ def test_a_fixed_k_measured_on_the_held_out_seed_alone_is_not_a_candidate():
     out = ana.loso_best_fixed({0: 0.45, 1: 0.45, 2: 0.45}, fixed)
     assert sorted(out["per_seed"]) == [0, 1, 2]
     assert out["per_seed"][0] == {"best_fixed": "k2", "chosen_on": [1, 2], "diff": pytest.approx(0.05)}
+
+
+def test_the_no_signal_line_still_names_the_pass_index():
+    t = {"n_passes": 10, "n_hurt": 3, "signals": {
+        "z": {"auroc": 0.5, "knows": False, "direction": None, "ci95": [0.4, 0.6]},
+        "pass_": {"auroc": 0.7, "knows": True, "direction": "higher", "ci95": [0.6, 0.8]}}}
+    line = ana.knowing_line(t, "probe")
+    assert line.startswith("Does any signal know when a pass hurts? No:") and "pass index alone: 0.700, CI" in line

@@ -267,8 +267,10 @@ def knowing_line(t: dict, measure: str) -> str:
         return ("Does any signal know when a pass hurts? Not measured (no fixed-K pass >= 2 with a "
                 f"{measure} measurement, or none hurt).")
     if not knowing:
+        base = t["signals"]["pass_"]
         return (f"Does any signal know when a pass hurts? No: on {t['n_passes']} passes >= 2 of the fixed "
-                f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5.")
+                f"arms ({t['n_hurt']} hurt), no signal's AUROC has a 95% CI excluding 0.5 (the pass index alone: "
+                f"{_f(base['auroc'])}{', CI excluding 0.5' if base['knows'] else ''}).")
     mpi = t.get("minus_pass_index", {})
     beyond = [s for s in knowing if t["signals"][s]["direction"] == "higher" and mpi.get(s, {}).get("beyond")]
     named = [f"{s} ({'higher' if t['signals'][s]['direction'] == 'higher' else 'LOWER'} before a hurt pass)"
