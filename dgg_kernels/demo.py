@@ -356,7 +356,7 @@ STUDY = ("With controls fixed before the runs, on three small from-scratch tasks
          "paper's rule and the KL stop, at max reuse 4 and 8) beat its own replay control (its stopping passes on "
          "random batches) or the best fixed K; the paper's z ranked harmful passes above chance in 3 of 4 settings "
          "(AUROC 0.57-0.59) but is not shown better than the pass index alone in any. On SmolLM2, fixed K=8 and "
-         "the paper's rule at K=8 have run on one seed; the other seeds and the rule's controls are still running.")
+         "the paper's rule at K=8 have run on part of their seeds; the rest, and the rule's controls, still run.")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
