@@ -19,24 +19,30 @@ STEMS = ("rlvr_reuse", "rlvr_vocab", "rlvr_vocab_tied")
 MDS = [f"{s}_results.md" for s in STEMS] + ["rlvr_study.md"]
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory):
-    """A copy of the committed JSONs under <tmp>/benchmarks/results, and the md files the entry points write
-    there, run from <tmp> with the committed commands' relative paths (the md records its command).  Plots are
-    not drawn: the md lists what make_plots writes (report.plot_files; checked against make_plots below)."""
+def _regenerate(tmp_path_factory, sub: str, summaries) -> Path:
+    """A copy of the committed results JSONs of ``RESULTS/sub`` (and its study stamp) under
+    <tmp>/benchmarks/results/<sub>, each variant's md files rewritten from its JSON by ``rlvr_reuse.py --from-json``
+    and then ``summaries()`` run, from <tmp> with the committed commands' relative paths (the md records its
+    command).  Plots are not drawn: the md lists what make_plots writes (report.plot_files; checked below)."""
     root = tmp_path_factory.mktemp("regen")
-    out = root / "benchmarks" / "results"
+    rel = "benchmarks/results" + (f"/{sub}" if sub else "")
+    out = root / rel
     out.mkdir(parents=True)
-    for s in STEMS:
-        shutil.copy(RESULTS / f"{s}_results.json", out)
-    shutil.copy(RESULTS / "rlvr_study.json", out)
+    for name in [f"{s}_results.json" for s in STEMS] + ["rlvr_study.json"]:
+        shutil.copy(RESULTS / sub / name, out)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setattr(report, "make_plots", lambda res, an, stem: report.plot_files(res, stem))
         for s in STEMS:
-            cli.main(["--from-json", f"benchmarks/results/{s}_results.json", "--out", "benchmarks/results"])
-        study.main(["--summary-only", "--out", "benchmarks/results"])
+            cli.main(["--from-json", f"{rel}/{s}_results.json", "--out", rel])
+        summaries()
     return out
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    """The committed study's md files as the entry points write them from its JSONs."""
+    return _regenerate(tmp_path_factory, "", lambda: study.main(["--summary-only", "--out", "benchmarks/results"]))
 
 
 @pytest.mark.parametrize("name", MDS)
@@ -82,23 +88,13 @@ def regenerated_controls(tmp_path_factory):
     ``rlvr_reuse.py --from-json`` per variant (results md, and the controls analysis: AUROCs with their
     bootstraps, replay/cap/leave-one-seed-out comparisons), ``study.py --design controls --summary-only`` and
     ``reanalysis.py --results``.  About a minute per variant on a 2-core CPU (the bootstraps)."""
-    root = tmp_path_factory.mktemp("regen_controls")
-    out = root / "benchmarks" / "results"
-    (out / "controls").mkdir(parents=True)
-    for s in STEMS:
-        shutil.copy(CONTROLS / f"{s}_results.json", out / "controls")
-    shutil.copy(CONTROLS / "rlvr_study.json", out / "controls")
     from benchmarks.rlvr import reanalysis as R
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setattr(report, "make_plots", lambda res, an, stem: report.plot_files(res, stem))
-        for s in STEMS:
-            cli.main(["--from-json", f"benchmarks/results/controls/{s}_results.json", "--out",
-                      "benchmarks/results/controls"])
+    def summaries():
         study.main(["--design", "controls", "--summary-only", "--out", "benchmarks/results"])
         R.main(["--results", "benchmarks/results/controls", "--out", "benchmarks/results/controls"])
-    return out / "controls"
+
+    return _regenerate(tmp_path_factory, "controls", summaries)
 
 
 @pytest.mark.parametrize("name", [f"{s}_results.md" for s in STEMS] + [f"{s}_controls.md" for s in STEMS]
