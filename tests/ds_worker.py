@@ -467,7 +467,7 @@ def checkpoint_case() -> None:
         head = train_batches(e1, g1, CKPT_SCHEDULE[:2], until=CKPT_AT)
         assert head == [("A", k, False) for k in (1, 2, 3, 4)] + [("B", 1, False)], (what, head)
         e1.save_checkpoint(folder, tag="mid_B", client_state={"epoch": 7})
-        saved = int(g1.stats()["accepted"])
+        saved, saved_bits = int(g1.stats()["accepted"]), state_bits(g1)
         tail1 = train_batches(e1, g1, CKPT_SCHEDULE[1:], first=2)
         assert tail1[0] == ("B", 2, True), (what, "the uninterrupted run should close on the surge", tail1)
         final1, bits1 = full_training_state(e1), state_bits(g1)
@@ -517,6 +517,9 @@ def checkpoint_case() -> None:
         # load_module_only (a warm start): the gate is left as it was
         e2.load_checkpoint(folder, tag="mid_B", load_module_only=True)
         assert bit_equal(bits, state_bits(g2))
+        # a fresh optimizer (or scheduler) on the saved weights: the gate is still restored, bit for bit
+        e2.load_checkpoint(folder, tag="mid_B", load_optimizer_states=False, load_lr_scheduler_states=False)
+        assert bit_equal(saved_bits, state_bits(g2)), "load_optimizer_states=False did not restore the gate"
         # a gate built with other settings: the error says the engine was restored and the gate was not
         g2.remove()
         g3 = DeepSpeedGate(e2, **dict(SETTINGS, window=4))
@@ -524,8 +527,8 @@ def checkpoint_case() -> None:
         expect_error(ValueError, "other settings", lambda: e2.load_checkpoint(folder, tag="mid_B"))
         assert bit_equal(bits, state_bits(g3))
         g3.remove()
-        log(f"{what}: clashing client_state, mid-step save/load, a gate-less checkpoint, module-only loads, "
-            "other settings")
+        log(f"{what}: clashing client_state, mid-step save/load, a gate-less checkpoint, module-only and "
+            "optimizer-less loads, other settings")
 
 
 def messages_case() -> None:

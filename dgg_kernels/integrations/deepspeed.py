@@ -31,7 +31,9 @@ the key ``"dgg_gate"`` (written once, by the rank that writes the model
 states; read on every rank), so a plain ``engine.save_checkpoint(dir)`` /
 ``engine.load_checkpoint(dir)`` resumes the gate with the weights, bit for
 bit.  A checkpoint without that key leaves the gate as it is, with a warning;
-``load_module_only=True`` (a warm start) leaves it as it is, silently.
+``load_module_only=True`` (a warm start) leaves it as it is, silently;
+``load_optimizer_states=False`` or ``load_lr_scheduler_states=False`` still
+restore it (its window follows the weights' gradients, not the optimizer).
 
 How a closed step is discarded (``discard=``):
 
