@@ -26,7 +26,6 @@ grows with the list (benchmarks/host_time.py measures both).
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Sequence
 
 import torch
@@ -56,12 +55,10 @@ class GateKernels(OpaqueBase):
     Built with ``GateKernels.of``; ``__init__`` sets no attribute on purpose: torch derives the object's
     TorchScript class from ``__init__``, and attributes set there would have to be tensors for
     ``torch.library.opcheck``'s schema check to convert the object.
-
-    The handle holds both weakly; the gate holds them.  torch's tracing keeps every handle a compiled step
-    was traced with until the process ends (torch 2.13: neither ``torch._dynamo.reset()`` nor the fake-tensor
-    cache's ``cache_clear()`` drops it), so a strong reference would keep each freed gate's backend, with
-    its scratch buffers and its sharding's process group, alive with it.
     """
+
+    backend: object
+    sharding: object
 
     def __init__(self) -> None:
         pass
@@ -69,33 +66,9 @@ class GateKernels(OpaqueBase):
     @classmethod
     def of(cls, backend, sharding=None) -> "GateKernels":
         kernels = cls()
-        sharding = sharding if sharding is not None and sharding.combines else None
-        kernels._backend = None if backend is None else weakref.ref(backend)
-        kernels._sharding = None if sharding is None else weakref.ref(sharding)
+        kernels.backend = backend
+        kernels.sharding = sharding if sharding is not None and sharding.combines else None
         return kernels
-
-    def __reduce__(self):
-        # copy.deepcopy and pickle (a gate copied or saved with its model) rebuild the handle on the copies of
-        # the backend and sharding, which the copied gate holds
-        return GateKernels.of, (self.backend, self.sharding)
-
-    @staticmethod
-    def _alive(ref, what: str):
-        if ref is None:
-            return None
-        obj = ref()
-        if obj is None:
-            raise ReferenceError(f"this GateKernels handle's gate was freed (its {what} with it): a handle runs "
-                                 "only while its gate exists")
-        return obj
-
-    @property
-    def backend(self):
-        return self._alive(self._backend, "backend")
-
-    @property
-    def sharding(self):
-        return self._alive(self._sharding, "sharding")
 
 
 if register_opaque_type is not None:

@@ -127,6 +127,25 @@ def test_torch_compile_matches_eager(autocast):
     assert g2.stats()["closed_total"].item() == 1
 
 
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_backward_steps_the_gate_of_its_forward_even_when_that_gate_was_replaced(compiler):
+    """A GatedLinear's backward steps the gate its forward ran with, eager or compiled, even when the layer's
+    gate was replaced and the old one dropped in between: the compiled backward keeps only the gate's op
+    handle and state tensors, so the handle must hold the backend itself (docs/semantics.md)."""
+    import gc
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 97)
+    lm = dgg.GatedLinear(lin, dgg.DynamicGradientGate(lin.weight, window=2, threshold=0.0, backend="torch"))
+    run = lm if compiler == "eager" else torch.compile(lm, backend=compiler)
+    loss = run(torch.randn(3, 12)).square().sum()
+    state = lm.gate.state
+    lm.gate = dgg.DynamicGradientGate(lin.weight, window=2, threshold=0.0, backend="torch")
+    gc.collect()
+    loss.backward()
+    assert int(state.ints[dgg.state.ACCEPTED]) == 1 and int(lm.gate.stats()["accepted"]) == 0
+
+
 # -- in a Hugging Face model: autocast, state dict, save/load, tying, resizing ---------------------------------------
 
 def _qwen2(tied, vocab=50, seed=0):

@@ -242,7 +242,7 @@ def test_a_gate_and_a_model_holding_a_gated_linear_can_be_copied_and_saved(tmp_p
     gate.step()
     assert int(gate.stats()["accepted"]) == 1 and int(g2.stats()["accepted"]) == 0
     assert m2 is not m
-    # a saved gate loads with its handle on its own backend (the handle holds it weakly, the gate strongly)
+    # a saved gate loads with its handle on its own backend
     torch.save(gate, tmp_path / "g.pt")
     g3 = torch.load(tmp_path / "g.pt", weights_only=False)
     assert g3._kernels.backend is g3._backend and g3._kernels.backend is not gate._backend

@@ -1,7 +1,5 @@
 """The custom ops: opcheck, and torch.compile(fullgraph=True) through gate.step()."""
-import gc
 import math
-import weakref
 
 import pytest
 import torch
@@ -71,11 +69,8 @@ def test_ops_find_no_backend_by_hidden_state():
     """What an op runs with is its argument: no module-level registry; a handle whose backend cannot mask
     fails on its own, whatever other gates exist."""
     assert not any(hasattr(ops, name) for name in ("register_backend", "_backends", "_lookup"))
-    class NoMask:
-        pass
-
-    grads, backend = [torch.ones(3)], NoMask()
-    handle = ops.GateKernels.of(backend)
+    grads = [torch.ones(3)]
+    handle = ops.GateKernels.of(object())
     with pytest.raises(AttributeError, match="mask"):
         ops.gate_mask(torch.ones((), dtype=torch.bool), grads, handle)
 
@@ -103,22 +98,6 @@ def test_one_compiled_function_serves_two_gates_each_with_its_own_backend(compil
             assert torch.equal(gate.state.ring, twin.state.ring) and torch.equal(gate.state.ints, twin.state.ints)
     # the thresholds make the two gates decide differently on the same gradients: a mixed-up backend shows
     assert a.stats()["closed_total"].item() > b.stats()["closed_total"].item()
-
-
-def test_a_compiled_step_keeps_no_freed_gate_alive():
-    """torch's tracing keeps every GateKernels handle a compiled step saw for the process's life; the handle
-    holds the gate's backend weakly, so a freed gate's backend (its scratch) goes with the gate, and the
-    handle left behind says so if it is ever run."""
-    w = torch.nn.Parameter(torch.randn(6, 5))
-    gate = dgg.DynamicGradientGate(w, window=2, threshold=0.5, backend="torch")
-    w.grad = torch.randn(6, 5)
-    torch.compile(lambda g: g.step(), backend="aot_eager", fullgraph=True)(gate)
-    backend, handle = weakref.ref(gate._backend), gate._kernels
-    del gate, w
-    gc.collect()
-    assert backend() is None, "a compiled step kept a freed gate's backend alive"
-    with pytest.raises(ReferenceError, match="gate was freed"):
-        ops.gate_mask(torch.ones((), dtype=torch.bool), [torch.ones(3)], handle)
 
 
 def test_finalize_partials_op_passes_opcheck():
