@@ -2,6 +2,8 @@
 through the gate and evaluates.  Skips, saying why, where the model's packages are not installed."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -298,3 +300,33 @@ def test_the_no_signal_line_still_names_the_pass_index():
         "pass_": {"auroc": 0.7, "knows": True, "direction": "higher", "ci95": [0.6, 0.8]}}}
     line = ana.knowing_line(t, "probe")
     assert line.startswith("Does any signal know when a pass hurts? No:") and "pass index alone: 0.700, CI" in line
+
+
+def test_the_pass_profile_is_per_fixed_arm_and_pass_and_is_drawn(tmp_path):
+    """Per fixed arm and pass index: the lm_head gradient norm relative to its batch's pass 1, the medians of
+    the signals, the share of passes that lowered the probe; an adaptive arm is not in it; both figures draw."""
+    hurt = lambda k, b: k == 3  # noqa: E731 - every batch's third pass lowers the probe
+    units = [_unit("k4", s, 4, [0.2] * 5, hurt_when=hurt) for s in range(2)] + [_unit("dgg4", 0, 4, [0.2] * 5)]
+    for u in units[:2]:
+        for b in u["batches"]:
+            for p in b["passes"]:
+                p["head_grad_norm"] = 2.0 / p["pass_"]
+    prof = ana.pass_profile(units)
+    assert set(prof) == {"k4"}
+    p = prof["k4"]
+    assert p["head_grad_norm"] == {1: 1.0, 2: 0.5, 3: pytest.approx(1 / 3), 4: 0.25}
+    assert p["kl_k3"] == {k: pytest.approx(0.01 * k) for k in range(1, 5)}
+    assert p["hurt"] == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0} and p["dwd"][2] == pytest.approx(0.5)
+    assert ana.analyse(units)["pass_profile"] == prof
+    pytest.importorskip("matplotlib")
+    assert ana.plot(units, tmp_path / "a.png") and ana.plot_passes(units, tmp_path / "p.png")
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_the_committed_smollm2_analysis_is_its_units():
+    """benchmarks/results/llm_study.{json,md} are what llm_analysis.py writes from the committed unit JSONs, byte
+    for byte (a new unit, or a change to the analysis, fails here until they are regenerated)."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    res = ana.analyse(ana.load_units(results / "llm_study"))
+    assert json.dumps(res, indent=1, default=str) == (results / "llm_study.json").read_text()
+    assert ana.markdown(res) == (results / "llm_study.md").read_text()

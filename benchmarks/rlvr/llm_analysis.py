@@ -2,7 +2,7 @@
 
     python benchmarks/rlvr/llm_analysis.py [--units benchmarks/results/llm_study] [--out benchmarks/results/llm_study]
 
-Writes <out>.json (every figure) and <out>.md (the verdict first, then the tables); <out>_accuracy.png when
+Writes <out>.json (every figure) and <out>.md (the verdict first, then the tables); <out>_accuracy.png and <out>_passes.png when
 matplotlib is installed.  Only units that finished are read; what is missing is listed, not guessed.
 """
 from __future__ import annotations
@@ -206,6 +206,7 @@ def analyse(units: list[dict]) -> dict:
                 if not p["closed"] and p["body_rel_dw"] > 0:
                     dwd.setdefault(p["pass_"], []).append(p["head_rel_dw"] / p["body_rel_dw"])
     out["dwd_head_over_body_by_pass"] = {k: statistics.median(v) for k, v in sorted(dwd.items())}
+    out["pass_profile"] = pass_profile(units)
     # 2. threshold-free knowing: AUROCs over the fixed arms' passes >= 2
     fixed_units = [u for u in units if u["arm"] in fixed]
     for key, kw in (("auroc", {}), ("auroc_without_zero_grad", {"drop_zero_grad": True}),
@@ -351,6 +352,17 @@ def markdown(res: dict) -> str:
             out.append(f"| {a} | {_f(v['final']['mean'])} | {_f(v['auc']['mean'])} | {v['final']['seeds']} |")
     out += ["", "## DWD: the lm_head's relative weight change over the rest's, per pass (median)", "",
             " ".join(f"pass {k}: {v:.2f};" for k, v in res["dwd_head_over_body_by_pass"].items()) or "not measured", ""]
+    prof = res.get("pass_profile", {})
+    if prof:
+        out += ["## Per pass in the fixed arms (llm_study_passes.png)", "",
+                "Medians over the arm's batches and seeds; the share of passes that lowered the probe is a mean. "
+                "The lm_head gradient norm is relative to the batch's pass 1.", "",
+                "| arm | pass | " + " | ".join(t for _, t in PASS_PANELS) + " |",
+                "|---|---|" + "---|" * len(PASS_PANELS)]
+        for arm, p in prof.items():
+            for i in sorted(p["z"], key=int):
+                out.append(f"| {arm} | {i} | " + " | ".join(_f(p[k].get(i), 3) for k, _ in PASS_PANELS) + " |")
+        out.append("")
     for key, title in (("auroc", "passes >= 2"), ("auroc_without_zero_grad", "passes >= 2, zero-gradient steps left out"),
                        ("auroc_z_measured", "passes >= 2, the observer's z placeholder (0 while its window fills) "
                                             "left out"),
@@ -375,22 +387,98 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(units: list[dict], path: Path) -> bool:
+FIXED_STYLE = {"k1": "C0", "k2": "C1", "k4": "C2", "k8": "C3"}
+GATED_STYLE = {"dgg4": "C4", "dgg8": "C5", "kl4": "C6", "kl8": "C7"}
+PASS_PANELS = (("head_grad_norm", "lm_head gradient norm / pass 1's"), ("z", "the paper's z (observer)"),
+               ("kl_k3", "KL to the rollout policy (k3)"), ("clipfrac", "PPO clip fraction"),
+               ("dwd", "lm_head / rest relative weight change"), ("hurt", "share of passes that lowered the probe"))
+
+
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(units: list[dict], path: Path) -> bool:
+    """One panel per seed: the fixed arms' accuracy curves (solid) and the stop rules' (dashed; the controls are
+    in the tables, not drawn)."""
+    plt = _pyplot()
+    if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for u in units:
-        ax.plot(range(len(u["curve"])), u["curve"], label=f"{u['arm']} s{u['seed']}")
-    ax.set_xlabel("rollout batches")
-    ax.set_ylabel("greedy accuracy, 128 evaluation pairs")
-    ax.legend(fontsize=7)
+    seeds = sorted({u["seed"] for u in units})
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.6), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        for u in sorted((u for u in units if u["seed"] == seed), key=lambda u: u["arm"]):
+            style = FIXED_STYLE.get(u["arm"]) or GATED_STYLE.get(u["arm"])
+            if style is None:
+                continue
+            ax.plot(range(len(u["curve"])), u["curve"], color=style, label=u["arm"],
+                    linestyle="-" if u["arm"] in FIXED_STYLE else "--")
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.set_xlabel("rollout batches")
+    axes[0][0].set_ylabel("greedy accuracy (128 evaluation pairs)")
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    order = [a for a in (*FIXED_STYLE, *GATED_STYLE) if a in handles]
+    fig.legend([handles[a] for a in order], order, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pass_profile(units: list[dict]) -> dict[str, dict[int, dict[int, float | None]]]:
+    """Per fixed arm (k2, k4, k8), per pass index, the median over its batches and seeds of each PASS_PANELS
+    signal: the lm_head gradient norm relative to the batch's pass 1, z, the KL, the clip fraction, the
+    lm_head's relative weight change over the rest's, and the share of passes that lowered the probe."""
+    out: dict[str, dict[int, dict[int, float | None]]] = {}
+    for arm in ("k2", "k4", "k8"):
+        rows: dict[str, dict[int, list[float]]] = {k: {} for k, _ in PASS_PANELS}
+        for u in (u for u in units if u["arm"] == arm):
+            for b in u["batches"]:
+                first = b["passes"][0]["head_grad_norm"] if b["passes"] else None
+                for p in b["passes"]:
+                    i = p["pass_"]
+                    vals = {"z": p["z"], "kl_k3": p["kl_k3"], "clipfrac": p["clipfrac"],
+                            "head_grad_norm": p["head_grad_norm"] / first if first else None,
+                            "dwd": p["head_rel_dw"] / p["body_rel_dw"] if p["body_rel_dw"] else None,
+                            "hurt": float(p["probe_after"] < p["probe_before"])
+                            if p.get("probe_after") is not None else None}
+                    for k, v in vals.items():
+                        if v is not None and math.isfinite(v):
+                            rows[k].setdefault(i, []).append(v)
+        if any(rows[k] for k in rows):
+            out[arm] = {k: {i: (statistics.fmean(v) if k == "hurt" else statistics.median(v))
+                            for i, v in sorted(r.items())} for k, r in rows.items()}
+    return out
+
+
+def plot_passes(units: list[dict], path: Path) -> bool:
+    """The fixed arms' per-pass medians (pass_profile): does anything surge at the passes that hurt?"""
+    plt = _pyplot()
+    prof = pass_profile(units)
+    if plt is None or not prof:
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+    for ax, (key, title) in zip(axes.flat, PASS_PANELS):
+        for arm, p in prof.items():
+            xs = sorted(p[key])
+            ax.plot(xs, [p[key][i] for i in xs], marker="o", color=FIXED_STYLE[arm], label=arm)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("pass within the batch")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Fixed-K runs, medians over batches and seeds (share: mean)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -404,6 +492,7 @@ def main(argv=None) -> int:
     Path(a.out + ".json").write_text(json.dumps(res, indent=1, default=str))
     Path(a.out + ".md").write_text(markdown(res))
     plot(units, Path(a.out + "_accuracy.png"))
+    plot_passes(units, Path(a.out + "_passes.png"))
     print("\n".join(verdict(res)))
     return 0
 
