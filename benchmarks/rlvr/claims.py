@@ -3,7 +3,8 @@ check the text against them (tests/test_claims.py) and nothing is typed by hand:
 
 - ``knowing_table()``: the README's table of both questions across the four settings (the small tasks' controls
   design, benchmarks/results/controls/, and the SmolLM2 study, benchmarks/results/llm_study.json);
-- ``figures()``: the few numbers the README's introduction and the demo's closing lines quote.
+- ``figures()``: the few numbers the README's introduction and the demo's closing lines quote;
+- ``reuse_figures()``: the numbers of the README's bullets on reuse harm, weight divergence and the caps.
 
     python benchmarks/rlvr/claims.py        # prints the table and the figures
 """
@@ -104,6 +105,61 @@ def figures(results: str = RESULTS) -> dict[str, str]:
             "beats_pass_index": "; ".join(f"{n}: {', '.join(b)}" for n, b in beats.items() if b)}
 
 
+def _mean_ci(p: dict) -> str:
+    return f"{p['mean']:+.2f} (CI {p['ci95'][0]:+.2f}..{p['ci95'][1]:+.2f})"
+
+
+def reuse_figures(results: str = RESULTS) -> dict[str, str]:
+    """The numbers of the README's bullets on whether reuse harms, on the lm_head's weight change (DWD) and on the
+    paper's rule against its cap, as written there: final accuracy differences paired by seed (mean, 95% CI),
+    the fixed K=1 arm's final accuracy per seed, and the lm_head's relative weight change over the rest's."""
+    data = load(results)
+    out = {}
+    for n in ("addition", "reverse", "reverse, tied"):
+        out[f"{n}: K=8 minus K=1"] = _mean_ci(data[n]["reuse_vs_k1"]["fixed K=8"]["final"])
+    llm = data["SmolLM2-135M"]
+    for k in ("k2", "k4", "k8"):
+        p = llm["reuse_vs_k1"][k]["final"]
+        out[f"SmolLM2: K={k[1:]} minus K=1"] = _mean_ci(p)
+        out[f"SmolLM2: K={k[1:]} seeds"] = str(len(p["seeds"]))
+    for k in ("k1", "k8"):
+        fin = llm["arms"][k]["final"]
+        seeds = sorted(fin, key=int)
+        out[f"SmolLM2: K={k[1:]} final by seed"] = ", ".join(f"{fin[s]:.2f}" for s in seeds)
+        peaks = []
+        for s in seeds:  # the unit's accuracy curve: the start, then after each batch
+            with open(os.path.join(results, "llm_study", f"{k}_s{s}.json")) as f:
+                curve = json.load(f)["curve"]
+            best = max(range(len(curve)), key=curve.__getitem__)
+            peaks.append(f"{curve[best]:.2f} after batch {best}")
+        out[f"SmolLM2: K={k[1:]} peak by seed"] = ", ".join(peaks)
+    by_pass = {int(k): v for k, v in llm["dwd_head_over_body_by_pass"].items()}
+
+    def span(lo: int, hi: int) -> str:
+        vs = [by_pass[i] for i in range(lo, hi + 1) if i in by_pass]
+        return f"{min(vs):.2f}-{max(vs):.2f}"
+    out["SmolLM2: lm_head/rest per pass, passes 1-4"] = span(1, 4)
+    out["SmolLM2: lm_head/rest per pass, passes 5-8"] = span(5, 8)
+    a8 = llm["arms"]["k8"]
+    ratios = [a8["head_rel_dw_total"][s] / a8["body_rel_dw_total"][s] for s in a8["head_rel_dw_total"]]
+    out["SmolLM2: lm_head/rest over K=8's run"] = f"{sum(ratios) / len(ratios):.2f}"
+    prof = llm["pass_profile"]  # per fixed arm, per pass: medians (llm_analysis.pass_profile)
+    later = [v for p in prof.values() for i, v in p["head_grad_norm"].items() if int(i) >= 2]
+    out["SmolLM2: lm_head gradient norm / pass 1's, passes >= 2"] = f"{min(later):.2f}-{max(later):.2f}"
+    hurt = [v for p in prof.values() for v in p["hurt"].values()]
+    out["SmolLM2: share of passes that lowered the probe, per arm and pass"] = f"{min(hurt):.2f}-{max(hurt):.2f}"
+    for arm in ("dgg4", "dgg8"):
+        c = llm["adaptive"].get(arm, {}).get("minus_cap", {})
+        if c.get("final"):
+            out[f"SmolLM2: {arm} minus its cap, final"] = _mean_ci(c["final"]) if c["final"].get("ci95") \
+                else f"{c['final']['mean']:+.3f}"
+            out[f"SmolLM2: {arm} minus its cap, seeds"] = str(len(c["final"]["seeds"]))
+            if c.get("auc"):
+                out[f"SmolLM2: {arm} minus its cap, auc"] = f"{c['auc']['mean']:+.3f}"
+    return out
+
+
 if __name__ == "__main__":
     print(knowing_table())
     print(json.dumps(figures(), indent=1))
+    print(json.dumps(reuse_figures(), indent=1))
