@@ -385,7 +385,9 @@ class DynamicGradientGate:
         3.4e38) given as a number or a plain CPU tensor; RuntimeError for a
         tensor on another device.  Such a value in an accelerator tensor (or
         one under torch.compile tracing) cannot be seen without a host sync:
-        it closes the gate (docs/semantics.md, "The KL stop").
+        it closes the gate (docs/semantics.md, "The KL stop").  Under
+        torch.compile give a float or a tensor: torch's tracing raises
+        OverflowError for a Python int beyond int64 (torch 2.13).
         """
         slot = self.state.acc[S.ACC_KL]
         if isinstance(kl, torch.Tensor):
