@@ -386,7 +386,7 @@ class DynamicGradientGate:
         tensor on another device.  Such a value in an accelerator tensor (or
         one under torch.compile tracing) cannot be seen without a host sync:
         it closes the gate (docs/semantics.md, "The KL stop").  Under
-        torch.compile give a float or a tensor: torch's tracing raises
+        torch.compile give a float or a tensor: torch's tracing can raise
         OverflowError for a Python int beyond int64 (torch 2.13).
         """
         slot = self.state.acc[S.ACC_KL]
