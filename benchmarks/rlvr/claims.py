@@ -99,8 +99,13 @@ def figures(results: str = RESULTS) -> dict[str, str]:
                     for a in an["adaptive"]}) for an in data.values())
     above = sum(_above(_final_vs(c, k)) for an in data.values() for c in an["adaptive"].values()
                 for k in ("minus_rep", "loso"))
+    z_beats = [(n, an["auroc"]["minus_pass_index"]["z"]) for n, an in data.items() if "z" in beats[n]]
     return {"z_settings": f"{len(z_knows)} of {len(data)}", "z_range": f"{min(zs):.2f}-{max(zs):.2f}",
-            "z_beats_pass_index": str(sum("z" in b for b in beats.values())),
+            "z_beats_pass_index": str(len(z_beats)),
+            "z_beats_where": "; ".join(f"{n}: {v['diff']:+.2f}, CI {v['ci95'][0]:+.2f}..{v['ci95'][1]:+.2f}"
+                                       for n, v in z_beats),
+            "pass_index_comparisons": str(sum(len(an["auroc"].get("minus_pass_index", {})) for an in data.values())),
+            "pass_index_beaten": str(sum(len(b) for b in beats.values())),
             "stop_rules": str(rules), "stop_rule_runs": str(runs), "stop_rule_wins": str(above),
             "beats_pass_index": "; ".join(f"{n}: {', '.join(b)}" for n, b in beats.items() if b)}
 
@@ -137,7 +142,8 @@ def reuse_figures(results: str = RESULTS) -> dict[str, str]:
 
     def span(lo: int, hi: int) -> str:
         vs = [by_pass[i] for i in range(lo, hi + 1) if i in by_pass]
-        return f"{min(vs):.2f}-{max(vs):.2f}"
+        lo, hi = f"{min(vs):.2f}", f"{max(vs):.2f}"
+        return lo if lo == hi else f"{lo}-{hi}"
     out["SmolLM2: lm_head/rest per pass, passes 1-4"] = span(1, 4)
     out["SmolLM2: lm_head/rest per pass, passes 5-8"] = span(5, 8)
     a8 = llm["arms"]["k8"]
