@@ -353,10 +353,12 @@ def main(argv=None) -> None:
 STUDY = ("With controls fixed before the runs, on three small from-scratch tasks (6 seeds over 3 warm-ups, "
          "benchmarks/results/controls/rlvr_study.md) and on a real pretrained LLM (SmolLM2-135M, GRPO on CPU, 3 "
          "seeds, benchmarks/results/llm_study.md), none of the 25 stop-rule arms tested (19 distinct runs: the "
-         "paper's rule and the KL stop, at max reuse 4 and 8) beat its own replay control (its stopping passes on "
+         "paper's rule, calibrated or not, and KL stops, ours, stable-baselines3's and CleanRL's, at max reuse 4 "
+         "and 8) beat its own replay control (its stopping passes on "
          "random batches) or the best fixed K. The paper's z ranked harmful passes above chance in 3 of 4 settings "
-         "(AUROC 0.57-0.59) and beats the pass index alone in 1 (SmolLM2-135M: +0.07, CI +0.01..+0.12); the KL "
-         "and the PPO clip fraction beat it on some of the small tasks. Those are 4 of 40 signal-setting "
+         "(AUROC 0.57-0.59) and beats the pass index alone in 1 (SmolLM2-135M: +0.07, CI +0.01..+0.12; not "
+         "robust to leaving out the observer's placeholder z); the KL and the PPO clip fraction beat it on some of "
+         "the small tasks. Those are 4 of 40 signal-setting "
          "comparisons with the pass index; with 95% intervals, about 1 would beat it by chance. On SmolLM2 the "
          "controls of the paper's rule at K=8 on seeds 1 and 2 still run.")
 

@@ -43,6 +43,12 @@ def _final_vs(c: dict, key: str) -> dict | None:
     return (lo.get("final") or lo).get("paired")
 
 
+def _final_vs_cap(c: dict) -> dict | None:
+    """An adaptive arm's final accuracy minus its cap control's (a fixed cap at the arm's mean applied passes
+    per batch on that seed, rounded), paired by seed, in either analysis's layout."""
+    return c.get("minus_cap", {}).get("final")
+
+
 def _above(p: dict | None) -> bool:
     return bool(p and p.get("ci95") and p["ci95"][0] > 0)
 
@@ -100,7 +106,15 @@ def figures(results: str = RESULTS) -> dict[str, str]:
     above = sum(_above(_final_vs(c, k)) for an in data.values() for c in an["adaptive"].values()
                 for k in ("minus_rep", "loso"))
     z_beats = [(n, an["auroc"]["minus_pass_index"]["z"]) for n, an in data.items() if "z" in beats[n]]
+    # the robustness check of z: its AUROC with the observer's placeholder z (0 while its window fills) left out
+    z_measured = {n: an["auroc_z_measured"]["signals"]["z"] for n, an in data.items() if "z" in beats[n]}
+    caps = [_final_vs_cap(c) for an in data.values() for c in an["adaptive"].values()]
+    caps = [p for p in caps if p and p.get("ci95")]
     return {"z_settings": f"{len(z_knows)} of {len(data)}", "z_range": f"{min(zs):.2f}-{max(zs):.2f}",
+            "z_measured_where_it_beats": "; ".join(
+                f"{n}: {v['auroc']:.2f} ({v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})" for n, v in z_measured.items()),
+            "cap_comparisons": str(len(caps)), "cap_above": str(sum(p["ci95"][0] > 0 for p in caps)),
+            "cap_below": str(sum(p["ci95"][1] < 0 for p in caps)),
             "z_beats_pass_index": str(len(z_beats)),
             "z_beats_where": "; ".join(f"{n}: {v['diff']:+.2f}, CI {v['ci95'][0]:+.2f}..{v['ci95'][1]:+.2f}"
                                        for n, v in z_beats),
@@ -149,6 +163,9 @@ def reuse_figures(results: str = RESULTS) -> dict[str, str]:
     a8 = llm["arms"]["k8"]
     ratios = [a8["head_rel_dw_total"][s] / a8["body_rel_dw_total"][s] for s in a8["head_rel_dw_total"]]
     out["SmolLM2: lm_head/rest over K=8's run"] = f"{sum(ratios) / len(ratios):.2f}"
+    a1 = llm["arms"]["k1"]
+    r1 = [a1["head_rel_dw_total"][s] / a1["body_rel_dw_total"][s] for s in a1["head_rel_dw_total"]]
+    out["SmolLM2: lm_head/rest over K=1's run"] = f"{sum(r1) / len(r1):.2f}"
     prof = llm["pass_profile"]  # per fixed arm, per pass: medians (llm_analysis.pass_profile)
     later = [v for p in prof.values() for i, v in p["head_grad_norm"].items() if int(i) >= 2]
     out["SmolLM2: lm_head gradient norm / pass 1's, passes >= 2"] = f"{min(later):.2f}-{max(later):.2f}"
