@@ -359,7 +359,8 @@ STUDY = ("With controls fixed before the runs, on three small from-scratch tasks
          "(AUROC 0.57-0.59) and beats the pass index alone in 1 (SmolLM2-135M: +0.07, CI +0.01..+0.12; not "
          "robust to leaving out the observer's placeholder z); the KL and the PPO clip fraction beat it on some of "
          "the small tasks. Those are 4 of 40 signal-setting "
-         "comparisons with the pass index; with 95% intervals, about 1 would beat it by chance. On SmolLM2 the "
+         "comparisons with the pass index; with 95% intervals, about 1 would beat it by chance, and 1 still beats "
+         "it with the zero-gradient steps or the placeholder z left out (addition: clipfrac). On SmolLM2 the "
          "controls of the paper's rule at K=8 on seeds 1 and 2 still run.")
 
 

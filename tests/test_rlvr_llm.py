@@ -302,6 +302,24 @@ def test_the_no_signal_line_still_names_the_pass_index():
     assert line.startswith("Does any signal know when a pass hurts? No:") and "pass index alone: 0.700, CI" in line
 
 
+def test_a_signal_that_beats_the_pass_index_is_checked_on_the_robustness_subsets():
+    """The verdict names, for a signal that beats the pass index, its difference on each robustness subset
+    (zero-gradient steps left out, the placeholder z left out) and whether it still lies above 0."""
+    sig = {"auroc": 0.6, "knows": True, "direction": "higher", "ci95": [0.55, 0.65]}
+    t = {"n_passes": 10, "n_hurt": 3, "signals": {"z": sig, "pass_": dict(sig, auroc=0.5, knows=False)},
+         "minus_pass_index": {"z": {"diff": 0.1, "ci95": [0.02, 0.18], "beyond": True}}}
+    an = {"auroc": t,
+          "auroc_without_zero_grad": {"minus_pass_index": {"z": {"diff": 0.09, "ci95": [0.01, 0.17], "beyond": True}}},
+          "auroc_z_measured": {"minus_pass_index": {"z": {"diff": 0.05, "ci95": [-0.01, 0.11], "beyond": False}}}}
+    line = ana.knowing_line(t, "probe", an)
+    assert "z beat it" in line
+    assert "with the zero-gradient steps left out, z minus the pass index is +0.090 (CI +0.010..+0.170), still " \
+           "above 0" in line
+    assert "placeholder z (0 while its window fills) left out, z minus the pass index is +0.050 (CI -0.010..+0.110), " \
+           "no longer above 0" in line
+    assert "Robustness" not in ana.knowing_line(t, "probe")  # without the analysis, no subsets to check
+
+
 def test_the_pass_profile_is_per_fixed_arm_and_pass_and_is_drawn(tmp_path):
     """Per fixed arm and pass index: the lm_head gradient norm relative to its batch's pass 1, the medians of
     the signals, the share of passes that lowered the probe; an adaptive arm is not in it; both figures draw."""

@@ -13,6 +13,11 @@ from __future__ import annotations
 import json
 import os
 
+try:
+    from .llm_analysis import ROBUSTNESS  # the subsets of passes the verdicts check a signal on
+except ImportError:  # run as a script
+    from llm_analysis import ROBUSTNESS
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 
 # setting -> (its analysis JSON under benchmarks/results, the fixed K=1 arm's name there)
@@ -110,7 +115,12 @@ def figures(results: str = RESULTS) -> dict[str, str]:
     z_measured = {n: an["auroc_z_measured"]["signals"]["z"] for n, an in data.items() if "z" in beats[n]}
     caps = [_final_vs_cap(c) for an in data.values() for c in an["adaptive"].values()]
     caps = [p for p in caps if p and p.get("ci95")]
+    # a signal that beats the pass index and still does on every robustness subset of the passes
+    robust = {n: [s for s in b if all(data[n][k]["minus_pass_index"][s]["beyond"] for k in ROBUSTNESS
+                                      if data[n].get(k, {}).get("minus_pass_index"))] for n, b in beats.items()}
     return {"z_settings": f"{len(z_knows)} of {len(data)}", "z_range": f"{min(zs):.2f}-{max(zs):.2f}",
+            "robust_beats": str(sum(len(r) for r in robust.values())),
+            "robust_beats_where": "; ".join(f"{n}: {', '.join(r)}" for n, r in robust.items() if r),
             "z_measured_where_it_beats": "; ".join(
                 f"{n}: {v['auroc']:.2f} ({v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})" for n, v in z_measured.items()),
             "cap_comparisons": str(len(caps)), "cap_above": str(sum(p["ci95"][0] > 0 for p in caps)),

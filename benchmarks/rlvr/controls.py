@@ -138,11 +138,13 @@ def to_units(res: dict) -> list[dict]:
     return out
 
 
-def auroc(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False, baseline: bool = False) -> dict:
+def auroc(units: list[dict], min_pass: int = 2, drop_zero_grad: bool = False, drop_z_placeholder: bool = False,
+          baseline: bool = False) -> dict:
     """llm_analysis.auroc_table over llm_analysis.pass_rows of ``units`` (passes with a non-finite signal left
     out, counted in ``dropped_non_finite``); ``baseline``: also each signal minus the pass index (minus_pass_index).
     A signal that "knows" in the other direction (AUROC below 0.5) is as useful as one above: 1 - AUROC."""
-    rows, dropped = LA.finite_rows(LA.pass_rows(units, min_pass=min_pass, drop_zero_grad=drop_zero_grad))
+    rows, dropped = LA.finite_rows(LA.pass_rows(units, min_pass=min_pass, drop_zero_grad=drop_zero_grad,
+                                                drop_z_placeholder=drop_z_placeholder))
     t = LA.auroc_table(rows)
     t["dropped_non_finite"] = dropped
     if baseline:
@@ -175,7 +177,8 @@ def analyse(res: dict) -> dict:
                               for a in fixed if a != "fixed K=1"}
     fixed_units = [u for u in units if u["arm"] in fixed]
     out["auroc"] = auroc(fixed_units, baseline=True)
-    out["auroc_without_zero_grad"] = auroc(fixed_units, drop_zero_grad=True)
+    out["auroc_without_zero_grad"] = auroc(fixed_units, drop_zero_grad=True, baseline=True)
+    out["auroc_z_measured"] = auroc(fixed_units, drop_z_placeholder=True, baseline=True)
     out["auroc_all_passes"] = auroc(fixed_units, min_pass=1)
     out["auroc_by_arm"] = {}  # point estimates only (the pooled tables carry the CIs)
     for a in fixed:
@@ -218,7 +221,7 @@ def _ci(p: dict | None) -> str:
 
 
 def verdict(an: dict) -> list[str]:
-    lines = [LA.knowing_line(an["auroc"], "validation"), LA.stopping_line({
+    lines = [LA.knowing_line(an["auroc"], "validation", an), LA.stopping_line({
         a: (c.get("minus_rep", {}).get("final"), c.get("minus_best_fixed_loso", {}).get("final", {}).get("paired"))
         for a, c in an["adaptive"].items()})]
     for a, c in an["adaptive"].items():
@@ -267,7 +270,8 @@ def markdown(res: dict, an: dict) -> str:
                      f"{_ci(c.get('minus_cap', {}).get('final'))} | {_ci(lo.get('final', {}).get('paired'))} | "
                      f"{_ci(c.get('minus_rep', {}).get('auc'))} | {_ci(lo.get('auc', {}).get('paired'))} |")
     for key, title in (("auroc", "passes >= 2"), ("auroc_without_zero_grad", "passes >= 2, zero-gradient steps left "
-                       "out"), ("auroc_all_passes", "every pass")):
+                       "out"), ("auroc_z_measured", "passes >= 2, the observer's placeholder z (0 while its window "
+                       "fills) left out"), ("auroc_all_passes", "every pass")):
         t = an[key]
         L += ["", f"## AUROC for \"this pass lowered the validation accuracy\" ({title}; fixed arms pooled)", "",
               f"{t['n_passes']} passes, {t['n_hurt']} hurt, {t['n_batches']} batches"

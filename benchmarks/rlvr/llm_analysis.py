@@ -213,7 +213,8 @@ def analyse(units: list[dict]) -> dict:
                     ("auroc_z_measured", {"drop_z_placeholder": True}), ("auroc_all_passes", {"min_pass": 1})):
         rows, dropped = finite_rows(pass_rows(fixed_units, **kw))
         out[key] = {**auroc_table(rows), "dropped_non_finite": dropped}
-    out["auroc"]["minus_pass_index"] = minus_pass_index(finite_rows(pass_rows(fixed_units))[0])
+        if key in ("auroc", *ROBUSTNESS):  # every pass is the other question (pass 1 has index 1 by definition)
+            out[key]["minus_pass_index"] = minus_pass_index(rows)
     # 3. adaptive arms against their controls and the best fixed K (chosen leave-one-seed-out)
     adaptive = [a for a in arms if re.fullmatch(r"(dgg|kl)\d+", a)]
     cmp = {}
@@ -259,9 +260,33 @@ def _paired_text(p: dict | None) -> str:
     return f"{_f(p['mean'])} (seeds {p['seeds']}{ci})"
 
 
-def knowing_line(t: dict, measure: str) -> str:
+# the same AUROC tables on subsets of the passes (keys of an analysis), against which a signal that beats the
+# pass index is checked: does it still beat it there?
+ROBUSTNESS = {"auroc_without_zero_grad": "the zero-gradient steps left out",
+              "auroc_z_measured": "the observer's placeholder z (0 while its window fills) left out"}
+
+
+def robustness_text(an: dict, signals: list[str]) -> str:
+    """For each signal of ``signals`` (each beats the pass index in an["auroc"]): its AUROC minus the pass index's
+    in each ROBUSTNESS table of the analysis ``an`` that has one, and whether the CI still lies above 0."""
+    parts = []
+    for key, label in ROBUSTNESS.items():
+        mpi = an.get(key, {}).get("minus_pass_index")
+        if not mpi:
+            continue
+        for sig in signals:
+            d = mpi.get(sig)
+            if not d or d["diff"] is None or not d["ci95"]:
+                continue
+            parts.append(f"with {label}, {sig} minus the pass index is {d['diff']:+.3f} (CI {d['ci95'][0]:+.3f}.."
+                         f"{d['ci95'][1]:+.3f}), {'still above 0' if d['beyond'] else 'no longer above 0'}")
+    return ("" if not parts else " Robustness: " + "; ".join(parts) + ".")
+
+
+def knowing_line(t: dict, measure: str, an: dict | None = None) -> str:
     """The verdict's answer to "does any signal know when a pass hurts?" from an auroc_table ``t`` with its
-    minus_pass_index: which signals' CIs exclude 0.5, on which side, and which of them beat the pass index.
+    minus_pass_index: which signals' CIs exclude 0.5, on which side, and which of them beat the pass index
+    (checked, when the whole analysis ``an`` is given, on the ROBUSTNESS subsets of the passes).
     ``measure``: the word for the before/after measurement ("probe", "validation")."""
     knowing = [s for s, v in t["signals"].items() if v["knows"] and s != "pass_"]
     if t["n_passes"] == 0 or t["n_hurt"] == 0:
@@ -281,7 +306,8 @@ def knowing_line(t: dict, measure: str) -> str:
             f"plan's criterion); the pass index alone scores {_f(t['signals']['pass_']['auroc'])}"
             + (" (CI excludes 0.5 too)" if t["signals"]["pass_"]["knows"] else "")
             + (f", and {', '.join(beyond)} beat it (the CI of the difference lies above 0)." if beyond else
-               ", and none of them beats it (no signal's AUROC minus the pass index's has a CI above 0)."))
+               ", and none of them beats it (no signal's AUROC minus the pass index's has a CI above 0).")
+            + (robustness_text(an, beyond) if an is not None and beyond else ""))
 
 
 def stopping_line(arms: dict[str, tuple[dict | None, dict | None]]) -> str:
@@ -315,7 +341,7 @@ def verdict(res: dict) -> list[str]:
     lines.append(f"Units read: {sum(len(a['seeds']) for a in res['arms'].values())} "
                  f"({', '.join(sorted(res['arms']))}), seeds {seeds}. The plan asks for 3 seeds of every arm "
                  "and its controls; whatever is missing below is not yet measured.")
-    lines.append(knowing_line(res["auroc"], "probe"))
+    lines.append(knowing_line(res["auroc"], "probe", res))
     ad = res["adaptive"]
     lines.append(stopping_line({a: (c.get("minus_rep", {}).get("final"), c["minus_best_fixed_loso"]["paired"])
                                 for a, c in ad.items()}))
