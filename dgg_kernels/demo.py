@@ -360,8 +360,7 @@ STUDY = ("With controls fixed before the runs, on three small from-scratch tasks
          "robust to leaving out the observer's placeholder z); the KL and the PPO clip fraction beat it on some of "
          "the small tasks. Those are 4 of 40 signal-setting "
          "comparisons with the pass index; with 95% intervals, about 1 would beat it by chance, and 1 still beats "
-         "it with the zero-gradient steps or the placeholder z left out (addition: clipfrac). On SmolLM2 the "
-         "controls of the paper's rule at K=8 on seeds 1 and 2 still run.")
+         "it with the zero-gradient steps or the placeholder z left out (addition: clipfrac).")
 
 
 def _summary(r: dict, args, kind: str) -> dict:
