@@ -359,8 +359,9 @@ STUDY = ("With controls fixed before the runs, on three small from-scratch tasks
          "(AUROC 0.57-0.59) and beats the pass index alone in 1 (SmolLM2-135M: +0.07, CI +0.01..+0.12; not "
          "robust to leaving out the observer's placeholder z); the KL and the PPO clip fraction beat it on some of "
          "the small tasks. Those are 4 of 40 signal-setting "
-         "comparisons with the pass index; with 95% intervals, about 1 would beat it by chance, and 1 still beats "
-         "it with the zero-gradient steps or the placeholder z left out (addition: clipfrac).")
+         "comparisons with the pass index (36 distinct); with 95% intervals, about 1 would beat it by chance, and 1 "
+         "still beats it both with the zero-gradient steps left out and with the placeholder z left out (addition: "
+         "clipfrac; checks added after the results were read).")
 
 
 def _summary(r: dict, args, kind: str) -> dict:

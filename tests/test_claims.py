@@ -30,9 +30,9 @@ def test_the_introduction_and_the_demo_quote_the_committed_figures():
         assert f["z_beats_pass_index"] == "0" or "not robust to leaving out the observer's placeholder z" in flat
         chance = round(int(f["pass_index_comparisons"]) * 0.025)  # one-sided: the CI's lower end above 0
         assert (f"{f['pass_index_beaten']} of {f['pass_index_comparisons']} signal-setting comparisons with the "
-                f"pass index; with 95% intervals, about {chance} would beat it by chance, and {f['robust_beats']} "
-                f"still beats it with the zero-gradient steps or the placeholder z left out "
-                f"({f['robust_beats_where']})") in flat
+                f"pass index ({f['pass_index_comparisons_distinct']} distinct); with 95% intervals, about {chance} "
+                f"would beat it by chance, and {f['robust_beats']} still beats it both with the zero-gradient steps "
+                f"left out and with the placeholder z left out ({f['robust_beats_where']};") in flat
 
 
 def test_the_bullets_on_reuse_weight_divergence_and_caps_quote_the_committed_figures():
@@ -57,6 +57,7 @@ def test_the_bullets_on_reuse_weight_divergence_and_caps_quote_the_committed_fig
         name, value = where.split(": ")
         phrases.append(f"{'SmolLM2' if name.startswith('SmolLM2') else name}'s z scores {value}")
     phrases.append(f"{g['robust_beats']} still beats it ({g['robust_beats_where']})")
+    phrases.append(f"({g['pass_index_comparisons_distinct']} distinct: the energy ranks passes as")
     for p in phrases:
         assert p in flat, p
     norm = f["SmolLM2: lm_head gradient norm / pass 1's, passes >= 2"]

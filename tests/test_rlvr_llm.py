@@ -348,3 +348,9 @@ def test_the_committed_smollm2_analysis_is_its_units():
     res = ana.analyse(ana.load_units(results / "llm_study"))
     assert json.dumps(res, indent=1, default=str) == (results / "llm_study.json").read_text()
     assert ana.markdown(res) == (results / "llm_study.md").read_text()
+
+
+def test_the_verdict_lists_the_plans_units_not_yet_measured():
+    units = [_unit("k1", 0, 1, [0.2] * 3), _unit("k2", 0, 2, [0.2] * 3)]
+    head = ana.verdict(ana.analyse(units))[0]
+    assert "not yet measured: k1 s1, k1 s2, k2 s1" in head and "cap:kl8 s2." in head and "all present" not in head

@@ -129,6 +129,10 @@ def figures(results: str = RESULTS) -> dict[str, str]:
             "z_beats_where": "; ".join(f"{n}: {v['diff']:+.2f}, CI {v['ci95'][0]:+.2f}..{v['ci95'][1]:+.2f}"
                                        for n, v in z_beats),
             "pass_index_comparisons": str(sum(len(an["auroc"].get("minus_pass_index", {})) for an in data.values())),
+            # the energy is the lm_head gradient norm squared: it ranks the passes alike, one comparison twice
+            "pass_index_comparisons_distinct": str(sum(
+                len(m) - ({"energy", "head_grad_norm"} <= set(m)) for m in
+                (an["auroc"].get("minus_pass_index", {}) for an in data.values()))),
             "pass_index_beaten": str(sum(len(b) for b in beats.values())),
             "stop_rules": str(rules), "stop_rule_runs": str(runs), "stop_rule_wins": str(above),
             "beats_pass_index": "; ".join(f"{n}: {', '.join(b)}" for n, b in beats.items() if b)}

@@ -335,12 +335,19 @@ def stopping_line(arms: dict[str, tuple[dict | None, dict | None]]) -> str:
     return f"Does any stop rule beat its replay control and the best fixed K? {head} ({'; '.join(parts)})."
 
 
+# the plan's arms (llm_plan.md) and seeds: what "the study is complete" means
+PLAN_ARMS = ("k1", "k2", "k4", "k8", "dgg4", "dgg8", "kl4", "kl8",
+             *(f"{c}:{a}" for a in ("dgg4", "dgg8", "kl4", "kl8") for c in ("rep", "cap")))
+PLAN_SEEDS = (0, 1, 2)
+
+
 def verdict(res: dict) -> list[str]:
     lines = []
     seeds = sorted({s for a in res["arms"].values() for s in a["seeds"]})
+    missing = [f"{a} s{s}" for a in PLAN_ARMS for s in PLAN_SEEDS if s not in res["arms"].get(a, {}).get("seeds", [])]
     lines.append(f"Units read: {sum(len(a['seeds']) for a in res['arms'].values())} "
                  f"({', '.join(sorted(res['arms']))}), seeds {seeds}. The plan asks for 3 seeds of every arm "
-                 "and its controls; whatever is missing below is not yet measured.")
+                 "and its controls: " + (f"not yet measured: {', '.join(missing)}." if missing else "all present."))
     lines.append(knowing_line(res["auroc"], "probe", res))
     ad = res["adaptive"]
     lines.append(stopping_line({a: (c.get("minus_rep", {}).get("final"), c["minus_best_fixed_loso"]["paired"])
