@@ -14,9 +14,9 @@ import json
 import os
 
 try:
-    from .llm_analysis import ROBUSTNESS  # the subsets of passes the verdicts check a signal on
+    from .llm_analysis import ROBUSTNESS, ci_above, ci_below
 except ImportError:  # run as a script
-    from llm_analysis import ROBUSTNESS
+    from llm_analysis import ROBUSTNESS, ci_above, ci_below
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 
@@ -40,22 +40,14 @@ def load(results: str = RESULTS) -> dict[str, dict]:
 
 
 def _final_vs(c: dict, key: str) -> dict | None:
-    """An adaptive arm's final accuracy minus its replay control ("minus_rep") or minus the best fixed K chosen
-    leave-one-seed-out ("loso"), in either analysis's layout (controls.py nests by measure, llm_analysis not)."""
-    if key == "minus_rep":
-        return c.get("minus_rep", {}).get("final")
+    """An adaptive arm's final accuracy minus its replay control ("minus_rep"), its cap control ("minus_cap": a
+    fixed cap at the arm's mean applied passes per batch on that seed, rounded) or the best fixed K chosen
+    leave-one-seed-out ("loso"), paired by seed, in either analysis's layout (controls.py nests by measure,
+    llm_analysis not)."""
+    if key in ("minus_rep", "minus_cap"):
+        return c.get(key, {}).get("final")
     lo = c.get("minus_best_fixed_loso", {})
     return (lo.get("final") or lo).get("paired")
-
-
-def _final_vs_cap(c: dict) -> dict | None:
-    """An adaptive arm's final accuracy minus its cap control's (a fixed cap at the arm's mean applied passes
-    per batch on that seed, rounded), paired by seed, in either analysis's layout."""
-    return c.get("minus_cap", {}).get("final")
-
-
-def _above(p: dict | None) -> bool:
-    return bool(p and p.get("ci95") and p["ci95"][0] > 0)
 
 
 def _auroc_cell(t: dict, sig: str) -> str:
@@ -87,7 +79,7 @@ def knowing_table(results: str = RESULTS) -> str:
         for n in names:
             ds = [(a, _final_vs(c, key)) for a, c in data[n]["adaptive"].items()]
             ms = [p["mean"] for _, p in ds if p and p.get("mean") is not None]
-            above = [a for a, p in ds if _above(p)]
+            above = [a for a, p in ds if ci_above(p)]
             cells.append((f"{min(ms):+.2f} .. {max(ms):+.2f}" if ms else "n/a") + f"; CI above 0: {len(above)} of "
                          f"{len(ds)}")
         L.append(f"| stop rules' final accuracy minus {label} | " + " | ".join(cells) + " |")
@@ -108,12 +100,12 @@ def figures(results: str = RESULTS) -> dict[str, str]:
     # max reuse 4 and 8 and in stable-baselines3's loop they decide alike; SmolLM2's same_as units)
     runs = sum(len({json.dumps([an["arms"][a][k] for k in ("final", "auc", "mean_applied_passes")], sort_keys=True)
                     for a in an["adaptive"]}) for an in data.values())
-    above = sum(_above(_final_vs(c, k)) for an in data.values() for c in an["adaptive"].values()
+    above = sum(ci_above(_final_vs(c, k)) for an in data.values() for c in an["adaptive"].values()
                 for k in ("minus_rep", "loso"))
     z_beats = [(n, an["auroc"]["minus_pass_index"]["z"]) for n, an in data.items() if "z" in beats[n]]
     # the robustness check of z: its AUROC with the observer's placeholder z (0 while its window fills) left out
     z_measured = {n: an["auroc_z_measured"]["signals"]["z"] for n, an in data.items() if "z" in beats[n]}
-    caps = [_final_vs_cap(c) for an in data.values() for c in an["adaptive"].values()]
+    caps = [_final_vs(c, "minus_cap") for an in data.values() for c in an["adaptive"].values()]
     caps = [p for p in caps if p and p.get("ci95")]
     # a signal that beats the pass index and still does on every robustness subset of the passes
     robust = {n: [s for s in b if all(data[n][k]["minus_pass_index"][s]["beyond"] for k in ROBUSTNESS
@@ -123,8 +115,8 @@ def figures(results: str = RESULTS) -> dict[str, str]:
             "robust_beats_where": "; ".join(f"{n}: {', '.join(r)}" for n, r in robust.items() if r),
             "z_measured_where_it_beats": "; ".join(
                 f"{n}: {v['auroc']:.2f} ({v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})" for n, v in z_measured.items()),
-            "cap_comparisons": str(len(caps)), "cap_above": str(sum(p["ci95"][0] > 0 for p in caps)),
-            "cap_below": str(sum(p["ci95"][1] < 0 for p in caps)),
+            "cap_comparisons": str(len(caps)), "cap_above": str(sum(map(ci_above, caps))),
+            "cap_below": str(sum(map(ci_below, caps))),
             "z_beats_pass_index": str(len(z_beats)),
             "z_beats_where": "; ".join(f"{n}: {v['diff']:+.2f}, CI {v['ci95'][0]:+.2f}..{v['ci95'][1]:+.2f}"
                                        for n, v in z_beats),

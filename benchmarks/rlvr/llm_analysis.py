@@ -310,22 +310,26 @@ def knowing_line(t: dict, measure: str, an: dict | None = None) -> str:
             + (robustness_text(an, beyond) if an is not None and beyond else ""))
 
 
+def ci_above(p: dict | None) -> bool:
+    """A paired() difference whose 95% CI lies above 0 (False when not measured or without a CI)."""
+    return bool(p and p.get("ci95") and p["ci95"][0] > 0)
+
+
+def ci_below(p: dict | None) -> bool:
+    """A paired() difference whose 95% CI lies below 0."""
+    return bool(p and p.get("ci95") and p["ci95"][1] < 0)
+
+
 def stopping_line(arms: dict[str, tuple[dict | None, dict | None]]) -> str:
     """The verdict's answer to "does any stop rule beat its replay control and the best fixed K?" from, per
     adaptive arm, its final accuracy minus its replay control and minus the best fixed K chosen leave-one-seed-out
     (paired() results): an arm beats one where the difference's 95% CI lies above 0."""
-    def above(p):
-        return bool(p and p.get("ci95") and p["ci95"][0] > 0)
-
-    def below(p):
-        return bool(p and p.get("ci95") and p["ci95"][1] < 0)
-
     if not arms:
         return "Does any stop rule beat its replay control and the best fixed K? Not measured (no adaptive arm)."
-    both = [a for a, (r, b) in arms.items() if above(r) and above(b)]
-    rep = [a for a, (r, _) in arms.items() if above(r)]
-    best = [a for a, (_, b) in arms.items() if above(b)]
-    worse = [a for a, (_, b) in arms.items() if below(b)]
+    both = [a for a, (r, b) in arms.items() if ci_above(r) and ci_above(b)]
+    rep = [a for a, (r, _) in arms.items() if ci_above(r)]
+    best = [a for a, (_, b) in arms.items() if ci_above(b)]
+    worse = [a for a, (_, b) in arms.items() if ci_below(b)]
     head = (f"Yes: {', '.join(both)}" if both else "No: no stop rule's final accuracy minus its replay control and "
             "minus the best fixed K both have a 95% CI above 0")
     parts = [f"above its replay control: {', '.join(rep) or 'none'}",
